@@ -1,0 +1,29 @@
+# piscale: set-up, demo and tests. Everything installs into .venv at the repo root.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS ?=
+PIP_EXTRAS := test$(if $(EXTRAS),$(comma)$(EXTRAS))
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(PIP_EXTRAS))
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The CPU build of torch; an unpinned torch would pull a multi-gigabyte CUDA build.
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[$(PIP_EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(BIN)/piscale generate "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?" --n 4 --seed 0
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)
