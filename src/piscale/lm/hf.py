@@ -1,0 +1,522 @@
+"""A local transformers engine that never recomputes a prefix.
+
+All live sequences sit in one key/value cache with one row per sequence and
+a shared column axis; sequences of different lengths are left-aligned by an
+attention mask (columns a row does not use are masked), and every row carries
+its own position ids, so a row's computation is that of the sequence alone.
+
+* ``open`` prefills each prompt once (all prompts of the call in one padded
+  pass) and appends the rows to the cache; the ``copies`` handles of a prompt
+  share that row until they diverge.
+* ``fork`` only records which row each new handle copies. Before the next
+  forward pass the cache is gathered once (``index_select`` on the row axis):
+  resampled particles copy their ancestors' rows, released rows disappear.
+* ``extend`` decodes token by token. The last token of every sequence is kept
+  *pending* (sampled but not yet read by the model), so that each forward
+  pass reads exactly one token per row: the first pass of a step reads the
+  token that ended the previous step, and nothing is ever read twice.
+* Concurrent ``extend`` calls (many prompts solved at once, or many server
+  requests) join the same decoding loop between two forward passes: this is
+  continuous batching at token granularity. Rows that are alive but not being
+  extended ride along with a masked column.
+
+Sampling draws from a ``torch.Generator`` per sequence and step, seeded by
+the caller, so a sequence's tokens do not depend on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from piscale.lm.base import (
+    FinishReason,
+    Handle,
+    LanguageModel,
+    ScoreOutput,
+    StepOutput,
+    StepParams,
+    Stopwatch,
+    Usage,
+    find_stop,
+)
+
+
+@dataclass
+class _Row:
+    """A sequence: its tokens (the last one pending) and its cache row."""
+
+    tokens: list[int]
+    row: int
+    busy: bool = False
+
+
+@dataclass
+class _Active:
+    """One sequence being extended by one ``extend`` call."""
+
+    handle: Handle
+    params: StepParams
+    generator: torch.Generator | None
+    new_tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class _Request:
+    members: list[_Active]
+    future: asyncio.Future
+
+
+class TransformersLM(LanguageModel):
+    """A ``LanguageModel`` over a transformers causal LM, on CPU or CUDA.
+
+    ``max_batch_tokens`` bounds the tokens of one prefill or scoring pass
+    (long batches are split). ``name`` identifies the model in results.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        device: str | torch.device | None = None,
+        name: str | None = None,
+        max_batch_tokens: int = 8192,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if next(model.parameters()).device != self.device:
+            self.model = model.to(self.device)
+        self.model.eval()
+        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self.max_batch_tokens = max_batch_tokens
+        self.usage = Usage()
+        self.context_length = int(
+            getattr(model.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 2048)
+        )
+        eos = set()
+        for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                eos.add(source)
+            elif source is not None:
+                eos.update(source)
+        self.eos_token_ids = frozenset(eos)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (min(eos) if eos else 0)
+
+        self._sequences: dict[Handle, _Row] = {}
+        self._next_handle = itertools.count()
+        self._cache = None  # a transformers DynamicCache, rows = sequences
+        self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self._rows = 0
+        self._lock = asyncio.Lock()
+        self._waiting: list[_Request] = []
+        self._loop_running = False
+
+    # -- text ---------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def chat(self, messages, *, add_generation_prompt=True, continue_final_message=False) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                f"the tokenizer of {self.name} has no chat template; pass token ids or a plain prompt instead"
+            )
+        text = self.tokenizer.apply_chat_template(
+            list(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
+        )
+        return self.encode(text)
+
+    # -- bookkeeping --------------------------------------------------------
+    def _new_handle(self, tokens: list[int], row: int) -> Handle:
+        handle = next(self._next_handle)
+        self._sequences[handle] = _Row(tokens=tokens, row=row)
+        return handle
+
+    def _get(self, handle: Handle) -> _Row:
+        try:
+            return self._sequences[handle]
+        except KeyError:
+            raise KeyError(f"unknown or released sequence handle {handle}") from None
+
+    def token_ids(self, handle: Handle) -> list[int]:
+        return list(self._get(handle).tokens)
+
+    def fork(self, ancestors: Sequence[Handle]) -> list[Handle]:
+        children = []
+        for ancestor in ancestors:
+            parent = self._get(ancestor)
+            if parent.busy:
+                raise RuntimeError(f"cannot fork sequence {ancestor} while it is being extended")
+            children.append(self._new_handle(list(parent.tokens), parent.row))
+        return children
+
+    def release(self, handles: Sequence[Handle]) -> None:
+        for handle in handles:
+            if self._get(handle).busy:
+                raise RuntimeError(f"cannot release sequence {handle} while it is being extended")
+        for handle in handles:
+            del self._sequences[handle]
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self._sequences)
+
+    # -- cache layout -------------------------------------------------------
+    def _layers(self):
+        return self._cache.layers if self._cache is not None else []
+
+    def _compact(self) -> None:
+        """Give every live sequence its own cache row, in handle order.
+
+        One gather per layer does all pending forks and releases at once."""
+        live = list(self._sequences.items())
+        index = [seq.row for _, seq in live]
+        if index == list(range(self._rows)):
+            return
+        if not live:
+            self._cache, self._rows = None, 0
+            self._mask = self._mask[:0, :0]
+            return
+        rows = torch.tensor(index, device=self.device)
+        for layer in self._layers():
+            layer.keys = layer.keys.index_select(0, rows)
+            layer.values = layer.values.index_select(0, rows)
+        self._mask = self._mask.index_select(0, rows)
+        # Columns no live row uses any more (e.g. left padding of released
+        # long prompts) are dropped so the cache does not keep growing.
+        used = self._mask.any(dim=0).nonzero()
+        if used.numel() and int(used[0]) > 0:
+            first = int(used[0])
+            for layer in self._layers():
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+            self._mask = self._mask[:, first:]
+        for new_row, (_, seq) in enumerate(live):
+            seq.row = new_row
+        self._rows = len(live)
+
+    def _append_rows(self, cache, mask: torch.Tensor) -> int:
+        """Append prefilled rows to the cache, left-padding whichever side is
+        shorter along the column axis. Returns the first new row index."""
+        self._compact()
+        first_row = self._rows
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+            self._rows = mask.shape[0]
+            return first_row
+        old_cols, new_cols = self._mask.shape[1], mask.shape[1]
+        width = max(old_cols, new_cols)
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)], dim=0)
+        self._rows += mask.shape[0]
+        return first_row
+
+    # -- prefill ------------------------------------------------------------
+    async def open(self, prompts, copies=1) -> list[list[Handle]]:
+        prompts = [list(map(int, p)) for p in prompts]
+        counts = [copies] * len(prompts) if isinstance(copies, int) else list(copies)
+        if len(counts) != len(prompts):
+            raise ValueError(f"copies has {len(counts)} entries for {len(prompts)} prompts")
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("a prompt must have at least one token")
+            if len(prompt) >= self.context_length:
+                raise ValueError(
+                    f"prompt of {len(prompt)} tokens does not fit the context window of {self.context_length}"
+                )
+        if any(c < 1 for c in counts):
+            raise ValueError("copies must be >= 1")
+        async with self._lock:
+            self.usage.calls += 1
+            with Stopwatch(self.usage):
+                handles = []
+                # All but the last token of each prompt are read now; the last
+                # one stays pending and is read by the first decoding pass.
+                for chunk in _chunks_by_tokens(prompts, self.max_batch_tokens):
+                    cache, mask = self._prefill([p[:-1] for p in chunk])
+                    first_row = self._append_rows(cache, mask)
+                    for offset, prompt in enumerate(chunk):
+                        handles.append(first_row + offset)
+                result = []
+                for row, prompt, count in zip(handles, prompts, counts):
+                    result.append([self._new_handle(list(prompt), row) for _ in range(count)])
+                return result
+
+    @torch.inference_mode()
+    def _prefill(self, prefixes: list[list[int]]):
+        from transformers import DynamicCache
+
+        width = max(len(p) for p in prefixes)
+        batch = len(prefixes)
+        ids = torch.full((batch, max(width, 1)), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, max(width, 1)), dtype=torch.long)
+        for i, prefix in enumerate(prefixes):
+            if prefix:
+                ids[i, width - len(prefix) :] = torch.tensor(prefix)
+                mask[i, width - len(prefix) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache()
+        if width == 0:
+            # Nothing to read: one masked column keeps the layout uniform.
+            mask = mask[:, :0]
+            return self._empty_cache(batch), mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        self.usage.prefill_tokens += sum(len(p) for p in prefixes)
+        self.usage.forward_passes += 1
+        return cache, mask
+
+    def _empty_cache(self, batch: int):
+        """A cache with zero columns for ``batch`` rows (one-token prompts)."""
+        from transformers import DynamicCache
+
+        probe = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)
+        cache = DynamicCache()
+        with torch.inference_mode():
+            self.model(input_ids=probe, past_key_values=cache, use_cache=True)
+        for layer in cache.layers:
+            shape = list(layer.keys.shape)
+            shape[0], shape[2] = batch, 0
+            layer.keys = layer.keys.new_zeros(shape)
+            layer.values = layer.values.new_zeros(shape[:3] + [layer.values.shape[3]])
+        return cache
+
+    # -- decoding -----------------------------------------------------------
+    async def extend(self, handles, params: StepParams, seeds=None) -> list[StepOutput]:
+        handles = list(handles)
+        if seeds is not None and len(seeds) != len(handles):
+            raise ValueError(f"got {len(seeds)} seeds for {len(handles)} sequences")
+        if len(set(handles)) != len(handles):
+            raise ValueError("a sequence appears twice in one extend call; fork it first")
+        members = []
+        for i, handle in enumerate(handles):
+            seq = self._get(handle)
+            if seq.busy:
+                raise RuntimeError(f"sequence {handle} is already being extended")
+            generator = None
+            if params.temperature > 0:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(int(seeds[i]) if seeds is not None else int(torch.seed()))
+            members.append(_Active(handle, params, generator))
+        if not members:
+            return []
+        for member in members:
+            self._sequences[member.handle].busy = True
+        self.usage.calls += 1
+        request = _Request(members, asyncio.get_running_loop().create_future())
+        self._waiting.append(request)
+        if not self._loop_running:
+            self._loop_running = True
+            asyncio.get_running_loop().create_task(self._decode_loop())
+        return await request.future
+
+    async def _decode_loop(self) -> None:
+        active: list[_Request] = []
+        try:
+            while self._waiting or active:
+                active.extend(self._waiting)
+                self._waiting.clear()
+                async with self._lock:
+                    with Stopwatch(self.usage):
+                        try:
+                            self._decode_once([m for r in active for m in r.members if m.finish_reason is None])
+                        except Exception as error:  # fail the requests, keep the engine usable
+                            for request in active:
+                                for m in request.members:
+                                    self._sequences[m.handle].busy = False
+                                if not request.future.done():
+                                    request.future.set_exception(error)
+                            active.clear()
+                            continue
+                still = []
+                for request in active:
+                    if all(m.finish_reason is not None for m in request.members):
+                        outputs = []
+                        for m in request.members:
+                            self._sequences[m.handle].busy = False
+                            outputs.append(StepOutput(m.new_tokens, m.text, m.logprobs, m.finish_reason))
+                        if not request.future.done():
+                            request.future.set_result(outputs)
+                    else:
+                        still.append(request)
+                active = still
+                # Let other coroutines submit work before the next pass.
+                await asyncio.sleep(0)
+        finally:
+            self._loop_running = False
+
+    @torch.inference_mode()
+    def _decode_once(self, members: list[_Active]) -> None:
+        self._compact()
+        rows = self._rows
+        by_row = {self._sequences[m.handle].row: m for m in members}
+        ids = torch.full((rows, 1), self.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((rows, 1), dtype=torch.long)
+        for seq in self._sequences.values():
+            ids[seq.row, 0] = seq.tokens[-1]
+            positions[seq.row, 0] = len(seq.tokens) - 1
+        active_column = torch.zeros((rows, 1), dtype=torch.long)
+        active_column[list(by_row), 0] = 1
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        active_column = active_column.to(self.device)
+        # Every row reads its new column during this pass (so no row attends
+        # to nothing); only the extended rows keep it afterwards.
+        attention = torch.cat([self._mask, torch.ones_like(active_column)], dim=1)
+        cache_position = torch.tensor([self._mask.shape[1]], device=self.device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=self._cache,
+            cache_position=cache_position,
+            use_cache=True,
+        )
+        self._cache = out.past_key_values
+        self._mask = torch.cat([self._mask, active_column], dim=1)
+        self.usage.forward_passes += 1
+        if not by_row:
+            return
+        row_index = torch.tensor(list(by_row), device=self.device)
+        logits = out.logits[row_index, -1, :].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = self._sample(logits, [by_row[int(r)] for r in row_index.tolist()])
+        chosen_logprobs = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        for row, token, logprob in zip(row_index.tolist(), chosen.tolist(), chosen_logprobs):
+            self._advance(by_row[row], token, logprob)
+
+    def _sample(self, logits: torch.Tensor, members: list[_Active]) -> torch.Tensor:
+        chosen = logits.argmax(dim=-1)
+        for i, member in enumerate(members):
+            params = member.params
+            if params.temperature == 0:
+                continue
+            probs = torch.softmax(logits[i] / params.temperature, dim=-1)
+            if params.top_p < 1.0:
+                probs = _top_p_filter(probs, params.top_p)
+            chosen[i] = torch.multinomial(probs, 1, generator=member.generator)[0]
+        return chosen
+
+    def _advance(self, member: _Active, token: int, logprob: float) -> None:
+        seq = self._sequences[member.handle]
+        seq.tokens.append(token)
+        member.new_tokens.append(token)
+        member.logprobs.append(logprob)
+        self.usage.generated_tokens += 1
+        previous = len(member.text)
+        member.text = self.decode(member.new_tokens)
+        if token in self.eos_token_ids:
+            member.finish_reason = "eos"
+        elif find_stop(member.text, member.params.stop, previous) is not None:
+            member.finish_reason = "stop"
+        elif len(member.new_tokens) >= member.params.max_tokens:
+            member.finish_reason = "length"
+        elif len(seq.tokens) >= self.context_length:
+            member.finish_reason = "context"
+
+    # -- scoring ------------------------------------------------------------
+    async def score(self, prompts, continuations) -> list[ScoreOutput]:
+        if len(prompts) != len(continuations):
+            raise ValueError(f"got {len(prompts)} prompts for {len(continuations)} continuations")
+        pairs = [(list(map(int, p)), list(map(int, c))) for p, c in zip(prompts, continuations)]
+        for prompt, continuation in pairs:
+            if not prompt:
+                raise ValueError("a prompt to score against must have at least one token")
+            if len(prompt) + len(continuation) > self.context_length:
+                raise ValueError(
+                    f"prompt and continuation ({len(prompt) + len(continuation)} tokens) exceed the "
+                    f"context window of {self.context_length}"
+                )
+        async with self._lock:
+            self.usage.calls += 1
+            with Stopwatch(self.usage):
+                results: list[ScoreOutput] = []
+                for chunk in _chunks_by_tokens(pairs, self.max_batch_tokens, size=lambda pc: len(pc[0]) + len(pc[1])):
+                    results.extend(self._score_batch(chunk))
+                return results
+
+    @torch.inference_mode()
+    def _score_batch(self, pairs) -> list[ScoreOutput]:
+        width = max(len(p) + len(c) for p, c in pairs)
+        ids = torch.full((len(pairs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (prompt, continuation) in enumerate(pairs):
+            full = prompt + continuation
+            ids[i, : len(full)] = torch.tensor(full)
+            mask[i, : len(full)] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        self.usage.forward_passes += 1
+        self.usage.scored_tokens += int(mask.sum())
+        outputs = []
+        for i, (prompt, continuation) in enumerate(pairs):
+            if not continuation:
+                outputs.append(ScoreOutput([], []))
+                continue
+            # The token at position j is predicted by the logits at j - 1.
+            start = len(prompt)
+            targets = torch.tensor(continuation, device=logprobs.device)
+            picked = logprobs[i, start - 1 : start - 1 + len(continuation)].gather(1, targets[:, None])[:, 0]
+            outputs.append(ScoreOutput(list(continuation), picked.tolist()))
+        return outputs
+
+    async def close(self) -> None:
+        self._sequences.clear()
+        self._cache, self._rows = None, 0
+        self._mask = self._mask[:0, :0]
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad a [rows, heads, columns, dim] cache tensor on the left."""
+    missing = width - tensor.shape[2]
+    if missing == 0:
+        return tensor
+    pad = tensor.new_zeros(tensor.shape[0], tensor.shape[1], missing, tensor.shape[3])
+    return torch.cat([pad, tensor], dim=2)
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    if missing == 0:
+        return mask
+    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p."""
+    sorted_probs, order = probs.sort(descending=True)
+    mass_before = sorted_probs.cumsum(0) - sorted_probs
+    sorted_probs[mass_before >= top_p] = 0
+    filtered = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return filtered / filtered.sum()
+
+
+def _chunks_by_tokens(items, max_tokens: int, size=len):
+    """Split ``items`` into consecutive batches whose padded size stays under
+    ``max_tokens`` (always at least one item per batch)."""
+    batch, longest = [], 0
+    for item in items:
+        longest_if_added = max(longest, size(item))
+        if batch and longest_if_added * (len(batch) + 1) > max_tokens:
+            yield batch
+            batch, longest_if_added = [], size(item)
+        batch.append(item)
+        longest = longest_if_added
+    if batch:
+        yield batch

@@ -1,0 +1,245 @@
+"""The backend contract, one suite for every engine.
+
+Each engine case gives a backend plus two references computed *another way*
+than through the engine's step/fork machinery: an unforked greedy generation
+of the whole lineage, and the per-token log-probabilities of a full forward
+pass over a finished sequence. Engines that share this suite may differ in
+everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from piscale.lm.base import LanguageModel, StepParams
+from tiny_models import tiny_causal_lm
+
+GREEDY = StepParams(max_tokens=12, stop=("\n",), temperature=0.0)
+
+
+@dataclass
+class EngineCase:
+    lm: LanguageModel
+    reference_greedy: Callable[[list[int], int], list[int]]
+    """prompt ids, n new tokens -> the prompt and n greedy tokens, in one go."""
+    reference_logprobs: Callable[[list[int], int], list[float]]
+    """full ids, prompt length -> log p of each token after the prompt."""
+    logprob_tolerance: float = 1e-4
+
+
+def transformers_case(model, tokenizer) -> EngineCase:
+    from piscale.lm.hf import TransformersLM
+
+    def greedy(prompt: list[int], n: int) -> list[int]:
+        config = copy.deepcopy(model.generation_config)
+        config.eos_token_id = None  # a lineage runs on past EOS in these tests
+        config.pad_token_id = tokenizer.pad_token_id
+        config.max_new_tokens, config.do_sample = n, False
+        with torch.inference_mode():
+            return model.generate(torch.tensor([prompt]), generation_config=config)[0].tolist()
+
+    def logprobs(ids: list[int], prompt_length: int) -> list[float]:
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        table = torch.log_softmax(logits, dim=-1)
+        return [float(table[j - 1, ids[j]]) for j in range(prompt_length, len(ids))]
+
+    return EngineCase(TransformersLM(model, tokenizer), greedy, logprobs)
+
+
+def _tiny(architecture: str) -> EngineCase:
+    model, tokenizer = tiny_causal_lm(architecture)
+    return transformers_case(model, tokenizer)
+
+
+def _default_model() -> EngineCase:
+    from piscale.models import DEFAULT_MODEL, load_transformers
+
+    model, tokenizer = load_transformers(DEFAULT_MODEL, device="cpu", dtype="float32")
+    return transformers_case(model, tokenizer)
+
+
+ENGINE_CASES: dict[str, Callable[[], EngineCase]] = {
+    "hf-llama": lambda: _tiny("llama"),
+    "hf-qwen2": lambda: _tiny("qwen2"),
+    "hf-smollm2": _default_model,
+}
+SLOW_CASES = {"hf-smollm2"}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(name, marks=[pytest.mark.slow] if name in SLOW_CASES else []) for name in ENGINE_CASES],
+)
+def case(request) -> EngineCase:
+    return ENGINE_CASES[request.param]()
+
+
+def prompts_for(lm: LanguageModel) -> list[list[int]]:
+    return [
+        lm.prompt_ids("What is 12 times 7?"),
+        lm.prompt_ids("Name a prime number larger than 10, please."),
+        lm.prompt_ids("Hi"),
+    ]
+
+
+async def greedy_lineage(lm: LanguageModel, prompt: list[int], steps: int, fork_every_step: bool) -> list[int]:
+    """Generate ``steps`` steps; between steps, fork the sequence into three
+    and continue from one of the copies (the others are released)."""
+    [[handle]] = await lm.open([prompt])
+    for _ in range(steps):
+        [out] = await lm.extend([handle], GREEDY)
+        if fork_every_step:
+            children = lm.fork([handle, handle, handle])
+            lm.release([handle, children[0], children[2]])
+            handle = children[1]
+    ids = lm.token_ids(handle)
+    lm.release([handle])
+    return ids
+
+
+async def test_greedy_lineage_through_forks_equals_one_generation(case: EngineCase):
+    prompt = prompts_for(case.lm)[0]
+    ids = await greedy_lineage(case.lm, prompt, steps=4, fork_every_step=True)
+    assert ids[: len(prompt)] == prompt
+    assert len(ids) > len(prompt) + 4
+    assert ids == case.reference_greedy(prompt, len(ids) - len(prompt))
+
+
+async def test_step_logprobs_match_a_full_forward_pass(case: EngineCase):
+    lm = case.lm
+    prompt = prompts_for(lm)[1]
+    [[handle]] = await lm.open([prompt])
+    stepped: list[float] = []
+    for seed in range(3):
+        [out] = await lm.extend([handle], StepParams(max_tokens=10, stop=("\n",), temperature=1.0), seeds=[seed])
+        assert len(out.logprobs) == len(out.token_ids)
+        stepped.extend(out.logprobs)
+    ids = lm.token_ids(handle)
+    lm.release([handle])
+    reference = case.reference_logprobs(ids, len(prompt))
+    assert len(stepped) == len(reference)
+    assert max(abs(a - b) for a, b in zip(stepped, reference)) < case.logprob_tolerance
+
+
+async def test_batched_equals_unbatched(case: EngineCase):
+    lm = case.lm
+    prompts = prompts_for(lm)
+    params = StepParams(max_tokens=10, stop=("\n\n",), temperature=0.9)
+    alone = []
+    for i, prompt in enumerate(prompts):
+        [[handle]] = await lm.open([prompt])
+        alone.append((await lm.extend([handle], params, seeds=[100 + i]))[0])
+        lm.release([handle])
+    groups = await lm.open(prompts)
+    handles = [g[0] for g in groups]
+    together = await lm.extend(handles, params, seeds=[100, 101, 102])
+    lm.release(handles)
+    for a, b in zip(alone, together):
+        assert a.token_ids == b.token_ids
+        assert a.finish_reason == b.finish_reason
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < case.logprob_tolerance
+
+
+async def test_concurrent_requests_share_forward_passes(case: EngineCase):
+    lm = case.lm
+    prompts = prompts_for(lm)
+    params = StepParams(max_tokens=8, stop=("\x00",), temperature=0.0)
+
+    async def one(prompt):
+        [[handle]] = await lm.open([prompt])
+        [out] = await lm.extend([handle], params)
+        lm.release([handle])
+        return out
+
+    before = lm.usage.snapshot()
+    sequential = [await one(p) for p in prompts]
+    sequential_passes = lm.usage.since(before).forward_passes
+    before = lm.usage.snapshot()
+    concurrent = await asyncio.gather(*(one(p) for p in prompts))
+    concurrent_passes = lm.usage.since(before).forward_passes
+    assert [o.token_ids for o in concurrent] == [o.token_ids for o in sequential]
+    assert concurrent_passes < sequential_passes
+
+
+async def test_forks_share_one_prefill_and_resampling_prefills_nothing(case: EngineCase):
+    lm = case.lm
+    prompt = prompts_for(lm)[0]
+    before = lm.usage.snapshot()
+    [handles] = await lm.open([prompt], copies=8)
+    opened = lm.usage.since(before)
+    assert opened.prefill_tokens <= len(prompt)
+    params = StepParams(max_tokens=6, stop=("\n\n",), temperature=1.0)
+    for step in range(3):
+        await lm.extend(handles, params, seeds=list(range(step * 8, step * 8 + 8)))
+        survivors = lm.fork([handles[i] for i in (0, 0, 1, 3, 3, 3, 5, 7)])
+        lm.release(handles)
+        handles = survivors
+    total = lm.usage.since(before)
+    assert total.prefill_tokens == opened.prefill_tokens
+    assert total.generated_tokens >= 8 * 3
+    lm.release(handles)
+
+
+async def test_seeded_sampling_ignores_batch_neighbours(case: EngineCase):
+    lm = case.lm
+    prompt = prompts_for(lm)[2]
+    params = StepParams(max_tokens=10, stop=("\n\n",), temperature=1.0, top_p=0.9)
+    [[a]] = await lm.open([prompt])
+    [alone] = await lm.extend([a], params, seeds=[7])
+    [handles] = await lm.open([prompt], copies=3)
+    outs = await lm.extend(handles, params, seeds=[3, 7, 11])
+    lm.release([a, *handles])
+    assert outs[1].token_ids == alone.token_ids
+    assert len({tuple(o.token_ids) for o in outs}) > 1
+
+
+async def test_step_ends_at_stop_string_or_token_cap(case: EngineCase):
+    lm = case.lm
+    [[handle]] = await lm.open([prompts_for(lm)[0]])
+    [capped] = await lm.extend([handle], StepParams(max_tokens=3, stop=("\x00",), temperature=0.0))
+    assert capped.finish_reason in ("length", "eos")
+    if capped.finish_reason == "length":
+        assert len(capped.token_ids) == 3
+    # Any character the model emits next is a stop string of that step.
+    [probe] = await lm.extend(lm.fork([handle]), StepParams(max_tokens=1, temperature=0.0))
+    stop_text = probe.text
+    if stop_text and probe.finish_reason != "eos":
+        [stopped] = await lm.extend([handle], StepParams(max_tokens=50, stop=(stop_text,), temperature=0.0))
+        assert stopped.finish_reason == "stop"
+        assert stopped.text.endswith(stop_text) or stop_text in stopped.text
+    lm.release([handle])
+
+
+async def test_score_matches_a_full_forward_pass(case: EngineCase):
+    lm = case.lm
+    prompts = prompts_for(lm)
+    continuations = [lm.encode(" 84 is the answer."), lm.encode("Eleven"), lm.encode("Hello!\n\nBye")]
+    scores = await lm.score(prompts, continuations)
+    for prompt, continuation, scored in zip(prompts, continuations, scores):
+        reference = case.reference_logprobs(prompt + continuation, len(prompt))
+        assert scored.token_ids == continuation
+        assert max(abs(a - b) for a, b in zip(scored.logprobs, reference)) < case.logprob_tolerance
+        assert scored.total == pytest.approx(sum(reference), abs=len(reference) * case.logprob_tolerance)
+
+
+async def test_bad_handles_and_inputs_are_rejected(case: EngineCase):
+    lm = case.lm
+    with pytest.raises(KeyError, match="unknown"):
+        lm.release([10**9])
+    with pytest.raises(KeyError, match="unknown"):
+        await lm.extend([10**9], GREEDY)
+    with pytest.raises(ValueError):
+        await lm.open([[]])
+    [[handle]] = await lm.open([prompts_for(lm)[2]])
+    with pytest.raises(ValueError, match="seeds"):
+        await lm.extend([handle], GREEDY, seeds=[1, 2])
+    lm.release([handle])
+    with pytest.raises(ValueError):
+        StepParams(max_tokens=0)
