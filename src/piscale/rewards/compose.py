@@ -1,0 +1,174 @@
+"""Rewards built from other rewards: weighted sums and transforms.
+
+**Scales.** A probability-scale score p in [0, 1] is the probability that the
+partial answer is good; its log-potential is log p. A log-scale score is a
+log-potential already. ``log_potential`` converts either.
+
+**Weighted sum.** With ``combine="log"`` (the default) the terms are combined
+in log space,
+
+    score = sum_k w_k * log_potential(s_k),
+
+a product of experts: exp(score) = prod_k p_k^{w_k}. Each term multiplies the
+likelihood of "good", so a PRM (probability) and a density ratio (log) mix
+without any unit problem, and the result is on the log scale. With
+``combine="linear"`` the scores themselves are added, sum_k w_k s_k, which needs
+every term on the same scale; for probabilities the weights must be a convex
+combination (non-negative, summing to 1) so the result is again a probability
+(a mixture of experts).
+
+**Transform.** ``Transformed`` maps a reward's score through, in this order,
+
+1. ``logit``: s -> log(p / (1 - p)) with p clipped to [eps, 1 - eps]; the result
+   is a log-potential (Puri et al. 2025 weight particles by softmax(logit(r)/tau));
+2. ``temperature`` T: the log-potential is divided by T. On the log scale that
+   is s / T; on the probability scale it is p^(1/T), which stays in [0, 1].
+   T > 1 flattens the likelihood, T < 1 sharpens it;
+3. ``clip`` (lo, hi): the result is clipped into [lo, hi].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+from piscale.rewards.base import Reward, Scale
+
+LOG_FLOOR = 1e-12
+"""The smallest probability used when taking a log (log 0 would be -inf)."""
+
+
+def log_potential(score: float, scale: Scale, floor: float = LOG_FLOOR) -> float:
+    """The log-potential of a score: log p on the probability scale (p floored
+    at ``floor``), the score itself on the log scale."""
+    if scale == "log":
+        return float(score)
+    if scale != "probability":
+        raise ValueError(f"unknown reward scale {scale!r}; expected 'probability' or 'log'")
+    return math.log(max(float(score), floor))
+
+
+def logit(p: float, eps: float = 1e-6) -> float:
+    """log(p / (1 - p)) with p clipped into [eps, 1 - eps]."""
+    q = min(max(float(p), eps), 1.0 - eps)
+    return math.log(q) - math.log1p(-q)
+
+
+class WeightedSum(Reward):
+    """sum_k w_k * (score of reward k), in log space or linearly (see the module doc)."""
+
+    def __init__(
+        self,
+        terms: Sequence[tuple[float, Reward]],
+        combine: Literal["log", "linear"] = "log",
+    ):
+        if not terms:
+            raise ValueError("WeightedSum needs at least one (weight, reward) term")
+        for k, term in enumerate(terms):
+            if not (isinstance(term, tuple) and len(term) == 2 and isinstance(term[1], Reward)):
+                raise TypeError(f"term {k} must be a (weight, Reward) pair, got {term!r}")
+            if not math.isfinite(float(term[0])):
+                raise ValueError(f"term {k} has a non-finite weight {term[0]!r}")
+        if combine not in ("log", "linear"):
+            raise ValueError(f"combine must be 'log' or 'linear', got {combine!r}")
+        self.terms = [(float(w), r) for w, r in terms]
+        self.combine = combine
+        if combine == "log":
+            self.scale: Scale = "log"
+        else:
+            scales = {r.scale for _, r in self.terms}
+            if len(scales) != 1:
+                raise ValueError(
+                    "combine='linear' adds raw scores, so every term must be on the same scale; "
+                    f"got {sorted(scales)}. Use combine='log' to mix probability and log scales."
+                )
+            self.scale = scales.pop()
+            if self.scale == "probability":
+                weights = [w for w, _ in self.terms]
+                if min(weights) < 0 or not math.isclose(sum(weights), 1.0, abs_tol=1e-9):
+                    raise ValueError(
+                        "a linear sum of probabilities must have non-negative weights summing "
+                        f"to 1 to stay a probability; got weights {weights}"
+                    )
+        self.outcome_only = all(r.outcome_only for _, r in self.terms)
+        self.name = " + ".join(f"{w:g}*{r.name}" for w, r in self.terms)
+
+    async def score(self, prompts, trajectories) -> list[list[float]]:
+        results = await asyncio.gather(*(r.score(prompts, trajectories) for _, r in self.terms))
+        combined: list[list[float]] = []
+        for i, steps in enumerate(trajectories):
+            row = []
+            for t in range(len(steps)):
+                if self.combine == "log":
+                    value = math.fsum(
+                        w * log_potential(result[i][t], r.scale)
+                        for (w, r), result in zip(self.terms, results)
+                    )
+                else:
+                    value = math.fsum(w * result[i][t] for (w, _), result in zip(self.terms, results))
+                row.append(value)
+            combined.append(row)
+        return combined
+
+    async def close(self) -> None:
+        for _, r in self.terms:
+            await r.close()
+
+
+class Transformed(Reward):
+    """A reward's score through logit, temperature and clipping (see the module doc)."""
+
+    def __init__(
+        self,
+        reward: Reward,
+        *,
+        logit: bool = False,
+        temperature: float = 1.0,
+        clip: tuple[float, float] | None = None,
+        eps: float = 1e-6,
+    ):
+        if logit and reward.scale != "probability":
+            raise ValueError(
+                f"logit needs a probability-scale reward; {reward.name!r} is on the {reward.scale} scale"
+            )
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if clip is not None:
+            low, high = clip
+            if not low < high:
+                raise ValueError(f"clip must be (low, high) with low < high, got {clip!r}")
+        if not 0 < eps < 0.5:
+            raise ValueError(f"eps must be in (0, 0.5), got {eps!r}")
+        self.reward = reward
+        self.logit = logit
+        self.temperature = float(temperature)
+        self.clip = clip
+        self.eps = eps
+        self.scale: Scale = "log" if logit else reward.scale
+        self.outcome_only = reward.outcome_only
+        parts = (["logit"] if logit else []) + (
+            [f"T={temperature:g}"] if temperature != 1.0 else []
+        ) + ([f"clip={clip}"] if clip else [])
+        self.name = f"{reward.name}[{','.join(parts)}]" if parts else reward.name
+
+    def transform(self, score: float) -> float:
+        value = float(score)
+        if self.logit:
+            value = logit(value, self.eps)
+        if self.temperature != 1.0:
+            if self.scale == "log":
+                value = value / self.temperature
+            else:
+                value = max(value, 0.0) ** (1.0 / self.temperature)
+        if self.clip is not None:
+            value = min(max(value, self.clip[0]), self.clip[1])
+        return value
+
+    async def score(self, prompts, trajectories) -> list[list[float]]:
+        inner = await self.reward.score(prompts, trajectories)
+        return [[self.transform(s) for s in row] for row in inner]
+
+    async def close(self) -> None:
+        await self.reward.close()

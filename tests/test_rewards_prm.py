@@ -1,0 +1,157 @@
+"""PRMs on tiny random-weight models: scores equal a hand computation from the
+model's logits on the full text, and incremental scoring equals full
+re-scoring while reading fewer tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from piscale.rewards.prm import QWEN_PRM_SYSTEM, ClassificationPRM, TagPRM
+from test_rewards_support import causal_lm, char_tokenizer, token_classifier
+
+PROMPT = "Tom has 3 apples and buys 4 more. How many?"
+STEPS = ["Tom starts with 3 apples.\n\n", "He buys 4, so 3 + 4 = 7.\n\n", "The answer is \\boxed{7}."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def classifier(tokenizer):
+    return token_classifier(tokenizer, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tagger(tokenizer):
+    return causal_lm(tokenizer, seed=2)
+
+
+def qwen_prm_text(tokenizer, prompt, steps):
+    """The Qwen2.5-Math-PRM input, written the way its model card does."""
+    messages = [
+        {"role": "system", "content": QWEN_PRM_SYSTEM},
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": "<extra_0>".join(s.strip() for s in steps) + "<extra_0>"},
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+
+def hand_classification_scores(model, tokenizer, prompt, steps):
+    ids = tokenizer(qwen_prm_text(tokenizer, prompt, steps), add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=ids.input_ids).logits[0]
+    separator = tokenizer.convert_tokens_to_ids("<extra_0>")
+    at_separators = logits[ids.input_ids[0] == separator]
+    return torch.softmax(at_separators.double(), dim=-1)[:, 1].tolist()
+
+
+def hand_tag_scores(model, tokenizer, prompt, steps):
+    text = f"{prompt} " + "\n".join(s.strip() + " ки" for s in steps)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    tag = tokenizer.convert_tokens_to_ids("ки")
+    plus, minus = tokenizer.convert_tokens_to_ids("+"), tokenizer.convert_tokens_to_ids("-")
+    at_tags = logits[ids[0] == tag][:, [plus, minus]].double()
+    return torch.softmax(at_tags, dim=-1)[:, 0].tolist()
+
+
+async def test_classification_prm_matches_logits_at_separators(classifier, tokenizer):
+    prm = ClassificationPRM(classifier, tokenizer, cache_tokens=0)
+    scores = await prm.score([PROMPT], [STEPS])
+    expected = hand_classification_scores(classifier, tokenizer, PROMPT, STEPS)
+    assert len(expected) == 3
+    assert scores[0] == pytest.approx(expected, abs=1e-5)
+    # The random head is far from 1/2, so the comparison is not vacuous.
+    assert max(abs(s - 0.5) for s in expected) > 0.05
+
+
+async def test_classification_prm_batch_of_different_lengths(classifier, tokenizer):
+    prm = ClassificationPRM(classifier, tokenizer, cache_tokens=0)
+    prompts = [PROMPT, "What is 2 + 2?", PROMPT]
+    trajectories = [STEPS, ["2 + 2 = 4.", "So \\boxed{4}."], STEPS[:1]]
+    scores = await prm.score(prompts, trajectories)
+    for prompt, steps, got in zip(prompts, trajectories, scores):
+        assert got == pytest.approx(hand_classification_scores(classifier, tokenizer, prompt, steps), abs=1e-5)
+
+
+async def test_tag_prm_matches_good_over_good_plus_bad(tagger, tokenizer):
+    prm = TagPRM(tagger, tokenizer, cache_tokens=0)
+    scores = await prm.score([PROMPT], [STEPS])
+    expected = hand_tag_scores(tagger, tokenizer, PROMPT, STEPS)
+    assert len(expected) == 3
+    assert scores[0] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["classification", "tag"])
+async def test_incremental_equals_full_and_reads_fewer_tokens(kind, classifier, tagger, tokenizer):
+    def build(cache_tokens):
+        if kind == "classification":
+            return ClassificationPRM(classifier, tokenizer, cache_tokens=cache_tokens)
+        return TagPRM(tagger, tokenizer, cache_tokens=cache_tokens)
+
+    full, incremental = build(0), build(100_000)
+    other_prompt = "Compute 6 * 7."
+    other = ["6 * 7 = 42.", "So the answer is \\boxed{42}."]
+    for t in range(1, len(STEPS) + 1):
+        # Two trajectories of different prompts grow together, in one batch.
+        batch = ([PROMPT, other_prompt], [STEPS[:t], other[: min(t, 2)]])
+        expected = await full.score(*batch)
+        got = await incremental.score(*batch)
+        for row_expected, row_got in zip(expected, got):
+            assert row_got == pytest.approx(row_expected, abs=1e-5)
+    # Incremental reads each token once: exactly the tokens of the longest
+    # version of each trajectory.
+    longest = len(incremental.layout(PROMPT, STEPS)[0]) + len(incremental.layout(other_prompt, other)[0])
+    assert incremental.usage.scored_tokens == longest
+    assert full.usage.scored_tokens > 2 * longest
+    assert incremental.tokens_reused > 0
+
+
+async def test_resampled_copies_and_repeats_read_nothing_new(classifier, tokenizer):
+    prm = ClassificationPRM(classifier, tokenizer)
+    await prm.score([PROMPT], [STEPS[:2]])
+    read = prm.usage.scored_tokens
+    # Resampling copied the particle; scoring the copies again reads nothing.
+    again = await prm.score([PROMPT, PROMPT], [STEPS[:2], STEPS[:2]])
+    assert prm.usage.scored_tokens == read
+    assert again[0] == again[1]
+    # Two children of one parent each read only their own new step.
+    children = [STEPS[:2] + ["So 7."], STEPS[:2] + ["It is 8."]]
+    scores = await prm.score([PROMPT, PROMPT], children)
+    new_tokens = sum(len(tokenizer(s, add_special_tokens=False).input_ids) + 1 for s in ("So 7.", "It is 8."))
+    assert prm.usage.scored_tokens - read == new_tokens
+    for steps, got in zip(children, scores):
+        assert got == pytest.approx(hand_classification_scores(classifier, tokenizer, PROMPT, steps), abs=1e-5)
+
+
+async def test_model_aggregation_reuses_the_common_token_prefix(classifier, tokenizer):
+    """'model' aggregation joins the steps into one: the old separator is gone,
+    but the tokens before it are a common prefix and are not read again."""
+    prm = ClassificationPRM(classifier, tokenizer)
+    first = "Tom starts with 3 apples."
+    await prm.score([PROMPT], [[first]])
+    before = prm.usage.scored_tokens
+    grown = first + "\n\nHe buys 4, so 3 + 4 = 7."
+    scores = await prm.score([PROMPT], [[grown]])
+    assert prm.usage.scored_tokens - before == len(tokenizer("\n\nHe buys 4, so 3 + 4 = 7.").input_ids) + 1
+    assert scores[0] == pytest.approx(hand_classification_scores(classifier, tokenizer, PROMPT, [grown]), abs=1e-5)
+
+
+async def test_cache_budget_is_respected(classifier, tokenizer):
+    prm = ClassificationPRM(classifier, tokenizer, cache_tokens=300)
+    for t in range(1, 4):
+        await prm.score([PROMPT], [STEPS[:t]])
+        assert prm.cached_tokens <= 300
+
+
+def test_prm_input_errors(classifier, tokenizer):
+    with pytest.raises(ValueError, match="must be one token"):
+        ClassificationPRM(classifier, tokenizer, separator="<sep>")
+    with pytest.raises(ValueError, match="positive_label"):
+        ClassificationPRM(classifier, tokenizer, positive_label=2)
+    with pytest.raises(ValueError, match="encodes to 2 tokens"):
+        TagPRM(classifier, tokenizer, good_token="++")
