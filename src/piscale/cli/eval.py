@@ -1,0 +1,208 @@
+"""``piscale eval`` and ``piscale report``: accuracy-versus-compute sweeps.
+
+``eval`` runs a grid of algorithms x budgets x seeds over a task and stores
+every result in SQLite as soon as it is finished; running the same command
+again resumes it. ``report`` turns a database into accuracy tables with
+confidence intervals and plots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import typer
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``--option KEY=VALUE`` pairs; a value is read as JSON when it parses."""
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="eval")(evaluate)
+    app.command(name="report")(report)
+
+
+def evaluate(
+    dataset: str = typer.Option(..., "--dataset", help="math500 | gsm8k | aime24 | amc23, a JSONL file, or hf:ID."),
+    limit: int = typer.Option(None, "--limit", help="Use the first N problems."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Where the built-in tasks' files are."),
+    model: str = typer.Option(None, "--model", help="Policy model spec (default: the catalog's default model)."),
+    reward: str = typer.Option(None, "--reward", help="Reward spec, as for piscale solve (default: judge)."),
+    algorithms: str = typer.Option("pf,bon", "--algorithms", help="Comma-separated: pf,pg,pt,bon,wbon,sc,beam,dvts."),
+    budgets: str = typer.Option("1,2,4,8", "--budgets", help="Comma-separated budgets."),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
+    db: Path = typer.Option(Path("results.sqlite"), "--db", help="SQLite results database (created if missing)."),
+    engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | openai"),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)"),
+    system: str = typer.Option(None, "--system", help="System prompt (default: the paper's, reason step by step and box the answer)."),
+    prompt: str = typer.Option(None, "--prompt", help="User message template containing {question} (default: the question)."),
+    option: list[str] = typer.Option([], "--option", help="Search option KEY=VALUE, repeatable (e.g. max_steps=20)."),
+    chunk_size: int = typer.Option(8, "--chunk-size", help="Problems per run_many call; a kill loses at most one chunk."),
+    trace: bool = typer.Option(False, "--trace", help="Store each search's trace (genealogy, weights) too."),
+) -> None:
+    """Run algorithms x budgets x seeds on a task; store every result at once; resume on re-run."""
+    from rich.console import Console
+
+    from piscale.eval.runner import EvalConfig, EvalError, Evaluation, Grid
+    from piscale.eval.store import ResultStore, StoreError
+    from piscale.eval.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, TaskError, load_task
+
+    console = Console(stderr=True)
+    try:
+        from piscale.api import DEFAULT_MODEL, DEFAULT_REWARD
+
+        grid = Grid.parse(algorithms, budgets, seeds)
+        task = load_task(dataset, data_dir)
+        config = EvalConfig(
+            model=model or DEFAULT_MODEL,
+            reward=reward or DEFAULT_REWARD,
+            engine=engine,
+            system=DEFAULT_SYSTEM_PROMPT if system is None else system,
+            prompt_template=DEFAULT_PROMPT_TEMPLATE if prompt is None else prompt,
+            options=_parse_options(option),
+        )
+        store = ResultStore(db)
+    except (EvalError, TaskError, StoreError) as error:
+        _fail(str(error))
+    with store:
+        evaluation = Evaluation(store, task, config, grid, limit=limit)
+        jobs = evaluation.pending()
+        cells = len(evaluation.problems) * len(grid.algorithms) * len(grid.budgets) * len(grid.seeds)
+        if not jobs:
+            console.print(f"All {cells} results are already in {db} (config {evaluation.config_key}); nothing to run.")
+            console.print(f"See them with: piscale report {db}")
+            return
+        searches = sum(len(job.problems) for job in jobs)
+        console.print(
+            f"{task.name}: {len(evaluation.problems)} problems; {cells} cells, {searches} searches to run "
+            f"(config {evaluation.config_key}, database {db})"
+        )
+        lm, reward_model = _load(config, device, console)
+        run_id = evaluation.start_run(
+            {"lm": _describe(lm), "reward": _describe(reward_model), "device": device, "limit": limit}
+        )
+        try:
+            progress = _run_with_progress(evaluation, lm, reward_model, run_id, chunk_size, trace, console)
+        except KeyboardInterrupt:
+            console.print(f"Interrupted. Finished results are stored in {db}; run the same command to resume.")
+            raise typer.Exit(130)
+        except EvalError as error:
+            _fail(str(error))
+    accuracy = "n/a" if progress.accuracy is None else f"{100 * progress.accuracy:.1f}%"
+    console.print(
+        f"Ran {progress.searches_done} searches, stored {progress.rows_stored} results; accuracy of these searches "
+        f"{accuracy}; {progress.tokens_per_second:.1f} generated tokens/s. Report: piscale report {db}"
+    )
+
+
+def _load(config, device: str | None, console) -> tuple[object, object]:
+    from piscale.api import load_lm, load_reward
+
+    with console.status(f"loading {config.model} and reward {config.reward}"):
+        try:
+            lm = load_lm(config.model, engine=config.engine, device=device)
+            reward = load_reward(config.reward, policy=lm, policy_spec=config.model, engine=config.engine, device=device)
+        except (ValueError, FileNotFoundError, OSError, ImportError) as error:
+            _fail(f"could not load the model or reward: {error}")
+    return lm, reward
+
+
+def _describe(thing: object) -> dict | None:
+    """What a loaded backend or reward says about itself, for the run record."""
+    if thing is None:
+        return None
+    described = {"class": f"{type(thing).__module__}.{type(thing).__qualname__}", "name": getattr(thing, "name", None)}
+    identity = getattr(thing, "identity", None)
+    if identity is not None:
+        described["identity"] = identity if isinstance(identity, (str, int, float, dict, list)) else str(identity)
+    return described
+
+
+def _run_with_progress(evaluation, lm, reward, run_id: int, chunk_size: int, trace: bool, console):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("searches"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("acc {task.fields[accuracy]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task_id = bar.add_task("eval", total=None, accuracy="–", speed="–")
+
+        def show(progress) -> None:
+            accuracy = "–" if progress.accuracy is None else f"{100 * progress.accuracy:.1f}%"
+            bar.update(
+                task_id,
+                completed=progress.searches_done,
+                total=progress.searches_total,
+                accuracy=accuracy,
+                speed=f"{progress.tokens_per_second:.1f}",
+            )
+
+        return asyncio.run(
+            evaluation.run(lm, reward, run_id=run_id, chunk_size=chunk_size, trace=trace, on_progress=show)
+        )
+
+
+def report(
+    db: Path = typer.Argument(..., help="A results database written by piscale eval."),
+    out: Path = typer.Option(None, "--out", help="Folder for plots, report.md and report.json (default: DB_report/)."),
+    as_markdown: bool = typer.Option(False, "--markdown", help="Print Markdown tables instead of terminal tables."),
+    estimator: str = typer.Option(
+        "expected", "--estimator", help="Subsampled cells: expected (mean over subsets) | first (first b samples)."
+    ),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the plots."),
+) -> None:
+    """Accuracy (95% CI) and tokens per problem by algorithm x budget, and plots of the scaling curves."""
+    from rich.console import Console
+
+    from piscale.eval.report import markdown, print_report, summarize, write_json, write_plots
+    from piscale.eval.store import StoreError
+
+    try:
+        groups = summarize(db, estimator=estimator)
+    except (FileNotFoundError, ValueError, StoreError) as error:
+        _fail(str(error))
+    if not groups:
+        _fail(f"{db} holds no results yet")
+    text = markdown(groups, estimator=estimator)
+    if as_markdown:
+        typer.echo(text)
+    else:
+        print_report(groups, estimator=estimator, console=Console())
+    out = out or db.with_name(db.stem + "_report")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    written = [out / "report.md", write_json(groups, out / "report.json", estimator=estimator)]
+    if plots:
+        written += write_plots(groups, out)
+    Console(stderr=True).print("Wrote " + ", ".join(str(p) for p in written))

@@ -1,0 +1,141 @@
+"""From a stored search result to graded rows.
+
+Grading goes through ``piscale.grading`` (math-verify): the predicted final
+answer is compared with the reference symbolically or numerically, so
+``\\frac{1}{2}``, ``1/2`` and ``0.5`` all match a reference of ``0.5``. A
+result with no final answer is wrong.
+
+For best-of-N, weighted best-of-N and self-consistency, one search at budget
+N yields a row for every requested budget b <= N (see
+``piscale.eval.subsample``): the b = N row is the search itself, the others
+are flagged ``subsampled`` and carry search-and-learn's first-b estimate as
+their answer and the all-subsets mean as ``expected_accuracy``. Every other
+algorithm yields one row whose ``expected_accuracy`` is its 0/1 grade.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+from piscale.eval.store import ResultRow
+from piscale.eval.subsample import SELECTIONS, Samples, expected_accuracy, first_subset_choice
+from piscale.grading import answers_equal, normalize_answer
+
+SUBSAMPLED_ALGORITHMS = frozenset(SELECTIONS)
+"""Algorithms whose smaller budgets are computed from the samples of the largest."""
+
+USAGE_FIELDS = ("generated_tokens", "prompt_tokens", "reward_calls", "wall_time")
+
+
+def grade(answer: str | None, reference: str) -> bool:
+    """Whether a final answer matches the reference (None never does)."""
+    return answers_equal(answer, reference)
+
+
+def rows_from_result(
+    result: Mapping,
+    problem_id: str,
+    reference: str,
+    budgets: Sequence[int],
+) -> list[ResultRow]:
+    """Graded rows for ``budgets`` from one search result (a
+    ``SearchResult.to_dict()``). Budgets other than the search's own are only
+    allowed for the subsampled algorithms, and must not exceed it."""
+    algorithm, run_budget, seed = str(result["algorithm"]), int(result["budget"]), int(result["seed"])
+    usage = _usage(result)
+    answer = result.get("answer")
+    if algorithm not in SUBSAMPLED_ALGORITHMS:
+        if list(budgets) != [run_budget]:
+            raise ValueError(f"{algorithm} at budget {run_budget} cannot give rows for budgets {list(budgets)}")
+        correct = grade(answer, reference)
+        return [
+            ResultRow(
+                problem_id=problem_id,
+                algorithm=algorithm,
+                budget=run_budget,
+                seed=seed,
+                reference=reference,
+                answer=answer,
+                correct=correct,
+                expected_accuracy=float(correct),
+                subsampled=False,
+                samples_from=run_budget,
+                subsets=1,
+                **usage,
+            )
+        ]
+    candidates = list(result.get("candidates") or [])
+    if len(candidates) != run_budget:
+        raise ValueError(
+            f"{algorithm} at budget {run_budget} returned {len(candidates)} samples; "
+            "subsampling needs exactly one per unit of budget"
+        )
+    samples = samples_of(candidates, reference)
+    rows = []
+    for budget in sorted(set(budgets)):
+        if not 1 <= budget <= run_budget:
+            raise ValueError(f"budget {budget} is outside 1..{run_budget}, the samples of this search")
+        estimate = expected_accuracy(algorithm, samples, budget, seed=subset_seed(problem_id, seed, budget))
+        if budget == run_budget:
+            chosen = answer
+        else:
+            index = first_subset_choice(algorithm, samples, budget)
+            chosen = None if index is None else candidates[index].get("answer")
+        scale = budget / run_budget
+        rows.append(
+            ResultRow(
+                problem_id=problem_id,
+                algorithm=algorithm,
+                budget=budget,
+                seed=seed,
+                reference=reference,
+                answer=chosen,
+                correct=grade(chosen, reference),
+                expected_accuracy=estimate.accuracy,
+                subsampled=budget != run_budget,
+                samples_from=run_budget,
+                subsets=estimate.subsets,
+                **{name: value * scale for name, value in usage.items()},
+            )
+        )
+    return rows
+
+
+def samples_of(candidates: Sequence[Mapping], reference: str) -> Samples:
+    """The samples of a best-of-N style search, with answers grouped the way
+    voting groups them (``normalize_answer``) and each group graded once."""
+    keys: list[str | None] = []
+    key_correct: dict[str, bool] = {}
+    for candidate in candidates:
+        raw = candidate.get("answer")
+        if raw is None:
+            keys.append(None)
+            continue
+        key = normalize_answer(raw)
+        keys.append(key)
+        if key not in key_correct:
+            key_correct[key] = grade(raw, reference)
+    scores = [_finite(candidate.get("score"), "score") for candidate in candidates]
+    return Samples.build(keys, key_correct, scores)
+
+
+def subset_seed(problem_id: str, seed: int, budget: int) -> int:
+    """A seed for the random subsets of one cell, stable across runs and
+    machines (Python's ``hash`` of a string is not)."""
+    digest = hashlib.sha256(f"{problem_id}\0{seed}\0{budget}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _usage(result: Mapping) -> dict[str, float]:
+    usage = result.get("usage") or {}
+    missing = [name for name in USAGE_FIELDS if name not in usage]
+    if missing:
+        raise ValueError(f"search result usage lacks {', '.join(missing)}; got {sorted(usage)}")
+    return {name: float(usage[name]) for name in USAGE_FIELDS}
+
+
+def _finite(value: object, what: str) -> float:
+    if value is None:
+        raise ValueError(f"a sample has no {what}; best-of-N style selection needs one per sample")
+    return float(value)

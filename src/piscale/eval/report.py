@@ -1,0 +1,305 @@
+"""Accuracy-versus-compute reports from a results database.
+
+For every configuration (dataset, model, reward, prompts, options) in the
+database, the report gives, per algorithm and budget:
+
+* accuracy: each problem's score averaged over its seeds, then averaged over
+  problems; with a 95% Wilson score interval that treats problems as the
+  independent units (n = number of problems). A score in [0, 1] with mean p
+  has variance at most p(1 - p), the Bernoulli variance the Wilson interval
+  assumes, so averaging seeds or subsets within a problem can only make the
+  interval conservative;
+* generated tokens per problem (mean over problems and seeds);
+* the number of problems and seeds behind the cell.
+
+and plots of accuracy against budget and against generated tokens, one line
+per algorithm, with the interval as a band (PNG and SVG).
+
+The score of a row is ``expected_accuracy`` by default. For algorithms that
+run at each budget it is the 0/1 grade; for the subsampled baselines
+(``bon``, ``wbon``, ``sc``) it is the mean over subsets described in
+:data:`SUBSAMPLING_NOTE`. ``estimator="first"`` uses instead the grade of the
+answer picked from the first b samples, search-and-learn's estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from piscale.eval.store import ResultStore
+
+Z_95 = 1.959963984540054
+"""The 0.975 quantile of the standard normal distribution."""
+
+ESTIMATORS = ("expected", "first")
+
+INTERVAL_NOTE = (
+    "Intervals: 95% Wilson score intervals over problems (each problem's accuracy is first averaged over "
+    "its seeds; n = number of problems)."
+)
+
+SUBSAMPLING_NOTE = (
+    "Best-of-N (bon), weighted best-of-N (wbon) and self-consistency (sc) ran once per problem and seed at "
+    "the largest budget N; a smaller budget b reuses those N samples. Its accuracy is the mean correctness "
+    "of the selection over all C(N, b) subsets of b samples (or over 2,000 uniformly random subsets when "
+    "there are more than 5,000), ties split evenly; this has the same expectation as a fresh run at budget "
+    "b with a smaller variance. The answer stored for budget b is the one picked from the first b samples "
+    "(search-and-learn's estimate); its tokens and wall time are the run's, scaled by b / N."
+)
+
+
+def wilson_interval(mean: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``mean`` observed over ``n`` trials."""
+    if n < 1:
+        raise ValueError(f"an interval needs at least one observation, got n={n}")
+    if not 0.0 <= mean <= 1.0:
+        raise ValueError(f"a proportion must be in [0, 1], got {mean}")
+    z2 = z * z
+    centre = (mean + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(mean * (1 - mean) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Cell:
+    algorithm: str
+    budget: int
+    accuracy: float
+    low: float
+    high: float
+    problems: int
+    seeds: int
+    rows: int
+    generated_tokens: float
+    """Mean generated tokens per problem and seed."""
+    wall_time: float
+    """Mean wall time per problem and seed, in seconds."""
+    subsampled: bool
+
+
+@dataclass
+class Group:
+    """All cells of one configuration."""
+
+    config_key: str
+    dataset: str
+    model: str
+    reward: str
+    description: dict
+    cells: list[Cell] = field(default_factory=list)
+
+    @property
+    def algorithms(self) -> list[str]:
+        return list(dict.fromkeys(c.algorithm for c in self.cells))
+
+    @property
+    def budgets(self) -> list[int]:
+        return sorted({c.budget for c in self.cells})
+
+    def cell(self, algorithm: str, budget: int) -> Cell | None:
+        return next((c for c in self.cells if c.algorithm == algorithm and c.budget == budget), None)
+
+    @property
+    def title(self) -> str:
+        return f"{self.dataset} · model {self.model} · reward {self.reward} · config {self.config_key}"
+
+    @property
+    def slug(self) -> str:
+        safe = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in f"{self.dataset}-{self.model}")
+        return f"{safe}-{self.config_key[:8]}"
+
+
+def summarize(db: str | Path, *, estimator: str = "expected") -> list[Group]:
+    """One group per configuration in the database, cells sorted by algorithm
+    (in the order first stored) and budget."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if not Path(db).is_file():
+        raise FileNotFoundError(f"no results database at {db}")
+    with ResultStore(db) as store:
+        configs = store.configs()
+        rows = store.results()
+    by_config: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_config[row["config_key"]].append(row)
+    groups = []
+    for config in configs:
+        config_rows = by_config.get(config["config_key"])
+        if not config_rows:
+            continue
+        group = Group(config["config_key"], config["dataset"], config["model"], config["reward"], config["description"])
+        order = list(dict.fromkeys(r["algorithm"] for r in sorted(config_rows, key=lambda r: r["result_id"])))
+        cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
+        for row in config_rows:
+            cells[(row["algorithm"], row["budget"])].append(row)
+        for (algorithm, budget), cell_rows in sorted(cells.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+            group.cells.append(_cell(algorithm, budget, cell_rows, estimator))
+        groups.append(group)
+    return groups
+
+
+def _cell(algorithm: str, budget: int, rows: Sequence[dict], estimator: str) -> Cell:
+    column = "expected_accuracy" if estimator == "expected" else "correct"
+    per_problem: dict[str, list[float]] = defaultdict(list)
+    seeds = set()
+    for row in rows:
+        per_problem[row["problem_id"]].append(float(row[column]))
+        seeds.add(row["seed"])
+    problem_means = [sum(v) / len(v) for v in per_problem.values()]
+    accuracy = sum(problem_means) / len(problem_means)
+    low, high = wilson_interval(accuracy, len(problem_means))
+    return Cell(
+        algorithm=algorithm,
+        budget=budget,
+        accuracy=accuracy,
+        low=low,
+        high=high,
+        problems=len(per_problem),
+        seeds=len(seeds),
+        rows=len(rows),
+        generated_tokens=sum(r["generated_tokens"] for r in rows) / len(rows),
+        wall_time=sum(r["wall_time"] for r in rows) / len(rows),
+        subsampled=any(r["subsampled"] for r in rows),
+    )
+
+
+# -- text -------------------------------------------------------------------
+
+
+def _accuracy_text(cell: Cell | None) -> str:
+    if cell is None:
+        return "–"
+    mark = "*" if cell.subsampled else ""
+    return f"{100 * cell.accuracy:.1f}{mark} [{100 * cell.low:.1f}, {100 * cell.high:.1f}]"
+
+
+def _tokens_text(cell: Cell | None) -> str:
+    return "–" if cell is None else f"{cell.generated_tokens:,.0f}"
+
+
+def _counts_note(group: Group) -> str:
+    counts = {(c.problems, c.seeds) for c in group.cells}
+    if len(counts) == 1:
+        problems, seeds = counts.pop()
+        return f"Every cell: {problems} problems x {seeds} seeds."
+    return "Cells differ in problems x seeds (a run is incomplete): " + ", ".join(
+        f"{c.algorithm}@{c.budget}: {c.problems}x{c.seeds}" for c in group.cells
+    )
+
+
+def markdown(groups: Sequence[Group], *, estimator: str = "expected") -> str:
+    """The report as Markdown: per configuration, an accuracy table and a
+    tokens table (algorithm x budget), then the notes on method."""
+    lines: list[str] = []
+    for group in groups:
+        budgets = group.budgets
+        header = "| algorithm | " + " | ".join(f"{b}" for b in budgets) + " |"
+        rule = "|---|" + "---|" * len(budgets)
+        lines += [f"### {group.title}", "", "Accuracy % [95% CI] by budget:", "", header, rule]
+        for algorithm in group.algorithms:
+            row = " | ".join(_accuracy_text(group.cell(algorithm, b)) for b in budgets)
+            lines.append(f"| {algorithm} | {row} |")
+        lines += ["", "Generated tokens per problem by budget:", "", header, rule]
+        for algorithm in group.algorithms:
+            row = " | ".join(_tokens_text(group.cell(algorithm, b)) for b in budgets)
+            lines.append(f"| {algorithm} | {row} |")
+        lines += ["", _counts_note(group), ""]
+    lines += [_method_note(groups, estimator), ""]
+    return "\n".join(lines)
+
+
+def _method_note(groups: Sequence[Group], estimator: str) -> str:
+    notes = [INTERVAL_NOTE]
+    if any(c.subsampled for g in groups for c in g.cells):
+        notes.append("* subsampled. " + SUBSAMPLING_NOTE)
+        if estimator == "first":
+            notes.append("This report scores subsampled cells by the first-b answer, not the subset mean.")
+    return "\n\n".join(notes)
+
+
+def print_report(groups: Sequence[Group], *, estimator: str = "expected", console=None) -> None:
+    """The report as rich tables on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    for group in groups:
+        for title, render in (("accuracy % [95% CI]", _accuracy_text), ("generated tokens per problem", _tokens_text)):
+            table = Table(title=f"{group.title}\n{title}", title_justify="left")
+            table.add_column("algorithm")
+            for budget in group.budgets:
+                table.add_column(str(budget), justify="right")
+            for algorithm in group.algorithms:
+                table.add_row(algorithm, *(render(group.cell(algorithm, b)) for b in group.budgets))
+            console.print(table)
+        console.print(_counts_note(group))
+    console.print(_method_note(groups, estimator))
+
+
+# -- files ------------------------------------------------------------------
+
+
+def write_json(groups: Sequence[Group], path: str | Path, *, estimator: str = "expected") -> Path:
+    payload = {
+        "estimator": estimator,
+        "interval": INTERVAL_NOTE,
+        "subsampling": SUBSAMPLING_NOTE,
+        "groups": [
+            {
+                "config_key": g.config_key,
+                "dataset": g.dataset,
+                "model": g.model,
+                "reward": g.reward,
+                "description": g.description,
+                "cells": [asdict(c) for c in g.cells],
+            }
+            for g in groups
+        ],
+    }
+    path = Path(path)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def write_plots(groups: Sequence[Group], out_dir: str | Path) -> list[Path]:
+    """Accuracy versus budget and versus generated tokens per problem, one
+    line per algorithm with its interval as a band; PNG and SVG for each
+    configuration. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for group in groups:
+        for axis, label in (("budget", "budget (samples / particles)"), ("tokens", "generated tokens per problem")):
+            figure, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+            for algorithm in group.algorithms:
+                cells = sorted((c for c in group.cells if c.algorithm == algorithm), key=lambda c: c.budget)
+                xs = [c.budget if axis == "budget" else max(c.generated_tokens, 1e-9) for c in cells]
+                ys = [100 * c.accuracy for c in cells]
+                (line,) = ax.plot(xs, ys, marker="o", label=algorithm)
+                ax.fill_between(
+                    xs, [100 * c.low for c in cells], [100 * c.high for c in cells], color=line.get_color(), alpha=0.12
+                )
+            ax.set_xscale("log", base=2 if axis == "budget" else 10)
+            if axis == "budget":
+                ax.set_xticks(group.budgets, [str(b) for b in group.budgets])
+            ax.set_xlabel(label)
+            ax.set_ylabel("accuracy (%)")
+            ax.set_title(f"{group.dataset}: {group.model}, reward {group.reward}", fontsize=10)
+            ax.grid(True, alpha=0.3)
+            ax.legend(title="algorithm", fontsize=8)
+            for suffix in ("png", "svg"):
+                path = out_dir / f"{group.slug}-accuracy-vs-{axis}.{suffix}"
+                figure.savefig(path, dpi=150 if suffix == "png" else None)
+                written.append(path)
+            plt.close(figure)
+    return written

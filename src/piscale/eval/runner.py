@@ -1,0 +1,308 @@
+"""Running an evaluation grid: algorithms x budgets x seeds over a task.
+
+The grid is planned against the database first: every cell already stored is
+skipped, so re-running a command resumes it, and a command whose cells are
+all stored does not even load the model. Pending work becomes *jobs*, one per
+(algorithm, run budget, seed) and the problems it still lacks; each job sends
+its problems to ``piscale.search.run_many`` in chunks, and every result is
+graded and committed the moment its chunk returns. A kill therefore loses at
+most one chunk. Before each chunk the database is read again, so a second
+process working on the same grid does not redo what the first has stored
+meanwhile.
+
+Best-of-N, weighted best-of-N and self-consistency run once per problem and
+seed at the largest missing budget; the smaller budgets are subsampled from
+those samples (``piscale.eval.subsample``).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import platform
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from piscale.eval.grade import SUBSAMPLED_ALGORITHMS, rows_from_result
+from piscale.eval.store import CellKey, ResultRow, ResultStore
+from piscale.eval.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, Problem, Task, check_template, format_prompt
+
+PACKAGES = ("piscale", "torch", "transformers", "numpy", "math-verify", "llama-cpp-python", "openai", "gguf")
+
+SolveMany = Callable[..., Awaitable[Sequence]]
+"""``run_many(lm, reward, questions, algorithm, budget, seed, *, system, trace, **options)``."""
+
+
+class EvalError(ValueError):
+    """A bad grid or configuration; the message says which value."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    algorithms: tuple[str, ...]
+    budgets: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name, values in (("algorithms", self.algorithms), ("budgets", self.budgets), ("seeds", self.seeds)):
+            if not values:
+                raise EvalError(f"the grid needs at least one of {name}")
+            if len(set(values)) != len(values):
+                raise EvalError(f"{name} repeat a value: {list(values)}")
+        if any(b < 1 for b in self.budgets):
+            raise EvalError(f"budgets must be >= 1, got {list(self.budgets)}")
+        if any(s < 0 for s in self.seeds):
+            raise EvalError(f"seeds must be >= 0, got {list(self.seeds)}")
+
+    @classmethod
+    def parse(cls, algorithms: str, budgets: str, seeds: str) -> Grid:
+        """From comma-separated lists, as the command line gives them."""
+        return cls(
+            algorithms=tuple(_items(algorithms, "algorithms", str)),
+            budgets=tuple(sorted(_items(budgets, "budgets", int))),
+            seeds=tuple(_items(seeds, "seeds", int)),
+        )
+
+
+def _items(text: str, what: str, kind: type) -> list:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return [kind(p) for p in parts]
+    except ValueError as error:
+        raise EvalError(f"{what}: expected a comma-separated list of {kind.__name__}, got {text!r}") from error
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything besides the grid cell that decides a result. Its hash (with
+    the task's fingerprint and the model's identity) keys stored results."""
+
+    model: str
+    reward: str
+    engine: str = "auto"
+    system: str = DEFAULT_SYSTEM_PROMPT
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    options: Mapping[str, object] = field(default_factory=dict)
+    """Algorithm options passed to the search (the same for every algorithm)."""
+
+    def __post_init__(self) -> None:
+        check_template(self.prompt_template)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One search setting and the problems that still need it."""
+
+    algorithm: str
+    budget: int
+    """The budget the search runs at."""
+    seed: int
+    stores: tuple[int, ...]
+    """The budgets whose rows each search yields (just ``budget`` unless subsampled)."""
+    problems: tuple[Problem, ...]
+
+    def cells(self, problem: Problem) -> list[CellKey]:
+        return [(problem.id, self.algorithm, b, self.seed) for b in self.stores]
+
+
+@dataclass
+class Progress:
+    """What has happened so far in this process, for a progress display."""
+
+    searches_done: int = 0
+    searches_total: int = 0
+    rows_stored: int = 0
+    correct: int = 0
+    graded: int = 0
+    generated_tokens: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.graded if self.graded else None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / max(time.perf_counter() - self.started, 1e-9)
+
+
+def model_identity(spec: str) -> dict:
+    """What identifies a model: the catalog's identity (file hashes) when it
+    knows the spec, else the spec itself with the reason none was found."""
+    try:
+        from piscale import models
+
+        identity = models.resolve(spec, download=False).identity
+    except Exception as error:  # unknown specs (toy, hub ids, servers) are normal here
+        return {"spec": spec, "identity_unavailable": f"{type(error).__name__}: {error}"}
+    if isinstance(identity, Mapping):
+        return {"spec": spec, **identity}
+    return {"spec": spec, "identity": str(identity)}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class Evaluation:
+    """One task, configuration and grid against one results database."""
+
+    def __init__(
+        self,
+        store: ResultStore,
+        task: Task,
+        config: EvalConfig,
+        grid: Grid,
+        *,
+        limit: int | None = None,
+        identity: Mapping | None = None,
+    ):
+        self.store = store
+        self.task = task
+        self.config = config
+        self.grid = grid
+        self.problems = task.head(limit)
+        self.model_identity = dict(identity) if identity is not None else model_identity(config.model)
+        description = {
+            "dataset": {"name": task.name, "source": task.source, "fingerprint": task.fingerprint},
+            "model": self.model_identity,
+            "reward": config.reward,
+            "engine": config.engine,
+            "system": config.system,
+            "prompt_template": config.prompt_template,
+            "options": dict(config.options),
+        }
+        # The reason an identity was unavailable is for people, not the key: its
+        # wording may change between versions while the model stays the same.
+        keyed = {**description, "model": {k: v for k, v in self.model_identity.items() if k != "identity_unavailable"}}
+        self.config_key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+        store.ensure_config(self.config_key, task.name, config.model, config.reward, description)
+
+    # -- planning -------------------------------------------------------------
+    def pending(self) -> list[Job]:
+        """The jobs that would fill every missing cell of the grid."""
+        stored = self.store.stored_cells(self.config_key)
+        jobs: list[Job] = []
+        for seed in self.grid.seeds:
+            for algorithm in self.grid.algorithms:
+                if algorithm in SUBSAMPLED_ALGORITHMS:
+                    jobs.extend(self._subsampled_jobs(algorithm, seed, stored))
+                    continue
+                for budget in self.grid.budgets:
+                    todo = tuple(p for p in self.problems if (p.id, algorithm, budget, seed) not in stored)
+                    if todo:
+                        jobs.append(Job(algorithm, budget, seed, (budget,), todo))
+        return jobs
+
+    def _subsampled_jobs(self, algorithm: str, seed: int, stored: set[CellKey]) -> list[Job]:
+        by_need: dict[tuple[int, ...], list[Problem]] = {}
+        for problem in self.problems:
+            missing = tuple(b for b in self.grid.budgets if (problem.id, algorithm, b, seed) not in stored)
+            if missing:
+                by_need.setdefault(missing, []).append(problem)
+        return [Job(algorithm, max(need), seed, need, tuple(problems)) for need, problems in by_need.items()]
+
+    # -- running --------------------------------------------------------------
+    def start_run(self, extra: Mapping | None = None) -> int:
+        info = {
+            "argv": sys.argv,
+            "grid": {"algorithms": self.grid.algorithms, "budgets": self.grid.budgets, "seeds": self.grid.seeds},
+            "problems": len(self.problems),
+            "versions": package_versions(),
+            "host": socket.gethostname(),
+            "platform": platform.platform(),
+            "user": _user(),
+            **(extra or {}),
+        }
+        return self.store.start_run(self.config_key, info)
+
+    async def run(
+        self,
+        lm: object,
+        reward: object,
+        *,
+        run_id: int,
+        solve_many: SolveMany | None = None,
+        chunk_size: int = 8,
+        trace: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+        jobs: Sequence[Job] | None = None,
+    ) -> Progress:
+        """Run the pending jobs (or ``jobs``), storing every result at once."""
+        if chunk_size < 1:
+            raise EvalError(f"chunk_size must be >= 1, got {chunk_size}")
+        if solve_many is None:
+            from piscale.search import run_many as solve_many
+        jobs = self.pending() if jobs is None else list(jobs)
+        progress = Progress(searches_total=sum(len(job.problems) for job in jobs))
+        if on_progress:
+            on_progress(progress)
+        for job in jobs:
+            for start in range(0, len(job.problems), chunk_size):
+                chunk = job.problems[start : start + chunk_size]
+                stored = self.store.stored_cells(self.config_key)
+                todo = [p for p in chunk if not all(cell in stored for cell in job.cells(p))]
+                progress.searches_total -= len(chunk) - len(todo)
+                if not todo:
+                    continue
+                questions = [format_prompt(self.config.prompt_template, p.question) for p in todo]
+                results = await solve_many(
+                    lm,
+                    reward,
+                    questions,
+                    job.algorithm,
+                    job.budget,
+                    job.seed,
+                    system=self.config.system,
+                    trace=trace,
+                    **dict(self.config.options),
+                )
+                if len(results) != len(todo):
+                    raise EvalError(f"the search returned {len(results)} results for {len(todo)} questions")
+                for problem, result in zip(todo, results):
+                    self._store(run_id, job, problem, _as_dict(result), progress)
+                    if on_progress:
+                        on_progress(progress)
+        return progress
+
+    def _store(self, run_id: int, job: Job, problem: Problem, result: dict, progress: Progress) -> None:
+        produced: list[ResultRow] = []
+
+        def derive(stored_result: Mapping) -> list[ResultRow]:
+            produced[:] = rows_from_result(stored_result, problem.id, problem.reference, job.stores)
+            return produced
+
+        cell = (problem.id, job.algorithm, job.budget, job.seed)
+        progress.rows_stored += self.store.save_search(self.config_key, run_id, cell, result, derive)
+        progress.searches_done += 1
+        progress.generated_tokens += float(result.get("usage", {}).get("generated_tokens", 0))
+        for row in produced:
+            if not row.subsampled:
+                progress.graded += 1
+                progress.correct += int(row.correct)
+
+
+def _as_dict(result: object) -> dict:
+    if isinstance(result, Mapping):
+        return dict(result)
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    raise EvalError(f"the search returned a {type(result).__name__}, not a SearchResult")
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry (some containers); the run is still valid
+        return None

@@ -1,0 +1,236 @@
+"""Evaluation tasks: problems with reference answers, and the prompt around them.
+
+A task is a list of :class:`Problem` (an id, the question, the reference final
+answer). Tasks come from
+
+* a built-in name (``math500``, ``gsm8k``, ``aime24``, ``amc23``): a JSON-lines
+  file found in the data directory (``--data-dir``, else ``$PISCALE_DATA``,
+  else ``../shared/data`` beside the repository, else ``./data``);
+* any JSON-lines (or JSON array) file of the same shapes: the question in
+  ``problem`` or ``question``; the reference in ``answer`` (GSM8K's
+  ``... #### 42`` solutions and numbers such as ``27.0`` are normalised) or,
+  failing that, the last ``\\boxed{}`` of ``solution`` (the MATH format);
+* a Hugging Face dataset, written ``hf:NAME[:CONFIG][@SPLIT]``, when the
+  ``datasets`` package is installed.
+
+Every task has a *fingerprint*, a hash of all its problems (before any
+``limit``), so stored results are tied to the exact data they were run on.
+
+The prompt follows Puri et al. (2025), who used the Qwen2.5-Math instruction
+("reason step by step, and put your final answer within \\boxed{}") as the
+system message and the bare problem as the user message; both are editable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from piscale.grading import extract_boxed, gsm8k_reference
+
+DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+"""The system message of the paper's runs (the Qwen2.5-Math instruction)."""
+
+DEFAULT_PROMPT_TEMPLATE = "{question}"
+"""The user message: the problem itself. ``{question}`` is replaced by it."""
+
+BUILTIN_FILES: Mapping[str, str] = {
+    "math500": "math500.jsonl",
+    "gsm8k": "gsm8k_test.jsonl",
+    "aime24": "aime24.jsonl",
+    "amc23": "amc23.jsonl",
+}
+
+QUESTION_FIELDS = ("problem", "question")
+ID_FIELDS = ("unique_id", "id", "idx")
+
+
+class TaskError(ValueError):
+    """A task could not be found or read; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    reference: str
+    """The reference final answer, as a string math-verify can parse."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    """How the user named it (``gsm8k``, a path, ``hf:...``)."""
+    source: str
+    """Where it was read from (a resolved file path or the hub id)."""
+    fingerprint: str
+    """sha256 over every problem's id, question and reference, in order."""
+    problems: tuple[Problem, ...]
+
+    def head(self, limit: int | None) -> tuple[Problem, ...]:
+        """The first ``limit`` problems (all of them when ``limit`` is None)."""
+        if limit is None:
+            return self.problems
+        if limit < 1:
+            raise TaskError(f"limit must be >= 1, got {limit}")
+        return self.problems[:limit]
+
+
+def format_prompt(template: str, question: str) -> str:
+    """The user message for ``question``. Plain substitution rather than
+    ``str.format``: templates often contain ``\\boxed{}``, whose braces would
+    otherwise be taken for fields."""
+    check_template(template)
+    return template.replace("{question}", question)
+
+
+def check_template(template: str) -> None:
+    if "{question}" not in template:
+        raise TaskError(f"a prompt template must contain {{question}}; got {template!r}")
+
+
+def data_dirs(explicit: str | os.PathLike | None = None) -> list[Path]:
+    """The directories searched for built-in tasks, in order."""
+    if explicit is not None:
+        return [Path(explicit)]
+    candidates = []
+    if os.environ.get("PISCALE_DATA"):
+        candidates.append(Path(os.environ["PISCALE_DATA"]))
+    # src/piscale/eval/tasks.py -> the repository root is three levels above the package.
+    repo_root = Path(__file__).resolve().parents[3]
+    candidates.append(repo_root.parent / "shared" / "data")
+    candidates.append(Path.cwd() / "data")
+    return candidates
+
+
+def load_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
+    """A task by built-in name, file path or ``hf:`` id (see the module docstring)."""
+    if not name:
+        raise TaskError("no dataset given: name a built-in task, a JSONL file or hf:ID")
+    if name.startswith("hf:"):
+        return _load_hub(name)
+    if name in BUILTIN_FILES:
+        tried = [d / BUILTIN_FILES[name] for d in data_dirs(data_dir)]
+        for path in tried:
+            if path.is_file():
+                return _task_from_records(name, str(path), _read_records(path), name)
+        raise TaskError(
+            f"data file for {name!r} not found; looked at {', '.join(map(str, tried))}. "
+            "Pass --data-dir or set PISCALE_DATA."
+        )
+    path = Path(name)
+    if path.is_file():
+        return _task_from_records(name, str(path.resolve()), _read_records(path), path.stem)
+    raise TaskError(
+        f"unknown dataset {name!r}: not a built-in task ({', '.join(BUILTIN_FILES)}), "
+        "not an existing file, and not hf:NAME[:CONFIG][@SPLIT]"
+    )
+
+
+def _read_records(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed value) for a JSON-lines file or a JSON array."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise TaskError(f"{path}: not valid JSON: {error}") from error
+        return list(enumerate(values, start=1))
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise TaskError(f"{path}:{number}: not valid JSON: {error}") from error
+    return records
+
+
+def _load_hub(name: str) -> Task:
+    spec = name[len("hf:") :]
+    spec, _, split = spec.partition("@")
+    dataset_id, _, config = spec.partition(":")
+    if not dataset_id:
+        raise TaskError(f"{name!r}: write hf:NAME[:CONFIG][@SPLIT], e.g. hf:openai/gsm8k:main@test")
+    try:
+        import datasets
+    except ImportError as error:
+        raise TaskError(
+            f"{name!r} needs the 'datasets' package (pip install datasets); "
+            "or download the data and pass the JSONL file"
+        ) from error
+    split = split or "test"
+    try:
+        rows = datasets.load_dataset(dataset_id, config or None, split=split)
+    except Exception as error:  # the hub client raises many kinds; report them all the same way
+        raise TaskError(f"could not load {name!r} (split {split!r}): {error}") from error
+    label = dataset_id.replace("/", "_")
+    return _task_from_records(name, f"hf:{dataset_id}:{config}@{split}", list(enumerate(rows, start=1)), label)
+
+
+def _task_from_records(name: str, source: str, records: Iterable[tuple[int, object]], label: str) -> Task:
+    problems = []
+    seen: dict[str, int] = {}
+    for index, (number, record) in enumerate(records):
+        where = f"{source}:{number}"
+        if not isinstance(record, Mapping):
+            raise TaskError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        problem = _problem_from_record(record, default_id=f"{label}-{index}", where=where)
+        if problem.id in seen:
+            raise TaskError(f"{where}: problem id {problem.id!r} already used at record {seen[problem.id]}")
+        seen[problem.id] = number
+        problems.append(problem)
+    if not problems:
+        raise TaskError(f"{source}: no problems in it")
+    digest = hashlib.sha256()
+    for problem in problems:
+        digest.update(json.dumps([problem.id, problem.question, problem.reference]).encode())
+    return Task(name=name, source=source, fingerprint=digest.hexdigest(), problems=tuple(problems))
+
+
+def _problem_from_record(record: Mapping, default_id: str, where: str) -> Problem:
+    question = next((record[f] for f in QUESTION_FIELDS if isinstance(record.get(f), str) and record[f].strip()), None)
+    if question is None:
+        raise TaskError(f"{where}: no question; expected a non-empty string in one of {QUESTION_FIELDS}")
+    reference = _reference(record, where)
+    raw_id = next((record[f] for f in ID_FIELDS if record.get(f) is not None), None)
+    problem_id = default_id if raw_id is None else str(raw_id)
+    return Problem(id=problem_id, question=question, reference=reference)
+
+
+def _reference(record: Mapping, where: str) -> str:
+    answer = record.get("answer")
+    if isinstance(answer, bool):
+        raise TaskError(f"{where}: answer is a boolean ({answer}); expected a number or a string")
+    if isinstance(answer, (int, float)):
+        return normalize_number(answer, where)
+    if isinstance(answer, str) and answer.strip():
+        if "####" in answer:
+            return gsm8k_reference(answer)
+        return answer.strip()
+    solution = record.get("solution")
+    if isinstance(solution, str):
+        boxed = extract_boxed(solution)
+        if boxed:
+            return boxed
+    raise TaskError(
+        f"{where}: no reference answer; expected 'answer' (a number, a string, or a GSM8K "
+        "solution ending in '#### N') or a 'solution' with a \\boxed{} answer"
+    )
+
+
+def normalize_number(value: int | float, where: str = "answer") -> str:
+    """A numeric reference as text: ``27.0`` becomes ``27``, ``0.5`` stays ``0.5``."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TaskError(f"{where}: answer {value} is not a finite number")
+        if value.is_integer():
+            return str(int(value))
+        return repr(value)
+    return str(value)

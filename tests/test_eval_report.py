@@ -1,0 +1,107 @@
+"""Reports: interval arithmetic, averaging, Markdown, plots and the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from piscale.eval.report import markdown, summarize, wilson_interval, write_plots
+from piscale.eval.store import ResultRow, ResultStore
+
+
+def test_wilson_interval_known_values() -> None:
+    # Textbook values (e.g. Newcombe 1998; any Wilson calculator) at z = 1.96.
+    assert wilson_interval(0.8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(1.0, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    with pytest.raises(ValueError, match="at least one observation"):
+        wilson_interval(0.5, 0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        wilson_interval(1.5, 3)
+
+
+def stored_row(problem: str, algorithm: str, budget: int, seed: int, expected: float, correct: bool, tokens: float,
+               subsampled: bool = False) -> ResultRow:
+    return ResultRow(
+        problem_id=problem, algorithm=algorithm, budget=budget, seed=seed, reference="1",
+        answer="1" if correct else "2", correct=correct, expected_accuracy=expected, subsampled=subsampled,
+        samples_from=4, subsets=1, generated_tokens=tokens, prompt_tokens=0.0, reward_calls=0.0, wall_time=1.0,
+    )
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "r.sqlite"
+    rows = [
+        # pf at budget 4: p1 right on both seeds, p2 on one of two, p3 on neither -> (1 + 0.5 + 0) / 3.
+        stored_row("p1", "pf", 4, 0, 1.0, True, 100), stored_row("p1", "pf", 4, 1, 1.0, True, 120),
+        stored_row("p2", "pf", 4, 0, 1.0, True, 80), stored_row("p2", "pf", 4, 1, 0.0, False, 100),
+        stored_row("p3", "pf", 4, 0, 0.0, False, 90), stored_row("p3", "pf", 4, 1, 0.0, False, 110),
+        # bon at budget 2, subsampled: expected accuracies differ from the first-b grades.
+        stored_row("p1", "bon", 2, 0, 0.75, False, 50, True), stored_row("p2", "bon", 2, 0, 0.25, True, 50, True),
+        stored_row("p3", "bon", 2, 0, 0.5, True, 50, True),
+    ]
+    with ResultStore(path) as store:
+        store.ensure_config("cfg", "gsm8k", "toy", "arith", {"model": {"spec": "toy"}})
+        run = store.start_run("cfg", {})
+        for r in rows:
+            store.save_search("cfg", run, r.key, {"stub": r.key}, lambda result, r=r: [r])
+    return path
+
+
+def test_summary_averages_seeds_then_problems(db: Path) -> None:
+    (group,) = summarize(db)
+    pf = group.cell("pf", 4)
+    assert pf.accuracy == pytest.approx(0.5)
+    assert (pf.low, pf.high) == pytest.approx(wilson_interval(0.5, 3))
+    assert (pf.problems, pf.seeds, pf.rows) == (3, 2, 6)
+    assert pf.generated_tokens == pytest.approx(100.0)
+    assert not pf.subsampled
+    bon = group.cell("bon", 2)
+    assert bon.accuracy == pytest.approx(0.5) and bon.subsampled
+    (first,) = summarize(db, estimator="first")
+    assert first.cell("bon", 2).accuracy == pytest.approx(2 / 3)
+    assert group.algorithms == ["pf", "bon"] and group.budgets == [2, 4]
+
+
+def test_markdown_table_and_notes(db: Path) -> None:
+    text = markdown(summarize(db))
+    lines = text.splitlines()
+    assert "| algorithm | 2 | 4 |" in lines
+    low, high = wilson_interval(0.5, 3)
+    assert f"| pf | – | 50.0 [{100 * low:.1f}, {100 * high:.1f}] |" in lines
+    assert f"| bon | 50.0* [{100 * low:.1f}, {100 * high:.1f}] | – |" in lines
+    assert "| pf | – | 100 |" in lines  # tokens per problem
+    assert "Wilson score intervals" in text and "C(N, b) subsets" in text
+    assert "Cells differ in problems x seeds" in text
+
+
+def test_plots_are_written_as_png_and_svg(db: Path, tmp_path: Path) -> None:
+    files = write_plots(summarize(db), tmp_path / "plots")
+    assert sorted(p.name.split("-accuracy-vs-")[1] for p in files) == ["budget.png", "budget.svg", "tokens.png", "tokens.svg"]
+    for path in files:
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG") if path.suffix == ".png" else b"<svg" in data[:2000]
+
+
+def test_report_command(db: Path, tmp_path: Path) -> None:
+    import typer
+
+    from piscale.cli.eval import register
+
+    app = typer.Typer()
+    register(app)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["report", str(db), "--out", str(out), "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert "| pf | – | 50.0 [" in result.output
+    assert (out / "report.md").read_text().startswith("### gsm8k")
+    payload = json.loads((out / "report.json").read_text())
+    assert {(c["algorithm"], c["budget"]) for c in payload["groups"][0]["cells"]} == {("pf", 4), ("bon", 2)}
+    assert len(list(out.glob("*.svg"))) == 2
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope.sqlite")])
+    assert missing.exit_code == 2 and "no results database" in missing.output

@@ -1,0 +1,173 @@
+"""The grid runner against a scripted search: planning, resuming, batching."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from piscale.eval.report import summarize
+from piscale.eval.runner import EvalConfig, EvalError, Evaluation, Grid
+from piscale.eval.store import ResultStore
+from piscale.eval.tasks import load_task
+
+
+def unit(*parts: object) -> float:
+    """A deterministic number in [0, 1) from its arguments."""
+    digest = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+class ScriptedSearch:
+    """Stands in for ``piscale.search.run_many``: each question's result
+    depends only on (question, algorithm, budget, seed), never on its batch.
+    The question "Q{k}" has the answer k; a sample is right with probability 0.5."""
+
+    def __init__(self, fail_after_calls: int | None = None):
+        self.calls: list[tuple[list[str], str, int, int]] = []
+        self.fail_after_calls = fail_after_calls
+
+    async def __call__(self, lm, reward, questions, algorithm, budget, seed, *, system, trace, **options):
+        if self.fail_after_calls is not None and len(self.calls) >= self.fail_after_calls:
+            raise KeyboardInterrupt("killed")
+        self.calls.append((list(questions), algorithm, budget, seed))
+        return [self.solve(q, algorithm, budget, seed, trace) for q in questions]
+
+    @staticmethod
+    def solve(question: str, algorithm: str, budget: int, seed: int, trace: bool) -> dict:
+        truth = question.split("Q")[-1]
+        candidates = []
+        for i in range(budget):
+            right = unit(question, algorithm, seed, i) < 0.5
+            answer = truth if right else str(int(truth) + 1 + i % 2)
+            candidates.append({"text": f"\\boxed{{{answer}}}", "answer": answer,
+                               "score": unit("score", question, seed, i), "log_weight": 0.0, "finished": True})
+        chosen = max(candidates, key=lambda c: c["score"])
+        return {
+            "question": question, "algorithm": algorithm, "budget": budget, "seed": seed, "settings": {},
+            "answer": chosen["answer"], "text": chosen["text"], "candidates": candidates,
+            "usage": {"generated_tokens": 10 * budget, "prompt_tokens": 7, "reward_calls": budget,
+                      "reward_steps": budget, "wall_time": 0.01 * budget},
+            "trace": {"steps": []} if trace else None,
+        }
+
+
+@pytest.fixture
+def task(tmp_path: Path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Q{k}", "answer": str(k)}) + "\n" for k in range(1, 6)))
+    return load_task(str(path))
+
+
+CONFIG = EvalConfig(model="toy", reward="arith", system="sys", prompt_template="Solve {question}")
+GRID = Grid.parse("pf,bon,sc", "1,2,4", "0,1")
+
+
+def table(db: Path) -> dict:
+    (group,) = summarize(db)
+    return {(c.algorithm, c.budget): (c.accuracy, c.problems, c.seeds, c.generated_tokens) for c in group.cells}
+
+
+async def run_grid(db: Path, task, search: ScriptedSearch, grid: Grid = GRID, chunk_size: int = 2, limit=None) -> Evaluation:
+    with ResultStore(db) as store:
+        evaluation = Evaluation(store, task, CONFIG, grid, limit=limit, identity={"spec": "toy"})
+        run_id = evaluation.start_run()
+        await evaluation.run(None, None, run_id=run_id, solve_many=search, chunk_size=chunk_size)
+        return evaluation
+
+
+def test_grid_parsing_and_validation() -> None:
+    assert Grid.parse("pf, bon", "8,1,2", "0") == Grid(("pf", "bon"), (1, 2, 8), (0,))
+    with pytest.raises(EvalError, match="budgets: expected a comma-separated list of int"):
+        Grid.parse("pf", "1,two", "0")
+    with pytest.raises(EvalError, match="budgets must be >= 1"):
+        Grid.parse("pf", "0,1", "0")
+    with pytest.raises(EvalError, match="algorithms repeat"):
+        Grid.parse("pf,pf", "1", "0")
+    with pytest.raises(EvalError, match="at least one of seeds"):
+        Grid.parse("pf", "1", "")
+
+
+async def test_plan_runs_subsampled_baselines_once_at_the_largest_budget(tmp_path: Path, task) -> None:
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        jobs = Evaluation(store, task, CONFIG, GRID, identity={"spec": "toy"}).pending()
+    plan = sorted((j.algorithm, j.budget, j.seed, j.stores, len(j.problems)) for j in jobs)
+    assert plan == sorted(
+        [("pf", b, s, (b,), 5) for b in (1, 2, 4) for s in (0, 1)]
+        + [(a, 4, s, (1, 2, 4), 5) for a in ("bon", "sc") for s in (0, 1)]
+    )
+    search = ScriptedSearch()
+    await run_grid(tmp_path / "r.sqlite", task, search, chunk_size=2)
+    # 6 pf jobs + 4 subsampled jobs, each of 5 problems in chunks of 2 -> 3 calls each.
+    assert len(search.calls) == 30
+    assert all(len(questions) <= 2 for questions, *_ in search.calls)
+    assert search.calls[0][0] == ["Solve Q1", "Solve Q2"]  # the prompt template is applied
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        assert store.count("results") == 5 * 3 * 3 * 2
+        assert store.count("searches") == 5 * (3 + 1 + 1) * 2
+        assert Evaluation(store, task, CONFIG, GRID, identity={"spec": "toy"}).pending() == []
+
+
+async def test_interrupted_run_resumes_to_the_same_table(tmp_path: Path, task) -> None:
+    await run_grid(tmp_path / "whole.sqlite", task, ScriptedSearch(), chunk_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        await run_grid(tmp_path / "cut.sqlite", task, ScriptedSearch(fail_after_calls=7), chunk_size=2)
+    with ResultStore(tmp_path / "cut.sqlite") as store:
+        stored_searches = store.count("searches")
+    # Seed 0 runs pf@1 (3 calls, 5 problems), pf@2 (3 calls, 5), then pf@4's first chunk of 2.
+    assert stored_searches == 12
+    resumed = ScriptedSearch()
+    await run_grid(tmp_path / "cut.sqlite", task, resumed, chunk_size=3)
+    # Nothing stored is asked for again.
+    assert sum(len(q) for q, *_ in resumed.calls) == 50 - 12
+    assert table(tmp_path / "cut.sqlite") == table(tmp_path / "whole.sqlite")
+
+
+async def test_extending_the_grid_runs_only_the_new_cells(tmp_path: Path, task) -> None:
+    db = tmp_path / "r.sqlite"
+    await run_grid(db, task, ScriptedSearch(), grid=Grid.parse("pf,bon", "1,2", "0"))
+    more = ScriptedSearch()
+    await run_grid(db, task, more, grid=Grid.parse("pf,bon", "1,2,8", "0"))
+    assert sorted({(a, b) for _, a, b, _ in more.calls}) == [("bon", 8), ("pf", 8)]
+    cells = table(db)
+    assert set(cells) == {(a, b) for a in ("pf", "bon") for b in (1, 2, 8)}
+    # The earlier bon rows (from 2 samples) are kept, not replaced by subsamples of the 8.
+    with ResultStore(db) as store:
+        bon = {r["budget"]: r["samples_from"] for r in store.results() if r["algorithm"] == "bon"}
+    assert bon == {1: 2, 2: 2, 8: 8}
+
+
+async def test_config_changes_do_not_reuse_results(tmp_path: Path, task) -> None:
+    db = tmp_path / "r.sqlite"
+    await run_grid(db, task, ScriptedSearch(), grid=Grid.parse("pf", "1", "0"))
+    with ResultStore(db) as store:
+        same = Evaluation(store, task, CONFIG, Grid.parse("pf", "1", "0"), identity={"spec": "toy"})
+        other_prompt = EvalConfig(model="toy", reward="arith", system="sys", prompt_template="Q: {question}")
+        changed = Evaluation(store, task, other_prompt, Grid.parse("pf", "1", "0"), identity={"spec": "toy"})
+        other_model = Evaluation(store, task, CONFIG, Grid.parse("pf", "1", "0"), identity={"spec": "toy", "identity": "sha256:x"})
+        assert same.pending() == []
+        assert len(changed.pending()[0].problems) == 5 and changed.config_key != same.config_key
+        assert other_model.config_key not in (same.config_key, changed.config_key)
+
+
+async def test_scripted_accuracies_match_a_direct_count(tmp_path: Path, task) -> None:
+    db = tmp_path / "r.sqlite"
+    await run_grid(db, task, ScriptedSearch(), grid=Grid.parse("pf", "4", "0,1"))
+    expected = []
+    for k in range(1, 6):
+        per_seed = [ScriptedSearch.solve(f"Solve Q{k}", "pf", 4, s, False)["answer"] == str(k) for s in (0, 1)]
+        expected.append(sum(per_seed) / 2)
+    accuracy, problems, seeds, tokens = table(db)[("pf", 4)]
+    assert accuracy == pytest.approx(sum(expected) / 5)
+    assert (problems, seeds, tokens) == (5, 2, 40)
+
+
+async def test_trace_is_stored_when_asked(tmp_path: Path, task) -> None:
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        evaluation = Evaluation(store, task, CONFIG, Grid.parse("pf", "1", "0"), limit=1, identity={"spec": "toy"})
+        await evaluation.run(None, None, run_id=evaluation.start_run(), solve_many=ScriptedSearch(), trace=True)
+        (result,) = store.results()
+        assert store.search(result["search_id"])["trace"] == {"steps": []}
