@@ -117,7 +117,7 @@ class TransformersLM(LanguageModel):
         self._cache = None  # a transformers DynamicCache, rows = sequences
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self._rows = 0
-        self._lock = asyncio.Lock()
+        self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         self._waiting: list[_Request] = []
         self._loop_running = False
 
@@ -140,6 +140,14 @@ class TransformersLM(LanguageModel):
             continue_final_message=continue_final_message,
         )
         return self.encode(text)
+
+    def _lock(self) -> asyncio.Lock:
+        """The lock that serialises model calls, one per event loop (a backend
+        may be used from successive ``asyncio.run`` calls)."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._locks:
+            self._locks = {loop: asyncio.Lock()}
+        return self._locks[loop]
 
     # -- bookkeeping --------------------------------------------------------
     def _new_handle(self, tokens: list[int], row: int) -> Handle:
@@ -243,7 +251,7 @@ class TransformersLM(LanguageModel):
                 )
         if any(c < 1 for c in counts):
             raise ValueError("copies must be >= 1")
-        async with self._lock:
+        async with self._lock():
             self.usage.calls += 1
             with Stopwatch(self.usage):
                 handles = []
@@ -333,7 +341,7 @@ class TransformersLM(LanguageModel):
             while self._waiting or active:
                 active.extend(self._waiting)
                 self._waiting.clear()
-                async with self._lock:
+                async with self._lock():
                     with Stopwatch(self.usage):
                         try:
                             self._decode_once([m for r in active for m in r.members if m.finish_reason is None])
@@ -419,16 +427,30 @@ class TransformersLM(LanguageModel):
         member.new_tokens.append(token)
         member.logprobs.append(logprob)
         self.usage.generated_tokens += 1
-        previous = len(member.text)
-        member.text = self.decode(member.new_tokens)
+        stops = member.params.stop
         if token in self.eos_token_ids:
             member.finish_reason = "eos"
-        elif find_stop(member.text, member.params.stop, previous) is not None:
+        elif stops and self._ends_with_stop(member.new_tokens, stops):
             member.finish_reason = "stop"
         elif len(member.new_tokens) >= member.params.max_tokens:
             member.finish_reason = "length"
         elif len(seq.tokens) >= self.context_length:
             member.finish_reason = "context"
+        if member.finish_reason is not None:
+            member.text = self.decode(member.new_tokens)
+
+    def _ends_with_stop(self, new_tokens: list[int], stops: Sequence[str]) -> bool:
+        """Whether the newest token completes a stop string.
+
+        Only the last few tokens are decoded (every token is at least one
+        character, so a window one longer than the longest stop string holds
+        any stop that the newest token completes): the hot loop never
+        re-decodes the whole step."""
+        window = max(len(s) for s in stops) + 1
+        tail = new_tokens[-window:]
+        text = self.decode(tail)
+        newest = len(self.decode(tail[:-1]))
+        return find_stop(text, stops, newest) is not None
 
     # -- scoring ------------------------------------------------------------
     async def score(self, prompts, continuations) -> list[ScoreOutput]:
@@ -443,7 +465,7 @@ class TransformersLM(LanguageModel):
                     f"prompt and continuation ({len(prompt) + len(continuation)} tokens) exceed the "
                     f"context window of {self.context_length}"
                 )
-        async with self._lock:
+        async with self._lock():
             self.usage.calls += 1
             with Stopwatch(self.usage):
                 results: list[ScoreOutput] = []

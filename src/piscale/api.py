@@ -1,0 +1,127 @@
+"""The Python entry points: build a backend and a reward from specs, then search.
+
+>>> import piscale
+>>> result = piscale.solve("What is 12 * 7?", model="smollm2-135m-instruct", algorithm="pf", budget=8)
+>>> result.answer, result.usage["generated_tokens"]
+
+Backends and rewards are cached per process by spec, so repeated calls reuse
+loaded models. Pass ``lm=`` / ``reward=`` objects to bypass the specs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from functools import lru_cache
+
+from piscale.lm.base import LanguageModel, StepParams
+from piscale.rewards.base import Reward
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_REWARD = "judge"
+"""An LLM judge over the policy model itself: needs no extra weights."""
+
+
+@lru_cache(maxsize=8)
+def _backend(spec: str, engine: str, device: str | None) -> LanguageModel:
+    from piscale.lm import load
+
+    return load(spec, engine=engine, device=device)
+
+
+def load_lm(spec: str = DEFAULT_MODEL, *, engine: str = "auto", device: str | None = None) -> LanguageModel:
+    """A backend for ``spec``, loaded once per process."""
+    return _backend(spec, engine, device)
+
+
+def load_reward(
+    spec: str | None, *, policy: LanguageModel, policy_spec: str, engine: str = "auto", device: str | None = None
+) -> Reward | None:
+    """A reward for ``spec`` (see ``piscale.rewards.from_spec``); ``"judge"``
+    alone means a judge over the policy model. None stays None."""
+    if spec is None or spec == "none":
+        return None
+    from piscale.rewards import from_spec
+
+    if spec == "judge":
+        spec = f"judge:{policy_spec}"
+    return from_spec(
+        spec,
+        policy=policy,
+        policy_spec=policy_spec,
+        device=device or "cpu",
+        load_lm=lambda s: load_lm(s, engine=engine, device=device),
+    )
+
+
+def _resolve(model, reward, engine, device):
+    lm = model if isinstance(model, LanguageModel) else load_lm(model, engine=engine, device=device)
+    model_spec = model if isinstance(model, str) else lm.name
+    if isinstance(reward, Reward) or reward is None:
+        return lm, reward
+    return lm, load_reward(reward, policy=lm, policy_spec=model_spec, engine=engine, device=device)
+
+
+async def asolve_many(
+    questions: Sequence[str],
+    *,
+    model: str | LanguageModel = DEFAULT_MODEL,
+    reward: str | Reward | None = DEFAULT_REWARD,
+    algorithm: str = "pf",
+    budget: int = 8,
+    seed: int = 0,
+    engine: str = "auto",
+    device: str | None = None,
+    **options,
+):
+    """Search every question at once; the backend batches them together."""
+    from piscale.search import run_many
+
+    lm, reward_model = _resolve(model, reward, engine, device)
+    if algorithm == "sc" and reward == DEFAULT_REWARD:
+        reward_model = None  # self-consistency votes; it needs no reward
+    return await run_many(lm, reward_model, list(questions), algorithm=algorithm, budget=budget, seed=seed, **options)
+
+
+async def asolve(question: str, **kwargs):
+    [result] = await asolve_many([question], **kwargs)
+    return result
+
+
+def solve(question: str, **kwargs):
+    """Answer one question with an inference-time scaling algorithm.
+
+    Keyword arguments: ``model`` (spec or backend), ``reward`` (spec or
+    reward), ``algorithm`` (pf, pg, pt, bon, wbon, sc, beam, dvts), ``budget``,
+    ``seed``, ``engine``, ``device``, and algorithm options
+    (see ``piscale.search``). Returns a ``SearchResult``."""
+    return asyncio.run(asolve(question, **kwargs))
+
+
+def solve_many(questions: Sequence[str], **kwargs):
+    """``solve`` for many questions, batched through the same backend."""
+    return asyncio.run(asolve_many(questions, **kwargs))
+
+
+async def sample(
+    lm: LanguageModel,
+    question: str,
+    n: int,
+    *,
+    max_tokens: int = 512,
+    temperature: float = 0.8,
+    top_p: float = 1.0,
+    seed: int = 0,
+    system: str | None = None,
+) -> list:
+    """``n`` complete answers to ``question``, sampled in one batch.
+
+    Returns one ``StepOutput`` per answer (tokens, text, log-probabilities and
+    whether it ended on EOS or on the token cap)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    [handles] = await lm.open([lm.prompt_ids(question, system)], copies=n)
+    params = StepParams(max_tokens=max_tokens, stop=(), temperature=temperature, top_p=top_p)
+    outputs = await lm.extend(handles, params, seeds=[seed * 1_000_003 + i for i in range(n)])
+    lm.release(handles)
+    return outputs

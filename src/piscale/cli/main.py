@@ -1,0 +1,153 @@
+"""``piscale generate`` and ``piscale solve``: the main jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import typer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+ALGORITHM_NAMES = "pf|pg|pt|bon|wbon|sc|beam|dvts"
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``--option key=value`` pairs; values are read as JSON when they parse."""
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            _fail(f"--option expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def generate(
+        question: str = typer.Argument(..., help="The question to answer."),
+        n: int = typer.Option(4, "--n", help="How many answers to sample."),
+        model: str = typer.Option(DEFAULT_MODEL, help="Catalog name, .gguf file, folder or hub id."),
+        engine: str = typer.Option("auto", help="auto | hf | llamacpp | openai"),
+        device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
+        max_tokens: int = typer.Option(256, help="Token cap per answer."),
+        temperature: float = typer.Option(0.8),
+        top_p: float = typer.Option(1.0),
+        seed: int = typer.Option(0),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    ) -> None:
+        """Sample N answers from a model in one batch and print them with token counts."""
+        from rich.console import Console
+        from rich.panel import Panel
+
+        from piscale.api import load_lm, sample
+
+        if n < 1:
+            _fail("--n must be at least 1")
+        console = Console(stderr=True)
+        start = time.perf_counter()
+        try:
+            lm = load_lm(model, engine=engine, device=device)
+        except (ValueError, FileNotFoundError, OSError) as error:
+            _fail(str(error))
+        loaded = time.perf_counter()
+        console.print(f"[dim]{model} loaded ({type(lm).__name__}, engine={engine}) in {loaded - start:.1f}s[/dim]")
+        before = lm.usage.snapshot()
+        outputs = asyncio.run(
+            sample(lm, question, n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        )
+        usage = lm.usage.since(before)
+        elapsed = time.perf_counter() - loaded
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "model": model,
+                        "answers": [
+                            {"text": o.text, "tokens": len(o.token_ids), "finish_reason": o.finish_reason}
+                            for o in outputs
+                        ],
+                        "usage": usage.to_dict(),
+                    },
+                    indent=2,
+                )
+            )
+            return
+        out = Console()
+        for i, output in enumerate(outputs):
+            title = f"answer {i + 1}/{n} · {len(output.token_ids)} tokens · {output.finish_reason}"
+            out.print(Panel(output.text.strip() or "(empty)", title=title, title_align="left"))
+        out.print(
+            f"{usage.generated_tokens} tokens generated, {usage.prefill_tokens} prompt tokens prefilled once, "
+            f"{usage.forward_passes} forward passes, {elapsed:.1f}s "
+            f"({usage.generated_tokens / max(elapsed, 1e-9):.1f} tokens/s)"
+        )
+
+    @app.command()
+    def solve(
+        question: str = typer.Argument(..., help="The question to answer."),
+        algorithm: str = typer.Option("pf", help=ALGORITHM_NAMES),
+        budget: int = typer.Option(8, help="Particles or samples (times iterations for pg)."),
+        seed: int = typer.Option(0),
+        model: str = typer.Option(DEFAULT_MODEL, help="Catalog name, .gguf file, folder or hub id."),
+        reward: str = typer.Option(
+            "judge", help="judge[:MODEL] | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | embed:POS|NEG | none"
+        ),
+        engine: str = typer.Option("auto", help="auto | hf | llamacpp | openai"),
+        device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda if present)"),
+        option: list[str] = typer.Option([], "--option", "-o", help="Algorithm option KEY=VALUE (repeatable)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        trace: Path = typer.Option(None, help="Write the run's trace (genealogy) to this JSON file."),
+    ) -> None:
+        """Answer a question with particle filtering or a baseline."""
+        from rich.console import Console
+        from rich.panel import Panel
+
+        from piscale.api import asolve
+
+        options = _parse_options(option)
+        console = Console(stderr=True)
+        try:
+            result = asyncio.run(
+                asolve(
+                    question,
+                    model=model,
+                    reward=None if reward == "none" else reward,
+                    algorithm=algorithm,
+                    budget=budget,
+                    seed=seed,
+                    engine=engine,
+                    device=device,
+                    trace=trace is not None,
+                    **options,
+                )
+            )
+        except (ValueError, KeyError, FileNotFoundError) as error:
+            _fail(str(error).strip("'\""))
+        data = result.to_dict()
+        if trace is not None:
+            trace.write_text(json.dumps(data, indent=1))
+            console.print(f"[dim]trace written to {trace}; draw it with: piscale trace {trace} -o tree.html[/dim]")
+        if as_json:
+            data.pop("trace", None)
+            typer.echo(json.dumps(data, indent=2))
+            return
+        out = Console()
+        out.print(Panel(result.text.strip() or "(empty)", title=f"{algorithm} · budget {budget}", title_align="left"))
+        out.print(f"answer: [bold]{result.answer}[/bold]")
+        usage = result.usage
+        out.print(
+            "usage: "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+                        for k, v in usage.items())
+        )
