@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -125,7 +126,9 @@ class TransformersPRM(Reward):
         self._stored: OrderedDict[bytes, _Stored] = OrderedDict()
         self._stored_tokens = 0
         self._prefixes: OrderedDict[str, list[int]] = OrderedDict()
-        self._lock = asyncio.Lock()
+        # asyncio locks belong to one event loop; keep one per loop so the PRM
+        # works across asyncio.run calls.
+        self._locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         parameters = inspect.signature(model.forward).parameters
         # Incremental scoring needs a model that takes and fills a KV cache.
         self._caching = "past_key_values" in parameters and cache_tokens > 0
@@ -253,7 +256,9 @@ class TransformersPRM(Reward):
         for steps in trajectories:
             if isinstance(steps, str):
                 raise TypeError("each trajectory must be a list of step strings, not a string")
-        async with self._lock:
+        loop = asyncio.get_running_loop()
+        lock = self._locks.setdefault(loop, asyncio.Lock())
+        async with lock:
             return await asyncio.to_thread(self._score_sync, list(prompts), [list(s) for s in trajectories])
 
     def _score_sync(self, prompts: list[str], trajectories: list[list[str]]) -> list[list[float]]:

@@ -1,0 +1,112 @@
+"""Rewards from short text specs, for the command line and configs.
+
+| spec | reward |
+|---|---|
+| ``judge:MODEL`` | ``LLMJudge`` over the backend of MODEL (the policy's own backend when MODEL is the policy's spec) |
+| ``prm:MODEL`` | a transformers PRM (``load_prm``): classification head or Math-Shepherd-style tag PRM |
+| ``cdr:STRONG,WEAK`` | ``DensityRatioReward`` of STRONG over WEAK, criteria routed by domain |
+| ``verify:ANSWER`` | ``VerifierReward`` against ANSWER |
+| ``arith`` | ``ArithmeticReward`` |
+| ``embed:POSITIVE|NEGATIVE`` | ``EmbeddingReward``; several descriptions on a side are separated by ``;`` |
+
+MODEL is anything ``piscale.lm.load`` accepts (a catalog name, a GGUF file, a
+folder, a hub id). Backends are built with ``load_lm`` (default
+``piscale.lm.load`` on ``device``), so a caller can share or fake them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from piscale.lm.base import LanguageModel
+from piscale.rewards.base import Reward
+
+KINDS = ("judge", "prm", "cdr", "verify", "arith", "embed")
+
+
+def from_spec(
+    spec: str,
+    *,
+    policy: LanguageModel | None = None,
+    policy_spec: str | None = None,
+    device: str = "cpu",
+    load_lm: Callable[[str], LanguageModel] | None = None,
+    trust_remote_code: bool = False,
+) -> Reward:
+    """The reward a spec names (see the module doc)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a reward spec must be a non-empty string; kinds: {', '.join(KINDS)}")
+    kind, _, argument = spec.strip().partition(":")
+    kind = kind.strip().lower()
+    argument = argument.strip()
+    if kind not in KINDS:
+        raise ValueError(f"unknown reward kind {kind!r} in {spec!r}; expected one of {', '.join(KINDS)}")
+
+    def need_argument(what: str) -> None:
+        if not argument:
+            raise ValueError(f"the reward spec {spec!r} needs {what} after '{kind}:'")
+
+    def backend(model: str) -> LanguageModel:
+        if policy is not None and policy_spec is not None and model == policy_spec:
+            return policy
+        if load_lm is not None:
+            return load_lm(model)
+        from piscale.lm import load
+
+        return load(model, device=device)
+
+    if kind == "arith":
+        if argument:
+            raise ValueError(f"'arith' takes no argument, got {spec!r}")
+        from piscale.rewards.verify import ArithmeticReward
+
+        return ArithmeticReward()
+    if kind == "verify":
+        need_argument("the reference answer (verify:ANSWER)")
+        from piscale.rewards.verify import VerifierReward
+
+        return VerifierReward(argument)
+    if kind == "judge":
+        need_argument("a model (judge:MODEL)")
+        from piscale.rewards.judge import LLMJudge
+
+        return LLMJudge(backend(argument))
+    if kind == "cdr":
+        models = [m.strip() for m in argument.split(",")]
+        if len(models) != 2 or not all(models):
+            raise ValueError(f"the reward spec {spec!r} must name two models: cdr:STRONG,WEAK")
+        from piscale.rewards.cdr import DEFAULT_CRITERIA, DensityRatioReward
+
+        strong = backend(models[0])
+        weak = strong if models[1] == models[0] else backend(models[1])
+        return DensityRatioReward(strong, weak, criteria=DEFAULT_CRITERIA)
+    if kind == "embed":
+        need_argument("attribute descriptions (embed:POSITIVE|NEGATIVE)")
+        positive_text, _, negative_text = argument.partition("|")
+        positive = [p.strip() for p in positive_text.split(";") if p.strip()]
+        negative = [n.strip() for n in negative_text.split(";") if n.strip()]
+        if not positive:
+            raise ValueError(f"the reward spec {spec!r} has no positive description before '|'")
+        from piscale.rewards.embed import EmbeddingReward
+
+        return EmbeddingReward(positive, negative, device=device)
+    # prm
+    need_argument("a model (prm:MODEL)")
+    from piscale.rewards.prm import load_prm
+
+    return load_prm(_prm_source(argument), device=device, trust_remote_code=trust_remote_code)
+
+
+def _prm_source(model: str) -> str:
+    """A folder or hub id transformers can load a PRM from."""
+    from piscale import models
+
+    resolved = models.resolve(model)
+    if resolved.gguf_file is not None:
+        raise ValueError(
+            f"{model!r} is a GGUF file; PRMs load from a transformers folder or hub id "
+            "(a GGUF file holds no classification head)"
+        )
+    if resolved.kind == "hub":
+        return resolved.hub_id or model
+    return str(resolved.path)
