@@ -1,0 +1,197 @@
+"""Inference-time scaling algorithms behind one entry point.
+
+>>> result = await run(lm, reward, "What is 2 + 3?", algorithm="pf", budget=8, seed=0)
+>>> result.answer, result.usage["generated_tokens"]
+
+``ALGORITHMS`` names them: particle filtering (``pf``), particle Gibbs
+(``pg``), parallel tempering (``pt``), best-of-N (``bon``), weighted best-of-N
+(``wbon``), self-consistency (``sc``), beam search (``beam``) and DVTS
+(``dvts``). Each is a short module reading like its pseudocode; all share the
+particle tree and the backend/reward driver of ``piscale.search.particles``.
+
+The budget means what Puri et al. (2025) mean: particles for ``pf``;
+particles x iterations for ``pg``; particles x chains x iterations for ``pt``;
+samples for ``bon``, ``wbon`` and ``sc``; generations per step (N, kept N/M
+times M expansions) for ``beam`` and ``dvts``.
+
+``run_many`` solves many questions at once: their searches run concurrently,
+so the backend merges their steps into the same batches, and each question
+draws from its own generator seeded by ``seed``, so its result is the same as
+when it is solved alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from piscale.grading import extract_answer
+from piscale.lm.base import LanguageModel
+from piscale.rewards.base import Reward
+from piscale.search import beam, bon, dvts, pf, pg, pt, sc, wbon
+from piscale.search.particles import Driver, Node, Outcome, split_steps
+from piscale.search.result import Candidate, SearchResult
+from piscale.search.settings import Settings, build_settings
+from piscale.search.trace import TraceRecorder, load_trace, render_html
+
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULT_SYSTEM_PROMPT",
+    "Algorithm",
+    "Candidate",
+    "SearchResult",
+    "Settings",
+    "load_trace",
+    "render_html",
+    "run",
+    "run_many",
+    "split_steps",
+]
+
+DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+_GENERATION = ("temperature", "top_p", "max_steps", "max_step_tokens", "max_tokens", "step_delimiter")
+_SMC = ("aggregation", "potential", "softmax_temperature", "ess_threshold", "selection")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    title: str
+    search: Callable[[Driver, dict[str, int], Settings, np.random.Generator], Awaitable[Outcome]]
+    layout: Callable[[int, Settings], dict[str, int]]
+    """how the budget is spent (particles, iterations, ...); raises if it cannot be."""
+    options: tuple[str, ...]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    reward_optional: Callable[[dict[str, int]], bool] = lambda shape: False
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm("pf", "particle filtering", pf.search, pf.layout, (*_GENERATION, *_SMC, "resampler")),
+        Algorithm("pg", "particle Gibbs", pg.search, pg.layout, (*_GENERATION, *_SMC, "iterations"), {"iterations": 4}),
+        Algorithm(
+            "pt", "parallel tempering", pt.search, pt.layout,
+            (*_GENERATION, *_SMC, "iterations", "chains", "temperatures"), {"iterations": 2, "chains": 2},
+        ),
+        Algorithm(
+            "bon", "best-of-N", bon.search, bon.layout, (*_GENERATION, "aggregation"),
+            reward_optional=lambda shape: shape["samples"] == 1,
+        ),
+        Algorithm("wbon", "weighted best-of-N", wbon.search, wbon.layout, (*_GENERATION, "aggregation")),
+        Algorithm(
+            "sc", "self-consistency", sc.search, sc.layout, (*_GENERATION, "aggregation"),
+            reward_optional=lambda shape: True,
+        ),
+        Algorithm("beam", "beam search", beam.search, beam.layout, (*_GENERATION, "aggregation", "beam_width")),
+        Algorithm("dvts", "diverse verifier tree search", dvts.search, dvts.layout, (*_GENERATION, "aggregation", "beam_width")),
+    )
+}
+
+
+def algorithm(name: str) -> Algorithm:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}") from None
+
+
+def prepare(name: str, budget: int, seed: int, options: dict[str, Any]) -> tuple[Algorithm, Settings, dict[str, int]]:
+    """Validate a request before any work is done."""
+    spec = algorithm(name)
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    settings = build_settings(spec.name, spec.options, spec.defaults, options)
+    return spec, settings, spec.layout(int(budget), settings)
+
+
+async def run(
+    lm: LanguageModel,
+    reward: Reward | None,
+    question: str,
+    algorithm: str = "pf",
+    budget: int = 8,
+    seed: int = 0,
+    *,
+    system: str | None = DEFAULT_SYSTEM_PROMPT,
+    trace: bool = False,
+    **options: Any,
+) -> SearchResult:
+    """Answer ``question`` with ``algorithm`` at ``budget``; see the module doc.
+    ``options`` are the algorithm's settings (``piscale.search.Settings``)."""
+    spec, settings, shape = prepare(algorithm, budget, seed, options)
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question must be a non-empty string")
+    if reward is None and not spec.reward_optional(shape):
+        raise ValueError(f"{spec.title} ({spec.name}) needs a reward; only sc and bon at budget 1 run without one")
+    recorder = TraceRecorder(spec.name, question) if trace else None
+    driver = Driver(lm, reward, question, lm.prompt_ids(question, system), settings, recorder)
+    started = time.perf_counter()
+    outcome = await spec.search(driver, shape, settings, np.random.default_rng(int(seed)))
+    wall_time = time.perf_counter() - started
+
+    candidates = [_candidate(node, weight) for node, weight in zip(outcome.nodes, outcome.log_weights)]
+    chosen = candidates[outcome.chosen]
+    return SearchResult(
+        question=question,
+        algorithm=spec.name,
+        budget=int(budget),
+        seed=int(seed),
+        settings={**{name: _setting(settings, name) for name in spec.options}, **shape},
+        answer=chosen.answer,
+        text=chosen.text,
+        candidates=candidates,
+        usage=driver.usage.to_dict(wall_time),
+        trace=recorder.finish(outcome.nodes[outcome.chosen], chosen.answer) if recorder is not None else None,
+    )
+
+
+async def run_many(
+    lm: LanguageModel,
+    reward: Reward | None,
+    questions: Sequence[str],
+    algorithm: str = "pf",
+    budget: int = 8,
+    seed: int = 0,
+    *,
+    system: str | None = DEFAULT_SYSTEM_PROMPT,
+    trace: bool = False,
+    **options: Any,
+) -> list[SearchResult]:
+    """``run`` for every question, concurrently (one backend batch per step
+    across all questions); each result equals solving its question alone."""
+    if isinstance(questions, str):
+        raise TypeError("questions must be a list of strings, not one string")
+    questions = list(questions)
+    prepare(algorithm, budget, seed, options)
+    return list(
+        await asyncio.gather(
+            *(run(lm, reward, q, algorithm, budget, seed, system=system, trace=trace, **options) for q in questions)
+        )
+    )
+
+
+def _candidate(node: Node, log_weight: float | None) -> Candidate:
+    text = node.response()
+    finite = log_weight is not None and np.isfinite(log_weight)
+    return Candidate(
+        text=text,
+        answer=extract_answer(text),
+        score=node.score,
+        log_weight=float(log_weight) if finite else None,
+        finished=node.complete,
+    )
+
+
+def _setting(settings: Settings, name: str) -> Any:
+    value = settings.ladder if name == "temperatures" else getattr(settings, name)
+    return list(value) if isinstance(value, tuple) else value
+

@@ -1,0 +1,301 @@
+"""Particles as a tree of steps, and the driver every algorithm shares.
+
+A particle is a ``Node``: its latest step (text, tokens, score) and a pointer
+to the node it grew from, so a whole partial answer is the chain of parents
+up to the root (the prompt). Resampling copies pointers, never text.
+
+The ``Driver`` does the talking to the backend and the reward, the same way
+for every algorithm:
+
+* ``extend`` grows a list of particles by one step each with ONE
+  ``lm.extend`` call and scores the new steps with ONE reward call; a
+  particle that finished is released from the backend at once (afterwards it
+  is only a record, copied by resampling but never extended);
+* ``resample`` turns ancestor indices into the next generation: the first
+  copy of a live particle keeps its backend sequence, further copies are
+  ``lm.fork``-ed (the backend copies caches, it does not re-read), unused
+  sequences are released;
+* ``sample`` draws complete answers in one ``lm.extend`` call (best-of-N and
+  its relatives);
+* it counts the work: tokens generated and prefilled, reward calls and the
+  step strings they read, backend calls.
+
+Randomness comes from the ``numpy.random.Generator`` an algorithm passes in:
+per-sequence seeds for ``lm.extend`` are drawn from it, so a search depends
+only on its own seed, not on what else shares the backend's batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from piscale.grading import extract_boxed
+from piscale.lm.base import Handle, LanguageModel, StepOutput, StepParams
+from piscale.rewards.aggregate import score_trajectories
+from piscale.rewards.base import Reward
+from piscale.search.settings import Settings
+from piscale.smc import log_potential
+
+if TYPE_CHECKING:
+    from piscale.search.trace import TraceRecorder
+
+SEED_RANGE = 2**31
+"""Per-sequence seeds are drawn in [0, 2^31) so every backend accepts them."""
+
+
+@dataclass(eq=False)
+class Node:
+    """One step of one partial answer; the root (depth 0) is the prompt."""
+
+    parent: Node | None
+    text: str
+    token_ids: tuple[int, ...]
+    depth: int
+    total_tokens: int
+    """tokens generated from the root to here."""
+    done: bool = False
+    """no longer extended (it ended, or hit a cap); stays in the pool."""
+    ended: str | None = None
+    """why it is done: eos, answer, max_steps, max_tokens or context."""
+    score: float | None = None
+    """aggregated reward of the partial answer up to here; None = unscored."""
+
+    def lineage(self) -> list[Node]:
+        """The nodes from depth 1 to this one."""
+        nodes, node = [], self
+        while node.parent is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes[::-1]
+
+    def steps(self) -> list[str]:
+        return [node.text for node in self.lineage()]
+
+    def response(self) -> str:
+        return "".join(self.steps())
+
+    def all_token_ids(self) -> list[int]:
+        return [token for node in self.lineage() for token in node.token_ids]
+
+    @property
+    def complete(self) -> bool:
+        """Ended on its own (end of sequence or a boxed answer), not by a cap."""
+        return self.ended in ("eos", "answer")
+
+
+def split_steps(text: str, delimiter: str) -> list[str]:
+    """``text`` cut after every ``delimiter`` (which stays with its step);
+    joining the pieces gives ``text`` back."""
+    pieces, start = [], 0
+    while (end := text.find(delimiter, start)) >= 0:
+        pieces.append(text[start : end + len(delimiter)])
+        start = end + len(delimiter)
+    if start < len(text) or not pieces:
+        pieces.append(text[start:])
+    return pieces
+
+
+@dataclass
+class SearchUsage:
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    reward_calls: int = 0
+    reward_steps: int = 0
+    extend_calls: int = 0
+
+    def to_dict(self, wall_time: float) -> dict[str, float]:
+        return {**self.__dict__, "wall_time": wall_time}
+
+
+@dataclass
+class Driver:
+    lm: LanguageModel
+    reward: Reward | None
+    question: str
+    prompt_ids: list[int]
+    settings: Settings
+    trace: TraceRecorder | None = None
+    usage: SearchUsage = field(default_factory=SearchUsage)
+
+    def __post_init__(self) -> None:
+        self.root = Node(parent=None, text="", token_ids=(), depth=0, total_tokens=0)
+
+    # -- weights ------------------------------------------------------------
+    def potentials(self, nodes: Sequence[Node], kind: str | None = None) -> np.ndarray:
+        """Φ of each node's score (``settings.potential`` unless ``kind``),
+        over the softmax temperature; an unscored node is neutral (Φ = 0)."""
+        scores = np.array([np.nan if n.score is None else n.score for n in nodes], dtype=float)
+        scored = ~np.isnan(scores)
+        values = np.zeros(len(nodes))
+        if scored.any():
+            scale = self.reward.scale if self.reward is not None else "probability"
+            values[scored] = log_potential(scores[scored], scale, kind or self.settings.potential)
+        return values / self.settings.softmax_temperature
+
+    # -- backend ------------------------------------------------------------
+    async def open(self, copies: int, node: Node | None = None) -> list[Handle]:
+        """``copies`` backend sequences holding the prompt and ``node``'s steps."""
+        if copies == 0:
+            return []
+        prompt = self.prompt_ids + (node.all_token_ids() if node is not None else [])
+        [handles] = await self.lm.open([prompt], copies=copies)
+        self.usage.prompt_tokens += len(prompt)
+        return handles
+
+    def release(self, handles: Sequence[Handle | None]) -> None:
+        live = [h for h in handles if h is not None]
+        if live:
+            self.lm.release(live)
+
+    def _seeds(self, count: int, rng: np.random.Generator) -> list[int]:
+        return [int(s) for s in rng.integers(0, SEED_RANGE, size=count)]
+
+    async def extend(self, nodes: Sequence[Node], handles: Sequence[Handle], rng: np.random.Generator) -> list[Node]:
+        """One more step for each (node, handle), in one backend call; the new
+        nodes are scored in one reward call. Handles of nodes that are done
+        are released; the others now hold the new nodes' sequences."""
+        if not nodes:
+            return []
+        s = self.settings
+        room = min(s.max_tokens - node.total_tokens for node in nodes)
+        params = StepParams(
+            max_tokens=max(1, min(s.max_step_tokens, room)),
+            stop=(s.step_delimiter,),
+            temperature=s.temperature,
+            top_p=s.top_p,
+        )
+        outputs = await self.lm.extend(list(handles), params, seeds=self._seeds(len(nodes), rng))
+        self.usage.extend_calls += 1
+        children = [self._child(node, output) for node, output in zip(nodes, outputs)]
+        self.release([h for h, child in zip(handles, children) if child.done])
+        await self.score(children)
+        return children
+
+    def _child(self, parent: Node, output: StepOutput) -> Node:
+        self.usage.generated_tokens += len(output.token_ids)
+        child = Node(
+            parent=parent,
+            text=output.text,
+            token_ids=tuple(output.token_ids),
+            depth=parent.depth + 1,
+            total_tokens=parent.total_tokens + len(output.token_ids),
+        )
+        if output.finish_reason in ("eos", "context"):
+            child.ended = output.finish_reason
+        elif extract_boxed(output.text) is not None:
+            child.ended = "answer"
+        elif child.depth >= self.settings.max_steps:
+            child.ended = "max_steps"
+        elif child.total_tokens >= self.settings.max_tokens:
+            child.ended = "max_tokens"
+        child.done = child.ended is not None
+        return child
+
+    async def resample(
+        self,
+        nodes: Sequence[Node],
+        handles: Sequence[Handle | None],
+        ancestors: Sequence[int],
+        pinned: int | None = None,
+    ) -> tuple[list[Node], list[Handle | None]]:
+        """The generation ``nodes[ancestors[i]]``. Live copies get backend
+        sequences: the first copy of an ancestor keeps its sequence, the
+        others fork it; an ancestor without a sequence (a stored reference
+        particle) is re-opened from its tokens. Slot ``pinned`` (the
+        reference's) needs no sequence. Unused sequences are released."""
+        new_nodes = [nodes[a] for a in ancestors]
+        new_handles: list[Handle | None] = [None] * len(ancestors)
+        slots_of: dict[int, list[int]] = {}
+        for slot, ancestor in enumerate(ancestors):
+            if slot != pinned and not new_nodes[slot].done:
+                slots_of.setdefault(int(ancestor), []).append(slot)
+        fork_from, fork_into, reopen = [], [], []
+        for ancestor, slots in slots_of.items():
+            if handles[ancestor] is None:
+                reopen.append((ancestor, slots))
+                continue
+            new_handles[slots[0]] = handles[ancestor]
+            fork_from += [handles[ancestor]] * (len(slots) - 1)
+            fork_into += slots[1:]
+        for slot, handle in zip(fork_into, self.lm.fork(fork_from)):
+            new_handles[slot] = handle
+        self.release([h for a, h in enumerate(handles) if a not in slots_of])
+        for ancestor, slots in reopen:
+            for slot, handle in zip(slots, await self.open(len(slots), nodes[ancestor])):
+                new_handles[slot] = handle
+        return new_nodes, new_handles
+
+    async def sample(self, count: int, rng: np.random.Generator, score: bool = True) -> list[Node]:
+        """``count`` complete answers, sampled in one backend call with the
+        whole-response token cap, each stored as its chain of steps (split at
+        the step delimiter; its tokens sit on the last step's node)."""
+        handles = await self.open(count)
+        params = StepParams(
+            max_tokens=self.settings.max_tokens,
+            stop=(),
+            temperature=self.settings.temperature,
+            top_p=self.settings.top_p,
+        )
+        try:
+            outputs = await self.lm.extend(handles, params, seeds=self._seeds(count, rng))
+        finally:
+            self.release(handles)
+        self.usage.extend_calls += 1
+        answers = []
+        for output in outputs:
+            self.usage.generated_tokens += len(output.token_ids)
+            node = self.root
+            pieces = split_steps(output.text, self.settings.step_delimiter)
+            for i, piece in enumerate(pieces):
+                last = i == len(pieces) - 1
+                tokens = tuple(output.token_ids) if last else ()
+                node = Node(node, piece, tokens, node.depth + 1, node.total_tokens + len(tokens))
+            node.done = True
+            if output.finish_reason == "eos":
+                node.ended = "eos"
+            elif extract_boxed(output.text) is not None:
+                node.ended = "answer"
+            else:
+                node.ended = "max_tokens" if output.finish_reason == "length" else output.finish_reason
+            answers.append(node)
+        if score:
+            await self.score(answers)
+        return answers
+
+    # -- reward -------------------------------------------------------------
+    async def score(self, nodes: Sequence[Node]) -> None:
+        """Set ``score`` on the nodes in one reward call. An outcome-only
+        reward (a verifier) scores finished nodes only."""
+        if self.reward is None:
+            return
+        todo = [n for n in nodes if n.done or not self.reward.outcome_only]
+        if not todo:
+            return
+        trajectories = [node.steps() for node in todo]
+        scores = await score_trajectories(
+            self.reward, [self.question] * len(todo), trajectories, self.settings.aggregation  # type: ignore[arg-type]
+        )
+        self.usage.reward_calls += 1
+        self.usage.reward_steps += len(todo) if self.settings.aggregation == "model" else sum(map(len, trajectories))
+        for node, value in zip(todo, scores):
+            node.score = float(value)
+
+
+@dataclass
+class Outcome:
+    """A search's final candidates and the one it chose."""
+
+    nodes: list[Node]
+    log_weights: list[float | None]
+    """final log-weights (SMC), or logit-scale potentials of the scores."""
+    chosen: int
+
+
+def ready(nodes: Sequence[Node]) -> list[int]:
+    """Indices of the nodes that are still extended."""
+    return [i for i, node in enumerate(nodes) if not node.done]
+

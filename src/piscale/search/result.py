@@ -1,0 +1,48 @@
+"""What a search returns: the chosen answer, every final candidate, the work done."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Candidate:
+    """One final particle or sample."""
+
+    text: str
+    """the whole response (its steps joined as generated)."""
+    answer: str | None
+    """its final answer (last ``\\boxed{}``), None when it has none."""
+    score: float | None
+    """the aggregated reward of the response, on the reward's scale; None when
+    it was not scored (no reward, or an outcome-only reward on an unfinished
+    response)."""
+    log_weight: float | None
+    """the particle's final unnormalised log-weight (SMC algorithms), or the
+    logit-scale potential of its score (the others); None when unscored or
+    of zero weight (JSON has no infinities)."""
+    finished: bool
+    """True when the response ended on its own (end of sequence or a boxed
+    answer), False when a step, token or context cap cut it."""
+
+
+@dataclass
+class SearchResult:
+    question: str
+    algorithm: str
+    budget: int
+    seed: int
+    settings: dict[str, Any]
+    answer: str | None
+    text: str
+    candidates: list[Candidate]
+    usage: dict[str, float]
+    """generated_tokens, prompt_tokens (tokens prefilled), reward_calls,
+    reward_steps (step strings sent to the reward), extend_calls, wall_time
+    (seconds)."""
+    trace: dict | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of everything in the result."""
+        return asdict(self)

@@ -1,0 +1,75 @@
+"""Choosing the answer from a final population.
+
+* ``max_weight``: the particle with the largest final weight (Puri et al.);
+* ``weighted_vote``: total weight per final answer, equivalent answers
+  pooled; the heaviest answer wins, represented by its heaviest particle;
+* ``group_answers``: which responses give the same answer, in the sense of
+  ``piscale.grading`` (symbolic or numeric equivalence), shared by
+  self-consistency, weighted best-of-N and the weighted vote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from piscale.grading import answers_equal, normalize_answer
+
+
+def group_answers(answers: Sequence[str | None]) -> list[int | None]:
+    """A group index per answer (None for no answer). Answers are first keyed
+    by ``normalize_answer``; keys whose first answers are equivalent by
+    ``answers_equal`` share a group. Groups are numbered by first appearance."""
+    key_group: dict[str, int] = {}
+    representatives: list[str] = []
+    groups: list[int | None] = []
+    for answer in answers:
+        if answer is None:
+            groups.append(None)
+            continue
+        key = normalize_answer(answer)
+        if key not in key_group:
+            match = next((g for g, r in enumerate(representatives) if answers_equal(answer, r)), None)
+            if match is None:
+                match = len(representatives)
+                representatives.append(answer)
+            key_group[key] = match
+        groups.append(key_group[key])
+    return groups
+
+
+def max_weight(log_weights: Sequence[float]) -> int:
+    """Index of the largest log-weight (the first one on ties)."""
+    values = np.asarray(log_weights, dtype=float)
+    if values.size == 0:
+        raise ValueError("cannot choose from an empty population")
+    return int(np.argmax(np.where(np.isnan(values), -np.inf, values)))
+
+
+def heaviest_group(groups: Sequence[int | None], masses: Sequence[float]) -> int | None:
+    """The group with the largest total mass (the earliest group on ties), or
+    None when no item has a group."""
+    totals: dict[int, float] = {}
+    for group, mass in zip(groups, masses):
+        if group is not None:
+            totals[group] = totals.get(group, 0.0) + float(mass)
+    if not totals:
+        return None
+    return max(totals, key=lambda g: (totals[g], -g))
+
+
+def weighted_vote(answers: Sequence[str | None], log_weights: Sequence[float]) -> int:
+    """Index of the heaviest particle of the answer with the most total
+    normalised weight; plain ``max_weight`` when no particle has an answer."""
+    values = np.asarray(log_weights, dtype=float)
+    finite = np.isfinite(values)
+    weights = np.zeros_like(values)
+    if finite.any():
+        weights[finite] = np.exp(values[finite] - values[finite].max())
+    groups = group_answers(answers)
+    winner = heaviest_group(groups, weights)
+    if winner is None:
+        return max_weight(log_weights)
+    members = [i for i, g in enumerate(groups) if g == winner]
+    return members[int(np.argmax(weights[members]))]
