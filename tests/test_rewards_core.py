@@ -12,7 +12,6 @@ from piscale.rewards import (
     Transformed,
     WeightedSum,
     aggregate,
-    log_potential,
     score_trajectories,
 )
 
@@ -89,6 +88,12 @@ async def test_weighted_sum_in_log_space_mixes_scales():
     assert mixed.scale == "log"
     scores = await mixed.score(["q"], [["a", "b"]])
     assert scores[0] == pytest.approx([2 * math.log(0.5) + 0.5, 2 * math.log(0.25) - 1.0])
+    # A zero probability is an exact zero likelihood; a zero weight drops a term.
+    zero = TableReward({("q", ("a",)): 0.0})
+    assert (await WeightedSum([(1.0, zero), (1.0, logs)]).score(["q"], [["a"]])) == [[-math.inf]]
+    assert (await WeightedSum([(0.0, zero), (1.0, logs)]).score(["q"], [["a"]])) == [[1.0]]
+    with pytest.raises(ValueError, match="negative weight"):
+        WeightedSum([(-1.0, zero)])
 
 
 async def test_weighted_sum_linear_mixture_of_probabilities():
@@ -124,12 +129,6 @@ async def test_transformed_logit_temperature_clip():
         Transformed(TableReward({}, scale="log"), logit=True)
     with pytest.raises(ValueError, match="temperature"):
         Transformed(base, temperature=0.0)
-
-
-def test_log_potential():
-    assert log_potential(0.5, "probability") == pytest.approx(math.log(0.5))
-    assert log_potential(0.0, "probability") == pytest.approx(math.log(1e-12))
-    assert log_potential(-3.0, "log") == -3.0
 
 
 class CountingReward(PrefixReward):

@@ -24,7 +24,7 @@ import importlib
 
 from piscale.rewards.aggregate import aggregate, join_steps, score_trajectories
 from piscale.rewards.base import AGGREGATIONS, Aggregation, Reward, Scale
-from piscale.rewards.compose import Transformed, WeightedSum, log_potential
+from piscale.rewards.compose import Transformed, WeightedSum
 from piscale.rewards.prefix import PrefixReward
 from piscale.rewards.verify import ArithmeticReward, VerifierReward, find_equations
 
@@ -55,7 +55,6 @@ __all__ = [
     "aggregate",
     "find_equations",
     "join_steps",
-    "log_potential",
     "score_trajectories",
     *_LAZY,
 ]

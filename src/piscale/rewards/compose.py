@@ -1,13 +1,14 @@
 """Rewards built from other rewards: weighted sums and transforms.
 
 **Scales.** A probability-scale score p in [0, 1] is the probability that the
-partial answer is good; its log-potential is log p. A log-scale score is a
-log-potential already. ``log_potential`` converts either.
+partial answer is good; its log-potential is log p (``piscale.smc.log_reward``;
+p = 0 gives -inf, an exact zero likelihood). A log-scale score is a
+log-potential already.
 
 **Weighted sum.** With ``combine="log"`` (the default) the terms are combined
 in log space,
 
-    score = sum_k w_k * log_potential(s_k),
+    score = sum_k w_k * Phi_k,   Phi_k = log s_k (probability) or s_k (log),
 
 a product of experts: exp(score) = prod_k p_k^{w_k}. Each term multiplies the
 likelihood of "good", so a PRM (probability) and a density ratio (log) mix
@@ -15,11 +16,14 @@ without any unit problem, and the result is on the log scale. With
 ``combine="linear"`` the scores themselves are added, sum_k w_k s_k, which needs
 every term on the same scale; for probabilities the weights must be a convex
 combination (non-negative, summing to 1) so the result is again a probability
-(a mixture of experts).
+(a mixture of experts). In log space a probability-scale term must have a
+non-negative weight (a zero probability is -inf, which a negative weight would
+turn into +inf); a zero weight drops the term.
 
 **Transform.** ``Transformed`` maps a reward's score through, in this order,
 
-1. ``logit``: s -> log(p / (1 - p)) with p clipped to [eps, 1 - eps]; the result
+1. ``logit``: s -> log(p / (1 - p)) with p clipped to [c, 1 - c],
+   c = ``piscale.smc.LOGIT_CLIP`` (``piscale.smc.logit_reward``); the result
    is a log-potential (Puri et al. 2025 weight particles by softmax(logit(r)/tau));
 2. ``temperature`` T: the log-potential is divided by T. On the log scale that
    is s / T; on the probability scale it is p^(1/T), which stays in [0, 1].
@@ -34,27 +38,10 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
+
 from piscale.rewards.base import Reward, Scale
-
-LOG_FLOOR = 1e-12
-"""The smallest probability used when taking a log (log 0 would be -inf)."""
-
-
-def log_potential(score: float, scale: Scale, floor: float = LOG_FLOOR) -> float:
-    """The log-potential of a score: log p on the probability scale (p floored
-    at ``floor``), the score itself on the log scale."""
-    if scale == "log":
-        return float(score)
-    if scale != "probability":
-        raise ValueError(f"unknown reward scale {scale!r}; expected 'probability' or 'log'")
-    return math.log(max(float(score), floor))
-
-
-def logit(p: float, eps: float = 1e-6) -> float:
-    """log(p / (1 - p)) with p clipped into [eps, 1 - eps]."""
-    q = min(max(float(p), eps), 1.0 - eps)
-    return math.log(q) - math.log1p(-q)
-
+from piscale.smc import log_reward, logit_reward
 
 class WeightedSum(Reward):
     """sum_k w_k * (score of reward k), in log space or linearly (see the module doc)."""
@@ -77,6 +64,12 @@ class WeightedSum(Reward):
         self.combine = combine
         if combine == "log":
             self.scale: Scale = "log"
+            for k, (w, r) in enumerate(self.terms):
+                if w < 0 and r.scale == "probability":
+                    raise ValueError(
+                        f"term {k} ({r.name}) is on the probability scale with a negative weight; "
+                        "in log space its zero scores would become +inf"
+                    )
         else:
             scales = {r.scale for _, r in self.terms}
             if len(scales) != 1:
@@ -103,8 +96,9 @@ class WeightedSum(Reward):
             for t in range(len(steps)):
                 if self.combine == "log":
                     value = math.fsum(
-                        w * log_potential(result[i][t], r.scale)
+                        w * float(log_reward(np.array([result[i][t]]), r.scale)[0])
                         for (w, r), result in zip(self.terms, results)
+                        if w != 0.0
                     )
                 else:
                     value = math.fsum(w * result[i][t] for (w, _), result in zip(self.terms, results))
@@ -127,7 +121,6 @@ class Transformed(Reward):
         logit: bool = False,
         temperature: float = 1.0,
         clip: tuple[float, float] | None = None,
-        eps: float = 1e-6,
     ):
         if logit and reward.scale != "probability":
             raise ValueError(
@@ -139,13 +132,10 @@ class Transformed(Reward):
             low, high = clip
             if not low < high:
                 raise ValueError(f"clip must be (low, high) with low < high, got {clip!r}")
-        if not 0 < eps < 0.5:
-            raise ValueError(f"eps must be in (0, 0.5), got {eps!r}")
         self.reward = reward
         self.logit = logit
         self.temperature = float(temperature)
         self.clip = clip
-        self.eps = eps
         self.scale: Scale = "log" if logit else reward.scale
         self.outcome_only = reward.outcome_only
         parts = (["logit"] if logit else []) + (
@@ -156,7 +146,7 @@ class Transformed(Reward):
     def transform(self, score: float) -> float:
         value = float(score)
         if self.logit:
-            value = logit(value, self.eps)
+            value = float(logit_reward(np.array([value]), "probability")[0])
         if self.temperature != 1.0:
             if self.scale == "log":
                 value = value / self.temperature
