@@ -70,6 +70,11 @@ COUNTING_WORDS = ("Add", " 1", " 2", "\\boxed{", "}")
 _ANSWER_AFTER = (0.2, 0.4, 0.6)  # P(answer now | steps written so far); forced after 3
 
 
+def counting_start(prompt: str) -> int:
+    """The value ``counting_rule`` starts from for a prompt (its CRC mod 3)."""
+    return zlib.crc32(prompt.encode()) % 3
+
+
 def counting_rule(prompt: str, generated: tuple[str, ...]) -> dict[str, float]:
     """A counting "solution": start at a value v0 in {0, 1, 2} fixed by the
     prompt (a CRC of its text), write steps "Add 1" / "Add 2" (probabilities
@@ -77,7 +82,7 @@ def counting_rule(prompt: str, generated: tuple[str, ...]) -> dict[str, float]:
     0.2, 0.4, 0.6 (always after 3). The answer "\\boxed{d}" is the running
     total v with probability 0.6, v + 1 with 0.25 and v - 1 with 0.15 (0.15
     moves to v when v = 0), then end of sequence."""
-    value = zlib.crc32(prompt.encode()) % 3 + sum(int(token) for token in generated if token in (" 1", " 2"))
+    value = counting_start(prompt) + sum(int(token) for token in generated if token in (" 1", " 2"))
     last = generated[-1] if generated else STEP
     if last == STEP:
         steps = generated.count(STEP)
@@ -119,6 +124,7 @@ class ToyAnswer:
 @dataclass
 class _Sequence:
     prompt: tuple[int, ...]
+    """the context before the answer; the answer so far is the path to ``node``."""
     node: int
     pending: bool = False
 
@@ -204,6 +210,10 @@ class ToyLM(LanguageModel):
                 ids.extend(self.token_id[f"<0x{b:02X}>"] for b in match.group(2).encode())
         return ids
 
+    def prompt_text(self, prompt_ids: Sequence[int]) -> str:
+        """The prompt as the rule sees it: its text with the chat markers."""
+        return self._render(prompt_ids, keep_special=True)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         """The text of ``token_ids``; special tokens are left out, as a chat
         model's decoder would."""
@@ -243,6 +253,31 @@ class ToyLM(LanguageModel):
         return self.encode("".join(parts))
 
     # -- the tree of answers ------------------------------------------------
+    def _split(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(context, answer prefix): the answer starts after the last
+        ``<|assistant|>\n``, so that a sequence re-opened with part of an
+        answer in its prompt continues exactly as the original would."""
+        prompt = tuple(int(t) for t in prompt)
+        marker = self.token_id["<|assistant|>"]
+        start = max((i + 1 for i, t in enumerate(prompt) if t == marker), default=len(prompt))
+        if start < len(prompt) and prompt[start] == self.token_id["\n"]:
+            start += 1
+        return prompt[:start], prompt[start:]
+
+    def _locate(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], int]:
+        """The context of ``prompt`` and the tree node its answer prefix reaches."""
+        context, prefix = self._split(prompt)
+        node = self._root(context)
+        for position, token in enumerate(prefix):
+            column = np.flatnonzero(self._child_token[node] == token)
+            if not len(column):
+                raise ValueError(
+                    f"the toy model cannot produce the answer prefix {self.decode(prefix[: position + 1])!r} "
+                    "of this prompt, so it has no continuation"
+                )
+            node = int(self._child_node[node, column[0]])
+        return context, node
+
     def _root(self, prompt: tuple[int, ...]) -> int:
         """The root node of ``prompt``'s answer tree, compiling it on first use."""
         root = self._roots.get(prompt)
@@ -252,7 +287,7 @@ class ToyLM(LanguageModel):
         return root
 
     def _compile(self, prompt: tuple[int, ...]) -> int:
-        prompt_text = self._render(prompt, keep_special=True)
+        prompt_text = self.prompt_text(prompt)
         first = len(self._parent)
         parents, tokens, depths = [-1], [-1], [0]
         children: list[list[tuple[int, float, int]]] = [[]]
@@ -325,7 +360,9 @@ class ToyLM(LanguageModel):
     def enumerate_answers(self, prompt_ids: Sequence[int]) -> list[ToyAnswer]:
         """Every complete answer to the prompt with its exact probability
         (the probabilities sum to one)."""
-        root = self._root(tuple(int(t) for t in prompt_ids))
+        context, root = self._locate(prompt_ids)
+        if root != self._roots[context]:
+            raise ValueError("enumerate_answers takes a prompt without an answer prefix")
         answers = []
         stack: list[tuple[int, float]] = [(root, 0.0)]
         while stack:
@@ -364,11 +401,11 @@ class ToyLM(LanguageModel):
             if len(prompt) >= self.context_length:
                 raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context window of {self.context_length}")
         with Stopwatch(self.usage):
-            roots = [self._root(p) for p in prompts]
+            located = [self._locate(p) for p in prompts]
             self.usage.calls += 1
             self.usage.forward_passes += 1
             self.usage.prefill_tokens += sum(len(p) for p in prompts)
-            return [[self._new_handle(p, r) for _ in range(c)] for p, r, c in zip(prompts, roots, counts)]
+            return [[self._new_handle(context, node) for _ in range(c)] for (context, node), c in zip(located, counts)]
 
     def fork(self, ancestors: Sequence[Handle]) -> list[Handle]:
         parents = [self._get(a) for a in ancestors]
@@ -522,7 +559,7 @@ class ToyLM(LanguageModel):
             outputs = []
             for prompt, continuation in pairs:
                 self.usage.scored_tokens += len(prompt) + len(continuation)
-                node: int | None = self._root(prompt)
+                node: int | None = self._locate(prompt)[1]
                 values = []
                 for token in continuation:
                     column = np.flatnonzero(self._child_token[node] == token) if node is not None else []

@@ -63,5 +63,8 @@ async def search(driver: Driver, shape: dict[str, int], settings: Settings, rng:
                     "swap", iteration=iteration + 1, chain=k, chains=[k, k + 1],
                     potentials=[float(final[0]), float(final[1])], probability=probability, accepted=accepted,
                 )
+        if driver.trace is not None:
+            for k, reference in enumerate(references):
+                driver.trace.event("reference", iteration=iteration + 1, chain=k, steps=[n.text for n in reference])
     nodes, log_weights = sweeps[0]
     return choose(nodes, log_weights, settings.selection)
