@@ -94,6 +94,7 @@ async def test_plan_runs_subsampled_baselines_once_at_the_largest_budget(tmp_pat
     with ResultStore(tmp_path / "r.sqlite") as store:
         jobs = Evaluation(store, task, CONFIG, GRID, identity={"spec": "toy"}).pending()
     plan = sorted((j.algorithm, j.budget, j.seed, j.stores, len(j.problems)) for j in jobs)
+    assert all(j.variant == "" and j.options == {} for j in jobs)
     assert plan == sorted(
         [("pf", b, s, (b,), 5) for b in (1, 2, 4) for s in (0, 1)]
         + [(a, 4, s, (1, 2, 4), 5) for a in ("bon", "sc") for s in (0, 1)]

@@ -32,11 +32,11 @@ def store(tmp_path: Path) -> ResultStore:
 
 def test_a_search_and_its_rows_are_stored_once(store: ResultStore) -> None:
     run = store.start_run("cfg", {"argv": ["piscale", "eval"]})
-    cell = ("p1", "bon", 4, 0)
+    cell = ("p1", "bon", "", 4, 0)
     assert store.save_search("cfg", run, cell, {"problem": "p1", "answer": "1"}, derive_from_answer) == 3
     assert store.save_search("cfg", run, cell, {"problem": "p1", "answer": "1"}, derive_from_answer) == 0
     assert store.count("searches") == 1 and store.count("results") == 3
-    assert store.stored_cells("cfg") == {("p1", "bon", 1, 0), ("p1", "bon", 2, 0), ("p1", "bon", 4, 0)}
+    assert store.stored_cells("cfg") == {("p1", "bon", "", 1, 0), ("p1", "bon", "", 2, 0), ("p1", "bon", "", 4, 0)}
     stored = store.results("cfg")
     assert [(r["budget"], r["generated_tokens"], r["subsampled"]) for r in stored] == [(1, 10, 1), (2, 20, 1), (4, 40, 0)]
     assert store.search(stored[0]["search_id"]) == {"problem": "p1", "answer": "1"}
@@ -51,19 +51,19 @@ def test_a_failure_while_deriving_stores_nothing(store: ResultStore) -> None:
         raise RuntimeError("grading crashed")
 
     with pytest.raises(RuntimeError, match="grading crashed"):
-        store.save_search("cfg", run, ("p1", "bon", 4, 0), {"problem": "p1", "answer": "1"}, half_then_fail)
+        store.save_search("cfg", run, ("p1", "bon", "", 4, 0), {"problem": "p1", "answer": "1"}, half_then_fail)
     assert store.count("searches") == 0 and store.count("results") == 0
     # The database is still usable afterwards.
-    assert store.save_search("cfg", run, ("p1", "bon", 4, 0), {"problem": "p1", "answer": "1"}, derive_from_answer) == 3
+    assert store.save_search("cfg", run, ("p1", "bon", "", 4, 0), {"problem": "p1", "answer": "1"}, derive_from_answer) == 3
 
 
 def test_a_second_writer_derives_rows_from_the_stored_search(tmp_path: Path, store: ResultStore) -> None:
     run = store.start_run("cfg", {})
-    store.save_search("cfg", run, ("p1", "bon", 4, 0), {"problem": "p1", "answer": "first"}, lambda r: [row("p1", 4, r["answer"])])
+    store.save_search("cfg", run, ("p1", "bon", "", 4, 0), {"problem": "p1", "answer": "first"}, lambda r: [row("p1", 4, r["answer"])])
     with ResultStore(tmp_path / "r.sqlite") as other:
         other_run = other.start_run("cfg", {})
         added = other.save_search(
-            "cfg", other_run, ("p1", "bon", 4, 0), {"problem": "p1", "answer": "second"}, derive_from_answer
+            "cfg", other_run, ("p1", "bon", "", 4, 0), {"problem": "p1", "answer": "second"}, derive_from_answer
         )
     # Budgets 1 and 2 were missing; they come from the first writer's search, like budget 4.
     assert added == 2
@@ -74,7 +74,7 @@ def test_a_second_writer_derives_rows_from_the_stored_search(tmp_path: Path, sto
 def test_configs_keep_results_apart(store: ResultStore) -> None:
     store.ensure_config("other", "gsm8k", "smollm", "judge", {})
     run = store.start_run("other", {})
-    store.save_search("other", run, ("p1", "bon", 4, 0), {"problem": "p1", "answer": "1"}, derive_from_answer)
+    store.save_search("other", run, ("p1", "bon", "", 4, 0), {"problem": "p1", "answer": "1"}, derive_from_answer)
     assert store.stored_cells("cfg") == set()
     assert len(store.stored_cells("other")) == 3
     assert [c["config_key"] for c in store.configs()] == ["cfg", "other"]

@@ -118,7 +118,8 @@ def test_first_subset_choice_is_search_and_learns_prefix_rule() -> None:
     assert first_subset_choice("wbon", HAND, 2) == 1
     assert first_subset_choice("wbon", HAND, 3) == 0  # a: 1.1 beats b: 0.95
     nothing = Samples.build([None, None], {}, [0.3, 0.4])
-    assert first_subset_choice("sc", nothing, 2) is None
+    assert first_subset_choice("sc", nothing, 2) == 0  # no answer to vote for: the first sample
+    assert first_subset_choice("wbon", nothing, 2) == 1  # no answer: the best-scoring sample
     assert expected_accuracy("sc", nothing, 1).accuracy == 0.0
 
 
@@ -131,5 +132,7 @@ def test_bad_arguments() -> None:
         expected_accuracy("pf", HAND, 2)
     with pytest.raises(ValueError, match="no correctness given"):
         Samples.build(["a"], {}, [1.0])
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match="not NaN"):
         Samples.build(["a"], {"a": True}, [float("nan")])
+    with pytest.raises(ValueError, match="masses must be finite"):
+        Samples.build(["a"], {"a": True}, [0.5], [float("inf")])

@@ -44,7 +44,10 @@ def evaluate(
     limit: int = typer.Option(None, "--limit", help="Use the first N problems."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Where the built-in tasks' files are."),
     model: str = typer.Option(None, "--model", help="Policy model spec (default: the catalog's default model)."),
-    reward: str = typer.Option(None, "--reward", help="Reward spec, as for piscale solve (default: judge)."),
+    reward: str = typer.Option(
+        None, "--reward", help="Reward spec, as for piscale solve (default: judge); 'verify' checks each problem's "
+        "reference answer (an oracle: an upper bound, not a fair comparison)."
+    ),
     algorithms: str = typer.Option("pf,bon", "--algorithms", help="Comma-separated: pf,pg,pt,bon,wbon,sc,beam,dvts."),
     budgets: str = typer.Option("1,2,4,8", "--budgets", help="Comma-separated budgets."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
@@ -53,7 +56,9 @@ def evaluate(
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)"),
     system: str = typer.Option(None, "--system", help="System prompt (default: the paper's, reason step by step and box the answer)."),
     prompt: str = typer.Option(None, "--prompt", help="User message template containing {question} (default: the question)."),
-    option: list[str] = typer.Option([], "--option", help="Search option KEY=VALUE, repeatable (e.g. max_steps=20)."),
+    option: list[str] = typer.Option(
+        [], "--option", help="Search option KEY=VALUE for every algorithm taking it, or ALGORITHM.KEY=VALUE; repeatable."
+    ),
     chunk_size: int = typer.Option(8, "--chunk-size", help="Problems per run_many call; a kill loses at most one chunk."),
     trace: bool = typer.Option(False, "--trace", help="Store each search's trace (genealogy, weights) too."),
 ) -> None:
@@ -82,9 +87,14 @@ def evaluate(
     except (EvalError, TaskError, StoreError) as error:
         _fail(str(error))
     with store:
-        evaluation = Evaluation(store, task, config, grid, limit=limit)
+        try:
+            evaluation = Evaluation(store, task, config, grid, limit=limit)
+        except (EvalError, TaskError) as error:
+            _fail(str(error))
+        for (algorithm, budget), reason in evaluation.unsupported.items():
+            console.print(f"[yellow]skipping {algorithm} at budget {budget}: {reason}[/yellow]")
         jobs = evaluation.pending()
-        cells = len(evaluation.problems) * len(grid.algorithms) * len(grid.budgets) * len(grid.seeds)
+        cells = evaluation.cell_count
         if not jobs:
             console.print(f"All {cells} results are already in {db} (config {evaluation.config_key}); nothing to run.")
             console.print(f"See them with: piscale report {db}")
@@ -94,7 +104,7 @@ def evaluate(
             f"{task.name}: {len(evaluation.problems)} problems; {cells} cells, {searches} searches to run "
             f"(config {evaluation.config_key}, database {db})"
         )
-        lm, reward_model = _load(config, device, console)
+        lm, reward_model = _load(config, device, console, evaluation)
         run_id = evaluation.start_run(
             {"lm": _describe(lm), "reward": _describe(reward_model), "device": device, "limit": limit}
         )
@@ -112,13 +122,19 @@ def evaluate(
     )
 
 
-def _load(config, device: str | None, console) -> tuple[object, object]:
+def _load(config, device: str | None, console, evaluation) -> tuple[object, object]:
     from piscale.api import load_lm, load_reward
+    from piscale.eval.runner import ORACLE_REWARD, oracle_reward
 
     with console.status(f"loading {config.model} and reward {config.reward}"):
         try:
             lm = load_lm(config.model, engine=config.engine, device=device)
-            reward = load_reward(config.reward, policy=lm, policy_spec=config.model, engine=config.engine, device=device)
+            if config.reward == ORACLE_REWARD:
+                reward = oracle_reward(evaluation.problems, config.prompt_template)
+            else:
+                reward = load_reward(
+                    config.reward, policy=lm, policy_spec=config.model, engine=config.engine, device=device
+                )
         except (ValueError, FileNotFoundError, OSError, ImportError) as error:
             _fail(f"could not load the model or reward: {error}")
     return lm, reward
@@ -129,6 +145,8 @@ def _describe(thing: object) -> dict | None:
     if thing is None:
         return None
     described = {"class": f"{type(thing).__module__}.{type(thing).__qualname__}", "name": getattr(thing, "name", None)}
+    if getattr(thing, "scale", None) is not None:
+        described["scale"] = thing.scale
     identity = getattr(thing, "identity", None)
     if identity is not None:
         described["identity"] = identity if isinstance(identity, (str, int, float, dict, list)) else str(identity)

@@ -18,9 +18,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from piscale.eval.store import ResultRow
 from piscale.eval.subsample import SELECTIONS, Samples, expected_accuracy, first_subset_choice
-from piscale.grading import answers_equal, normalize_answer
+from piscale.grading import answers_equal
+from piscale.search.select import group_answers
 
 SUBSAMPLED_ALGORITHMS = frozenset(SELECTIONS)
 """Algorithms whose smaller budgets are computed from the samples of the largest."""
@@ -38,10 +41,15 @@ def rows_from_result(
     problem_id: str,
     reference: str,
     budgets: Sequence[int],
+    reward_scale: str = "probability",
+    variant: str = "",
 ) -> list[ResultRow]:
     """Graded rows for ``budgets`` from one search result (a
     ``SearchResult.to_dict()``). Budgets other than the search's own are only
-    allowed for the subsampled algorithms, and must not exceed it."""
+    allowed for the subsampled algorithms, and must not exceed it.
+    ``reward_scale`` is the reward's ``scale``, which weighted best-of-N needs
+    to pool rewards the way the search did; ``variant`` labels the options
+    the search ran with."""
     algorithm, run_budget, seed = str(result["algorithm"]), int(result["budget"]), int(result["seed"])
     usage = _usage(result)
     answer = result.get("answer")
@@ -62,6 +70,7 @@ def rows_from_result(
                 subsampled=False,
                 samples_from=run_budget,
                 subsets=1,
+                variant=variant,
                 **usage,
             )
         ]
@@ -71,7 +80,7 @@ def rows_from_result(
             f"{algorithm} at budget {run_budget} returned {len(candidates)} samples; "
             "subsampling needs exactly one per unit of budget"
         )
-    samples = samples_of(candidates, reference)
+    samples = samples_of(candidates, reference, reward_scale)
     rows = []
     for budget in sorted(set(budgets)):
         if not 1 <= budget <= run_budget:
@@ -80,8 +89,7 @@ def rows_from_result(
         if budget == run_budget:
             chosen = answer
         else:
-            index = first_subset_choice(algorithm, samples, budget)
-            chosen = None if index is None else candidates[index].get("answer")
+            chosen = candidates[first_subset_choice(algorithm, samples, budget)].get("answer")
         scale = budget / run_budget
         rows.append(
             ResultRow(
@@ -96,28 +104,31 @@ def rows_from_result(
                 subsampled=budget != run_budget,
                 samples_from=run_budget,
                 subsets=estimate.subsets,
+                variant=variant,
                 **{name: value * scale for name, value in usage.items()},
             )
         )
     return rows
 
 
-def samples_of(candidates: Sequence[Mapping], reference: str) -> Samples:
-    """The samples of a best-of-N style search, with answers grouped the way
-    voting groups them (``normalize_answer``) and each group graded once."""
-    keys: list[str | None] = []
-    key_correct: dict[str, bool] = {}
-    for candidate in candidates:
-        raw = candidate.get("answer")
-        if raw is None:
-            keys.append(None)
-            continue
-        key = normalize_answer(raw)
-        keys.append(key)
-        if key not in key_correct:
-            key_correct[key] = grade(raw, reference)
-    scores = [_finite(candidate.get("score"), "score") for candidate in candidates]
-    return Samples.build(keys, key_correct, scores)
+def samples_of(candidates: Sequence[Mapping], reference: str, reward_scale: str = "probability") -> Samples:
+    """The samples of a best-of-N style search, with answers grouped as the
+    search groups them (``piscale.search.select.group_answers``), each group
+    graded once, and vote masses as weighted best-of-N computes them."""
+    answers = [candidate.get("answer") for candidate in candidates]
+    groups = group_answers(answers)
+    group_correct: dict[int, bool] = {}
+    for answer, group in zip(answers, groups):
+        if group is not None and group not in group_correct:
+            group_correct[group] = grade(answer, reference)
+    scores = np.array([-np.inf if c.get("score") is None else float(c["score"]) for c in candidates], dtype=float)
+    finite = np.isfinite(scores)
+    if reward_scale == "log" and finite.any():
+        # Log-scale rewards are pooled as likelihoods, exp(score - max), as wbon does.
+        masses = np.where(finite, np.exp(scores - scores[finite].max()), 0.0)
+    else:
+        masses = np.where(finite, scores, 0.0)
+    return Samples.build(groups, group_correct, [None if not f else s for s, f in zip(scores, finite)], masses)
 
 
 def subset_seed(problem_id: str, seed: int, budget: int) -> int:
@@ -135,7 +146,3 @@ def _usage(result: Mapping) -> dict[str, float]:
     return {name: float(usage[name]) for name in USAGE_FIELDS}
 
 
-def _finite(value: object, what: str) -> float:
-    if value is None:
-        raise ValueError(f"a sample has no {what}; best-of-N style selection needs one per sample")
-    return float(value)

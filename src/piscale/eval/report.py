@@ -68,6 +68,7 @@ def wilson_interval(mean: float, n: int, z: float = Z_95) -> tuple[float, float]
 @dataclass(frozen=True)
 class Cell:
     algorithm: str
+    """The algorithm, with its search options in brackets when it had any."""
     budget: int
     accuracy: float
     low: float
@@ -133,14 +134,19 @@ def summarize(db: str | Path, *, estimator: str = "expected") -> list[Group]:
         if not config_rows:
             continue
         group = Group(config["config_key"], config["dataset"], config["model"], config["reward"], config["description"])
-        order = list(dict.fromkeys(r["algorithm"] for r in sorted(config_rows, key=lambda r: r["result_id"])))
+        order = list(dict.fromkeys(_label(r) for r in sorted(config_rows, key=lambda r: r["result_id"])))
         cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
         for row in config_rows:
-            cells[(row["algorithm"], row["budget"])].append(row)
+            cells[(_label(row), row["budget"])].append(row)
         for (algorithm, budget), cell_rows in sorted(cells.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
             group.cells.append(_cell(algorithm, budget, cell_rows, estimator))
         groups.append(group)
     return groups
+
+
+def _label(row: dict) -> str:
+    """An algorithm's name, with its options when it ran with any: ``pf[resampler=systematic]``."""
+    return f"{row['algorithm']}[{row['variant']}]" if row["variant"] else row["algorithm"]
 
 
 def _cell(algorithm: str, budget: int, rows: Sequence[dict], estimator: str) -> Cell:
@@ -266,6 +272,10 @@ def write_json(groups: Sequence[Group], path: str | Path, *, estimator: str = "e
     return path
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_DASHES = ("-", "--", "-.", ":")
+
+
 def write_plots(groups: Sequence[Group], out_dir: str | Path) -> list[Path]:
     """Accuracy versus budget and versus generated tokens per problem, one
     line per algorithm with its interval as a band; PNG and SVG for each
@@ -281,11 +291,19 @@ def write_plots(groups: Sequence[Group], out_dir: str | Path) -> list[Path]:
     for group in groups:
         for axis, label in (("budget", "budget (samples / particles)"), ("tokens", "generated tokens per problem")):
             figure, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
-            for algorithm in group.algorithms:
+            for number, algorithm in enumerate(group.algorithms):
                 cells = sorted((c for c in group.cells if c.algorithm == algorithm), key=lambda c: c.budget)
                 xs = [c.budget if axis == "budget" else max(c.generated_tokens, 1e-9) for c in cells]
                 ys = [100 * c.accuracy for c in cells]
-                (line,) = ax.plot(xs, ys, marker="o", label=algorithm)
+                # Distinct markers and dashes keep coinciding lines (bon and wbon often are) visible.
+                (line,) = ax.plot(
+                    xs,
+                    ys,
+                    marker=_MARKERS[number % len(_MARKERS)],
+                    linestyle=_DASHES[number % len(_DASHES)],
+                    markersize=5,
+                    label=algorithm,
+                )
                 ax.fill_between(
                     xs, [100 * c.low for c in cells], [100 * c.high for c in cells], color=line.get_color(), alpha=0.12
                 )

@@ -13,6 +13,13 @@ meanwhile.
 Best-of-N, weighted best-of-N and self-consistency run once per problem and
 seed at the largest missing budget; the smaller budgets are subsampled from
 those samples (``piscale.eval.subsample``).
+
+Search options (``--option KEY=VALUE``) go to every algorithm of the grid that
+takes them; ``ALGORITHM.KEY=VALUE`` targets one algorithm. The options an
+algorithm actually receives form its *variant*, part of each result's key.
+Cells an algorithm cannot run (beam search and DVTS need a budget that is a
+multiple of their beam width) are listed in ``Evaluation.unsupported`` and
+skipped, not run.
 """
 
 from __future__ import annotations
@@ -79,8 +86,9 @@ def _items(text: str, what: str, kind: type) -> list:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Everything besides the grid cell that decides a result. Its hash (with
-    the task's fingerprint and the model's identity) keys stored results."""
+    """What, besides the grid cell and the search options, decides a result.
+    Its hash (with the task's fingerprint and the model's identity) keys
+    stored results."""
 
     model: str
     reward: str
@@ -88,7 +96,8 @@ class EvalConfig:
     system: str = DEFAULT_SYSTEM_PROMPT
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     options: Mapping[str, object] = field(default_factory=dict)
-    """Algorithm options passed to the search (the same for every algorithm)."""
+    """Search options: ``KEY`` for every algorithm that takes it,
+    ``ALGORITHM.KEY`` for one algorithm."""
 
     def __post_init__(self) -> None:
         check_template(self.prompt_template)
@@ -99,6 +108,8 @@ class Job:
     """One search setting and the problems that still need it."""
 
     algorithm: str
+    variant: str
+    options: Mapping[str, object]
     budget: int
     """The budget the search runs at."""
     seed: int
@@ -107,7 +118,7 @@ class Job:
     problems: tuple[Problem, ...]
 
     def cells(self, problem: Problem) -> list[CellKey]:
-        return [(problem.id, self.algorithm, b, self.seed) for b in self.stores]
+        return [(problem.id, self.algorithm, self.variant, b, self.seed) for b in self.stores]
 
 
 @dataclass
@@ -155,6 +166,57 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def variant_label(options: Mapping[str, object]) -> str:
+    """A short stable name for a set of search options ("" for none)."""
+    return ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(options.items()))
+
+
+def algorithm_options(algorithms: Sequence[str], options: Mapping[str, object]) -> dict[str, dict[str, object]]:
+    """The options each algorithm receives; an option no algorithm of the
+    grid takes is an error, as is an unknown algorithm."""
+    from piscale.search import ALGORITHMS
+
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown:
+        raise EvalError(f"unknown algorithm {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
+    chosen: dict[str, dict[str, object]] = {a: {} for a in algorithms}
+    for key, value in options.items():
+        target, dot, name = key.rpartition(".")
+        if dot:
+            if target not in chosen:
+                raise EvalError(f"option {key!r} names algorithm {target!r}, which is not in the grid")
+            if name not in ALGORITHMS[target].options:
+                raise EvalError(f"{target} takes no option {name!r}; it takes {', '.join(ALGORITHMS[target].options)}")
+            chosen[target][name] = value
+            continue
+        takers = [a for a in algorithms if key in ALGORITHMS[a].options]
+        if not takers:
+            raise EvalError(f"no algorithm of the grid ({', '.join(algorithms)}) takes the option {key!r}")
+        for algorithm in takers:
+            chosen[algorithm].setdefault(key, value)
+    return chosen
+
+
+def budget_problems(algorithm: str, budgets: Sequence[int], options: Mapping[str, object]) -> dict[int, str]:
+    """Budgets ``algorithm`` cannot spend, with the search's reason. Bad
+    option values are errors for every budget, so they raise instead."""
+    from piscale.search import ALGORITHMS
+    from piscale.search.settings import build_settings
+
+    spec = ALGORITHMS[algorithm]
+    try:
+        settings = build_settings(spec.name, spec.options, spec.defaults, dict(options))
+    except (ValueError, TypeError) as error:
+        raise EvalError(f"{algorithm}: {error}") from error
+    problems = {}
+    for budget in budgets:
+        try:
+            spec.layout(budget, settings)
+        except ValueError as error:
+            problems[budget] = str(error)
+    return problems
+
+
 class Evaluation:
     """One task, configuration and grid against one results database."""
 
@@ -173,6 +235,13 @@ class Evaluation:
         self.config = config
         self.grid = grid
         self.problems = task.head(limit)
+        self.options = algorithm_options(grid.algorithms, config.options)
+        self.variants = {a: variant_label(o) for a, o in self.options.items()}
+        self.unsupported: dict[tuple[str, int], str] = {
+            (a, b): reason
+            for a in grid.algorithms
+            for b, reason in budget_problems(a, grid.budgets, self.options[a]).items()
+        }
         self.model_identity = dict(identity) if identity is not None else model_identity(config.model)
         description = {
             "dataset": {"name": task.name, "source": task.source, "fingerprint": task.fingerprint},
@@ -181,13 +250,21 @@ class Evaluation:
             "engine": config.engine,
             "system": config.system,
             "prompt_template": config.prompt_template,
-            "options": dict(config.options),
         }
         # The reason an identity was unavailable is for people, not the key: its
         # wording may change between versions while the model stays the same.
         keyed = {**description, "model": {k: v for k, v in self.model_identity.items() if k != "identity_unavailable"}}
         self.config_key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
-        store.ensure_config(self.config_key, task.name, config.model, config.reward, description)
+        store.ensure_config(self.config_key, task.label, config.model, config.reward, description)
+
+    def budgets_for(self, algorithm: str) -> tuple[int, ...]:
+        return tuple(b for b in self.grid.budgets if (algorithm, b) not in self.unsupported)
+
+    @property
+    def cell_count(self) -> int:
+        """Cells of the grid that will be filled (unsupported ones excluded)."""
+        per_problem = sum(len(self.budgets_for(a)) for a in self.grid.algorithms)
+        return len(self.problems) * per_problem * len(self.grid.seeds)
 
     # -- planning -------------------------------------------------------------
     def pending(self) -> list[Job]:
@@ -196,28 +273,30 @@ class Evaluation:
         jobs: list[Job] = []
         for seed in self.grid.seeds:
             for algorithm in self.grid.algorithms:
+                variant, options = self.variants[algorithm], self.options[algorithm]
+                budgets = self.budgets_for(algorithm)
                 if algorithm in SUBSAMPLED_ALGORITHMS:
-                    jobs.extend(self._subsampled_jobs(algorithm, seed, stored))
+                    by_need: dict[tuple[int, ...], list[Problem]] = {}
+                    for problem in self.problems:
+                        need = tuple(b for b in budgets if (problem.id, algorithm, variant, b, seed) not in stored)
+                        if need:
+                            by_need.setdefault(need, []).append(problem)
+                    for need, todo in by_need.items():
+                        jobs.append(Job(algorithm, variant, options, max(need), seed, need, tuple(todo)))
                     continue
-                for budget in self.grid.budgets:
-                    todo = tuple(p for p in self.problems if (p.id, algorithm, budget, seed) not in stored)
+                for budget in budgets:
+                    todo = tuple(p for p in self.problems if (p.id, algorithm, variant, budget, seed) not in stored)
                     if todo:
-                        jobs.append(Job(algorithm, budget, seed, (budget,), todo))
+                        jobs.append(Job(algorithm, variant, options, budget, seed, (budget,), todo))
         return jobs
-
-    def _subsampled_jobs(self, algorithm: str, seed: int, stored: set[CellKey]) -> list[Job]:
-        by_need: dict[tuple[int, ...], list[Problem]] = {}
-        for problem in self.problems:
-            missing = tuple(b for b in self.grid.budgets if (problem.id, algorithm, b, seed) not in stored)
-            if missing:
-                by_need.setdefault(missing, []).append(problem)
-        return [Job(algorithm, max(need), seed, need, tuple(problems)) for need, problems in by_need.items()]
 
     # -- running --------------------------------------------------------------
     def start_run(self, extra: Mapping | None = None) -> int:
         info = {
             "argv": sys.argv,
             "grid": {"algorithms": self.grid.algorithms, "budgets": self.grid.budgets, "seeds": self.grid.seeds},
+            "options": {a: o for a, o in self.options.items() if o},
+            "unsupported": [f"{a}@{b}: {reason}" for (a, b), reason in self.unsupported.items()],
             "problems": len(self.problems),
             "versions": package_versions(),
             "host": socket.gethostname(),
@@ -245,6 +324,7 @@ class Evaluation:
         if solve_many is None:
             from piscale.search import run_many as solve_many
         jobs = self.pending() if jobs is None else list(jobs)
+        reward_scale = getattr(reward, "scale", "probability") if reward is not None else "probability"
         progress = Progress(searches_total=sum(len(job.problems) for job in jobs))
         if on_progress:
             on_progress(progress)
@@ -266,24 +346,28 @@ class Evaluation:
                     job.seed,
                     system=self.config.system,
                     trace=trace,
-                    **dict(self.config.options),
+                    **dict(job.options),
                 )
                 if len(results) != len(todo):
                     raise EvalError(f"the search returned {len(results)} results for {len(todo)} questions")
                 for problem, result in zip(todo, results):
-                    self._store(run_id, job, problem, _as_dict(result), progress)
+                    self._store(run_id, job, problem, _as_dict(result), reward_scale, progress)
                     if on_progress:
                         on_progress(progress)
         return progress
 
-    def _store(self, run_id: int, job: Job, problem: Problem, result: dict, progress: Progress) -> None:
+    def _store(
+        self, run_id: int, job: Job, problem: Problem, result: dict, reward_scale: str, progress: Progress
+    ) -> None:
         produced: list[ResultRow] = []
 
         def derive(stored_result: Mapping) -> list[ResultRow]:
-            produced[:] = rows_from_result(stored_result, problem.id, problem.reference, job.stores)
+            produced[:] = rows_from_result(
+                stored_result, problem.id, problem.reference, job.stores, reward_scale, job.variant
+            )
             return produced
 
-        cell = (problem.id, job.algorithm, job.budget, job.seed)
+        cell = (problem.id, job.algorithm, job.variant, job.budget, job.seed)
         progress.rows_stored += self.store.save_search(self.config_key, run_id, cell, result, derive)
         progress.searches_done += 1
         progress.generated_tokens += float(result.get("usage", {}).get("generated_tokens", 0))
@@ -291,6 +375,27 @@ class Evaluation:
             if not row.subsampled:
                 progress.graded += 1
                 progress.correct += int(row.correct)
+
+
+ORACLE_REWARD = "verify"
+"""The reward spec that means: verify each problem's answer against its own
+reference. An oracle, for upper bounds and tests; results with it say how
+well a perfect outcome reward would do."""
+
+
+def oracle_reward(problems: Sequence[Problem], template: str):
+    """A ``VerifierReward`` that knows every problem's reference, keyed by
+    the question exactly as the search passes it to the reward."""
+    from piscale.rewards import VerifierReward
+
+    references: dict[str, str] = {}
+    for problem in problems:
+        question = format_prompt(template, problem.question)
+        if references.setdefault(question, problem.reference) != problem.reference:
+            raise EvalError(
+                f"problem {problem.id} repeats a question with a different reference; the oracle cannot tell them apart"
+            )
+    return VerifierReward(references)
 
 
 def _as_dict(result: object) -> dict:

@@ -1,17 +1,19 @@
 """Evaluation results in SQLite, safe against kills and concurrent writers.
 
-Three kinds of rows:
+Four tables:
 
 * ``configs``: what determines a result apart from the grid cell: the
   dataset fingerprint, the model and reward (with their identities, file
-  hashes where known), the prompts and the algorithm options. Their hash, the
-  *config key*, is part of every result's key, so a changed model or prompt
-  never resumes from results of another one.
-* ``searches``: one per search actually run, (problem, algorithm, run budget,
-  seed), holding the whole ``SearchResult`` as JSON: every candidate, usage,
-  settings, and the trace when asked for.
-* ``results``: one graded row per (problem, algorithm, budget, seed), the unit
-  of the accuracy tables. A search at budget N of best-of-N, weighted
+  hashes where known) and the prompts. Their hash, the *config key*, is part
+  of every result's key, so a changed model or prompt never resumes from
+  results of another one.
+* ``searches``: one per search actually run, (problem, algorithm, variant,
+  run budget, seed), holding the whole ``SearchResult`` as JSON: every
+  candidate, usage, settings, and the trace when asked for.
+* ``results``: one graded row per (problem, algorithm, variant, budget,
+  seed), the unit of the accuracy tables. The variant names the search
+  options the algorithm ran with (empty for its defaults), so variants of one
+  algorithm sit side by side. A search at budget N of best-of-N, weighted
   best-of-N or self-consistency yields rows for every budget up to N
   (``subsampled = 1`` for those below N; see ``piscale.eval.subsample``).
 * ``runs``: one per invocation: its command line, grid, package versions,
@@ -64,11 +66,12 @@ CREATE TABLE IF NOT EXISTS searches (
     run_id INTEGER NOT NULL REFERENCES runs(run_id),
     problem_id TEXT NOT NULL,
     algorithm TEXT NOT NULL,
+    variant TEXT NOT NULL,
     budget INTEGER NOT NULL,
     seed INTEGER NOT NULL,
     result TEXT NOT NULL,
     created_at REAL NOT NULL,
-    UNIQUE (config_key, problem_id, algorithm, budget, seed)
+    UNIQUE (config_key, problem_id, algorithm, variant, budget, seed)
 );
 CREATE TABLE IF NOT EXISTS results (
     result_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -77,6 +80,7 @@ CREATE TABLE IF NOT EXISTS results (
     search_id INTEGER NOT NULL REFERENCES searches(search_id),
     problem_id TEXT NOT NULL,
     algorithm TEXT NOT NULL,
+    variant TEXT NOT NULL,
     budget INTEGER NOT NULL,
     seed INTEGER NOT NULL,
     reference TEXT NOT NULL,
@@ -91,12 +95,13 @@ CREATE TABLE IF NOT EXISTS results (
     reward_calls REAL NOT NULL,
     wall_time REAL NOT NULL,
     created_at REAL NOT NULL,
-    UNIQUE (config_key, problem_id, algorithm, budget, seed)
+    UNIQUE (config_key, problem_id, algorithm, variant, budget, seed)
 );
 """
 
-CellKey = tuple[str, str, int, int]
-"""(problem id, algorithm, budget, seed): one cell of the grid."""
+CellKey = tuple[str, str, str, int, int]
+"""(problem id, algorithm, variant, budget, seed): one cell of the grid. The
+variant names the options an algorithm ran with (empty for its defaults)."""
 
 
 class StoreError(RuntimeError):
@@ -124,10 +129,11 @@ class ResultRow:
     prompt_tokens: float
     reward_calls: float
     wall_time: float
+    variant: str = ""
 
     @property
     def key(self) -> CellKey:
-        return (self.problem_id, self.algorithm, self.budget, self.seed)
+        return (self.problem_id, self.algorithm, self.variant, self.budget, self.seed)
 
 
 class ResultStore:
@@ -214,20 +220,20 @@ class ResultStore:
         it, atomically. If another writer stored the same search first, the
         rows are derived from the stored result instead, so every row always
         agrees with the search it references. Returns the number of new rows."""
-        problem_id, algorithm, budget, seed = cell
+        problem_id, algorithm, variant, budget, seed = cell
         with self._transaction():
             cursor = self._db.execute(
-                "INSERT OR IGNORE INTO searches (config_key, run_id, problem_id, algorithm, budget, seed, result, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (config_key, run_id, problem_id, algorithm, budget, seed, _dumps(result), time.time()),
+                "INSERT OR IGNORE INTO searches (config_key, run_id, problem_id, algorithm, variant, budget, seed, "
+                "result, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (config_key, run_id, problem_id, algorithm, variant, budget, seed, _dumps(result), time.time()),
             )
             if cursor.rowcount == 1:
                 search_id = int(cursor.lastrowid)
             else:
                 stored = self._db.execute(
                     "SELECT search_id, result FROM searches WHERE config_key = ? AND problem_id = ? "
-                    "AND algorithm = ? AND budget = ? AND seed = ?",
-                    (config_key, problem_id, algorithm, budget, seed),
+                    "AND algorithm = ? AND variant = ? AND budget = ? AND seed = ?",
+                    (config_key, problem_id, algorithm, variant, budget, seed),
                 ).fetchone()
                 search_id, result = int(stored["search_id"]), json.loads(stored["result"])
             inserted = 0
@@ -253,9 +259,9 @@ class ResultStore:
     # -- reading --------------------------------------------------------------
     def stored_cells(self, config_key: str) -> set[CellKey]:
         rows = self._db.execute(
-            "SELECT problem_id, algorithm, budget, seed FROM results WHERE config_key = ?", (config_key,)
+            "SELECT problem_id, algorithm, variant, budget, seed FROM results WHERE config_key = ?", (config_key,)
         )
-        return {(r["problem_id"], r["algorithm"], int(r["budget"]), int(r["seed"])) for r in rows}
+        return {(r["problem_id"], r["algorithm"], r["variant"], int(r["budget"]), int(r["seed"])) for r in rows}
 
     def configs(self) -> list[dict]:
         rows = self._db.execute("SELECT * FROM configs ORDER BY created_at, config_key").fetchall()
@@ -268,7 +274,7 @@ class ResultStore:
 
     def results(self, config_key: str | None = None) -> list[dict]:
         query = "SELECT * FROM results" + (" WHERE config_key = ?" if config_key else "")
-        query += " ORDER BY config_key, algorithm, budget, problem_id, seed"
+        query += " ORDER BY config_key, algorithm, variant, budget, problem_id, seed"
         return [dict(r) for r in self._db.execute(query, (config_key,) if config_key else ())]
 
     def search(self, search_id: int) -> dict:

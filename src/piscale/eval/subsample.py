@@ -1,73 +1,81 @@
 """Best-of-N, weighted best-of-N and self-consistency at every budget from one run.
 
-The three baselines draw N independent samples and then *select* an answer:
+The three baselines draw N independent samples and then *select* an answer
+(``piscale.search.bon``, ``wbon``, ``sc``):
 
-* ``bon``: the sample with the largest reward;
-* ``wbon``: the answer whose samples have the largest summed reward;
+* ``bon``: the sample with the largest reward (unscored samples lose);
+* ``wbon``: the answer whose samples carry the largest total mass (the
+  reward, or exp(reward - max) for log-scale rewards);
 * ``sc``: the answer given by the most samples (majority vote).
 
-A run at budget b is therefore b i.i.d. samples followed by the selection, and
+A run at budget b is therefore b i.i.d. samples followed by the selection, so
 any b of the N samples drawn for the largest budget are distributed exactly
 like a fresh run at budget b. search-and-learn (Beeching, Tunstall and Rush,
 2024) exploits this by scoring budget b on the *first* b samples. This module
-computes that estimate (:func:`first_subset_choice`, the answer stored with a
-row) and its Rao-Blackwellisation (:func:`expected_accuracy`): the mean
-correctness of the selection over *all* b-subsets of the N samples, which has
-the same expectation and a smaller variance. When there are more than
-``max_exact`` subsets, the mean is taken over ``random_subsets`` subsets drawn
-uniformly without replacement of samples (seeded, so it is reproducible), and
-the number of subsets used is reported.
+computes that estimate (:func:`first_subset_choice`, which uses the search's
+own selection functions, ties and all) and its Rao-Blackwellisation
+(:func:`expected_accuracy`): the mean correctness of the selection over *all*
+b-subsets of the N samples, which has the same expectation and a smaller
+variance. When there are more than ``max_exact`` subsets, the mean is taken
+over ``random_subsets`` subsets drawn uniformly (seeded, so reproducible),
+and the number of subsets used is reported.
 
-Ties are split evenly: when k answers tie for the selection, each counts 1/k.
-Samples without an answer take part in best-of-N (the best sample may have no
-answer, and then the selection is wrong) but cast no vote in ``wbon`` or ``sc``.
+In the subset mean, ties are split evenly: when k answers (or, for ``bon``, k
+samples) tie for the selection, each counts 1/k, where the search itself
+would take the earliest. Samples without an answer take part in best-of-N
+(the best sample may have no answer, and then the selection is wrong) but
+cast no vote in ``wbon`` or ``sc``.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from piscale.search.select import heaviest_group, max_weight
 
 SELECTIONS = ("bon", "wbon", "sc")
 
 DEFAULT_MAX_EXACT = 5000
 DEFAULT_RANDOM_SUBSETS = 2000
 
-# Sums of the same rewards in a different order may differ in the last bits;
-# answers whose summed rewards agree to this many decimals count as tied.
-_TIE_DECIMALS = 9
+# Totals of the same masses summed in a different order may differ in the last
+# bits; answers within this relative distance of the best count as tied.
+_TIE_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
 class Samples:
     """The N samples of one run, reduced to what selection needs.
 
-    ``groups[i]`` is the answer class of sample i (equal answers share a
-    class), or -1 for a sample without an answer; ``group_correct[g]`` says
-    whether class g is a correct answer; ``scores[i]`` is the reward of
-    sample i (``weights[i]`` its weight in the weighted vote); ``correct[i]``
-    whether sample i's answer is correct.
+    ``groups[i]`` is the answer group of sample i (equivalent answers share a
+    group, numbered by first appearance), or -1 for a sample without an
+    answer; ``group_correct[g]`` says whether group g is a correct answer;
+    ``scores[i]`` is the reward of sample i (-inf when unscored);
+    ``masses[i]`` its vote in the weighted vote.
     """
 
     groups: np.ndarray
     group_correct: np.ndarray
     scores: np.ndarray
-    weights: np.ndarray
+    masses: np.ndarray
 
     def __post_init__(self) -> None:
         n = len(self.groups)
         if n == 0:
             raise ValueError("no samples to select from")
-        if len(self.scores) != n or len(self.weights) != n:
-            raise ValueError(f"{n} samples but {len(self.scores)} scores and {len(self.weights)} weights")
+        if len(self.scores) != n or len(self.masses) != n:
+            raise ValueError(f"{n} samples but {len(self.scores)} scores and {len(self.masses)} masses")
         if self.groups.max() >= len(self.group_correct) or self.groups.min() < -1:
             raise ValueError("sample groups must be -1 or index group_correct")
-        if not np.all(np.isfinite(self.scores)) or not np.all(np.isfinite(self.weights)):
-            raise ValueError("sample scores and weights must be finite")
+        if np.isnan(self.scores).any() or np.isposinf(self.scores).any():
+            raise ValueError("sample scores must be numbers or -inf (unscored), not NaN or +inf")
+        if not np.all(np.isfinite(self.masses)):
+            raise ValueError("sample masses must be finite")
 
     @property
     def size(self) -> int:
@@ -80,14 +88,15 @@ class Samples:
     @classmethod
     def build(
         cls,
-        keys: Sequence[str | None],
-        key_correct: dict[str, bool],
-        scores: Sequence[float],
-        weights: Sequence[float] | None = None,
+        keys: Sequence[Hashable | None],
+        key_correct: dict,
+        scores: Sequence[float | None],
+        masses: Sequence[float] | None = None,
     ) -> Samples:
-        """From per-sample answer keys (None: no answer), the correctness of
-        each key, and per-sample scores (and vote weights, default the scores)."""
-        index: dict[str, int] = {}
+        """From per-sample answer keys (None: no answer; equal keys are the
+        same answer), each key's correctness, per-sample scores (None:
+        unscored) and vote masses (default: the score, 0 when unscored)."""
+        index: dict = {}
         groups = []
         for key in keys:
             if key is None:
@@ -98,17 +107,19 @@ class Samples:
             groups.append(index.setdefault(key, len(index)))
         group_correct = np.zeros(len(index), dtype=bool)
         for key, g in index.items():
-            group_correct[g] = key_correct[key]
-        scores_array = np.asarray(scores, dtype=float)
-        weights_array = scores_array if weights is None else np.asarray(weights, dtype=float)
-        return cls(np.asarray(groups, dtype=int), group_correct, scores_array, weights_array)
+            group_correct[g] = bool(key_correct[key])
+        score_array = np.array([-np.inf if s is None else float(s) for s in scores], dtype=float)
+        if masses is None:
+            mass_array = np.where(np.isfinite(score_array), score_array, 0.0)
+        else:
+            mass_array = np.asarray(masses, dtype=float)
+        return cls(np.asarray(groups, dtype=int), group_correct, score_array, mass_array)
 
 
 def subset_credit(selection: str, samples: Samples, subsets: np.ndarray) -> np.ndarray:
     """Correctness of ``selection`` on each row of ``subsets`` (an integer
     array, one subset of sample indices per row), ties split evenly."""
-    if selection not in SELECTIONS:
-        raise ValueError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
+    _check_selection(selection)
     if selection == "bon":
         scores = samples.scores[subsets]
         best = scores == scores.max(axis=1, keepdims=True)
@@ -121,17 +132,17 @@ def subset_credit(selection: str, samples: Samples, subsets: np.ndarray) -> np.n
     voting = groups >= 0
     rows = np.broadcast_to(np.arange(n_rows)[:, None], groups.shape)
     flat = (rows * n_groups + groups)[voting]
+    size = n_rows * n_groups
+    present = np.bincount(flat, minlength=size).reshape(n_rows, n_groups) > 0
     if selection == "sc":
-        tally = np.bincount(flat, minlength=n_rows * n_groups).reshape(n_rows, n_groups)
-        present = tally > 0
+        tally = np.bincount(flat, minlength=size).reshape(n_rows, n_groups).astype(float)
     else:
-        votes = samples.weights[subsets][voting]
-        tally = np.bincount(flat, weights=votes, minlength=n_rows * n_groups).reshape(n_rows, n_groups)
-        tally = np.round(tally, _TIE_DECIMALS)
-        present = np.bincount(flat, minlength=n_rows * n_groups).reshape(n_rows, n_groups) > 0
-    # Absent answers cannot win, even when every present answer's summed weight is negative.
+        votes = samples.masses[subsets][voting]
+        tally = np.bincount(flat, weights=votes, minlength=size).reshape(n_rows, n_groups)
+    # Absent answers cannot win, even when every present answer's total is negative.
     tally = np.where(present, tally, -np.inf)
-    winners = present & (tally == tally.max(axis=1, keepdims=True))
+    best = tally.max(axis=1, keepdims=True)
+    winners = present & (tally >= best - _TIE_TOLERANCE * np.abs(best))
     hits = (winners & samples.group_correct[None, :]).sum(axis=1)
     n_winners = winners.sum(axis=1)
     return np.divide(hits, n_winners, out=np.zeros(n_rows), where=n_winners > 0)
@@ -157,11 +168,9 @@ def expected_accuracy(
     random_subsets: int = DEFAULT_RANDOM_SUBSETS,
 ) -> Estimate:
     """Mean correctness of ``selection`` over the ``budget``-subsets of the samples."""
+    _check_budget(budget, samples)
     n = samples.size
-    if not 1 <= budget <= n:
-        raise ValueError(f"budget {budget} must be between 1 and the number of samples ({n})")
-    total = math.comb(n, budget)
-    if total <= max_exact:
+    if math.comb(n, budget) <= max_exact:
         subsets = np.array(list(itertools.combinations(range(n), budget)), dtype=int)
         exhaustive = True
     else:
@@ -173,27 +182,29 @@ def expected_accuracy(
     return Estimate(accuracy=float(credit.mean()), subsets=len(subsets), exhaustive=exhaustive)
 
 
-def first_subset_choice(selection: str, samples: Samples, budget: int) -> int | None:
-    """The sample whose answer ``selection`` picks from the first ``budget``
-    samples (search-and-learn's estimate), ties going to the earliest sample;
-    None when no sample among them has an answer to pick (``wbon``, ``sc``)."""
-    if not 1 <= budget <= samples.size:
-        raise ValueError(f"budget {budget} must be between 1 and the number of samples ({samples.size})")
+def first_subset_choice(selection: str, samples: Samples, budget: int) -> int:
+    """The sample the search would return had it drawn only the first
+    ``budget`` samples (search-and-learn's estimate): the same selection
+    functions as ``piscale.search``, so ties go the same way."""
+    _check_selection(selection)
+    _check_budget(budget, samples)
+    scores = samples.scores[:budget]
+    if selection == "bon":
+        return max_weight(scores)
+    groups = [None if g < 0 else int(g) for g in samples.groups[:budget]]
+    masses = samples.masses[:budget] if selection == "wbon" else np.ones(budget)
+    winner = heaviest_group(groups, masses)
+    if selection == "sc":
+        return 0 if winner is None else groups.index(winner)
+    members = [i for i, g in enumerate(groups) if g == winner] if winner is not None else list(range(budget))
+    return members[max_weight(scores[members])]
+
+
+def _check_selection(selection: str) -> None:
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
-    if selection == "bon":
-        return int(np.argmax(samples.scores[:budget]))
-    tally: dict[int, float] = {}
-    first_seen: dict[int, int] = {}
-    for i in range(budget):
-        g = int(samples.groups[i])
-        if g < 0:
-            continue
-        vote = 1.0 if selection == "sc" else float(samples.weights[i])
-        tally[g] = tally.get(g, 0.0) + vote
-        first_seen.setdefault(g, i)
-    if not tally:
-        return None
-    best = max(round(v, _TIE_DECIMALS) for v in tally.values())
-    winner = min((g for g, v in tally.items() if round(v, _TIE_DECIMALS) == best), key=first_seen.__getitem__)
-    return first_seen[winner]
+
+
+def _check_budget(budget: int, samples: Samples) -> None:
+    if not 1 <= budget <= samples.size:
+        raise ValueError(f"budget {budget} must be between 1 and the number of samples ({samples.size})")

@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from piscale.grading import extract_boxed, gsm8k_reference
+from piscale.search import DEFAULT_SYSTEM_PROMPT as SEARCH_SYSTEM_PROMPT
 
-DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-"""The system message of the paper's runs (the Qwen2.5-Math instruction)."""
+DEFAULT_SYSTEM_PROMPT = SEARCH_SYSTEM_PROMPT
+"""The system message of the paper's runs (the Qwen2.5-Math instruction), as
+the search uses it by default."""
 
 DEFAULT_PROMPT_TEMPLATE = "{question}"
 """The user message: the problem itself. ``{question}`` is replaced by it."""
@@ -71,6 +73,14 @@ class Task:
     fingerprint: str
     """sha256 over every problem's id, question and reference, in order."""
     problems: tuple[Problem, ...]
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and file names: the built-in name or hub
+        id as given, a file's stem."""
+        if self.name in BUILTIN_FILES or self.name.startswith("hf:"):
+            return self.name
+        return Path(self.name).stem
 
     def head(self, limit: int | None) -> tuple[Problem, ...]:
         """The first ``limit`` problems (all of them when ``limit`` is None)."""
