@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/piscale generate "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?" --n 4 --seed 0
+	$(BIN)/piscale models pull smollm2-135m-instruct
+	$(BIN)/piscale solve "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?" \
+		--algorithm pf --budget 4 --seed 0 --trace demo-trace.json
+	$(BIN)/piscale trace demo-trace.json -o demo-trace.html
 
 test: setup
 	$(BIN)/python -m pytest -q
