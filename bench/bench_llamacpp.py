@@ -1,0 +1,221 @@
+"""Benchmark of the llama.cpp engine: raw decoding, then particle filtering
+against the transformers engine.
+
+1. ``throughput``: one prompt opened with ``n`` copies (``--batch-sizes``,
+   default 1 and 8), each extended by ``--tokens`` tokens with no stop string
+   (temperature 0.8, seeded). Reports generated tokens per second over the
+   whole batch, forward passes, and what a fork costs (prefill tokens and
+   seconds for forking every sequence once).
+2. ``pf``: particle filtering (``piscale.search``, algorithm ``pf``) with
+   ``--particles`` particles on the first ``--problems`` GSM8K test problems,
+   one problem at a time, with the same policy model through each engine in
+   ``--engines`` (default: llamacpp and hf). Reports wall time per problem,
+   generated tokens per second, prefill tokens, and accuracy. The reward is
+   ``--reward`` (a ``piscale.rewards`` spec); the default, an arithmetic step
+   checker, costs no model calls, so the comparison measures the engines.
+   Skipped, with the reason recorded, when the search package or an engine is
+   not installed.
+
+Results go to ``bench/results/llamacpp.json`` (``--out``). Timing on a shared
+machine is noisy: the JSON records the thread count and the host.
+
+    python bench/bench_llamacpp.py                          # both parts
+    python bench/bench_llamacpp.py --part throughput --model smollm2-135m-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from piscale.lm.base import LanguageModel, StepParams
+
+RESULTS = Path(__file__).parent / "results"
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
+QUESTION = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?"
+)
+
+
+async def decode_throughput(lm: LanguageModel, batch_size: int, tokens: int) -> dict:
+    """Tokens/s of ``batch_size`` sequences decoded together, and fork cost."""
+    prompt = lm.prompt_ids(QUESTION)
+    params = StepParams(max_tokens=tokens, stop=(), temperature=0.8)
+    # warm-up: the first pass allocates buffers
+    [warm] = await lm.open([prompt])
+    await lm.extend(warm, StepParams(max_tokens=2, stop=(), temperature=0.8), seeds=[0])
+    lm.release(warm)
+
+    before = lm.usage.snapshot()
+    start = time.perf_counter()
+    [handles] = await lm.open([prompt], copies=batch_size)
+    opened = time.perf_counter()
+    outputs = await lm.extend(handles, params, seeds=list(range(batch_size)))
+    decoded = time.perf_counter()
+    generated = sum(len(o.token_ids) for o in outputs)
+    used = lm.usage.since(before)
+
+    fork_before = lm.usage.snapshot()
+    fork_start = time.perf_counter()
+    children = lm.fork(handles)
+    fork_seconds = time.perf_counter() - fork_start
+    forked = lm.usage.since(fork_before)
+    lm.release(handles + children)
+    return {
+        "batch_size": batch_size,
+        "prompt_tokens": len(prompt),
+        "generated_tokens": generated,
+        "prefill_seconds": opened - start,
+        "decode_seconds": decoded - opened,
+        "tokens_per_second": generated / (decoded - opened),
+        "forward_passes": used.forward_passes,
+        "prefill_tokens": used.prefill_tokens,
+        "fork_seconds": fork_seconds,
+        "fork_prefill_tokens": forked.prefill_tokens,
+        "fork_forward_passes": forked.forward_passes,
+    }
+
+
+def gsm8k_problems(count: int) -> list[dict]:
+    problems = []
+    with open(GSM8K) as lines:
+        for line in lines:
+            record = json.loads(line)
+            answer = record["answer"].split("####")[-1].strip().replace(",", "")
+            problems.append({"question": record["question"], "answer": answer})
+            if len(problems) == count:
+                break
+    return problems
+
+
+async def particle_filtering(lm: LanguageModel, args, problems: list[dict]) -> dict:
+    """PF on each problem in turn through ``lm``; per-problem wall time."""
+    from piscale.api import asolve_many
+    from piscale.grading import answers_equal
+
+    rows = []
+    for index, problem in enumerate(problems):
+        reward = args.reward.format(answer=problem["answer"])
+        before = lm.usage.snapshot()
+        start = time.perf_counter()
+        [result] = await asolve_many(
+            [problem["question"]], model=lm, reward=reward, algorithm="pf", budget=args.particles, seed=index
+        )
+        wall = time.perf_counter() - start
+        used = lm.usage.since(before)
+        answer = getattr(result, "answer", None)
+        rows.append(
+            {
+                "problem": index,
+                "wall_seconds": wall,
+                "generated_tokens": used.generated_tokens,
+                "prefill_tokens": used.prefill_tokens,
+                "scored_tokens": used.scored_tokens,
+                "forward_passes": used.forward_passes,
+                "tokens_per_second": used.generated_tokens / wall,
+                "answer": answer,
+                "correct": bool(answer is not None and answers_equal(str(answer), problem["answer"])),
+            }
+        )
+        print(f"  problem {index}: {wall:.1f} s, {used.generated_tokens} tokens, answer {answer!r}", flush=True)
+    wall = sum(r["wall_seconds"] for r in rows)
+    generated = sum(r["generated_tokens"] for r in rows)
+    return {
+        "problems": rows,
+        "mean_wall_seconds_per_problem": wall / len(rows),
+        "generated_tokens_per_second": generated / wall,
+        "accuracy": sum(r["correct"] for r in rows) / len(rows),
+    }
+
+
+def load_engine(spec: str, engine: str, threads: int | None) -> LanguageModel:
+    from piscale.lm import load
+
+    options = {"n_threads": threads} if engine == "llamacpp" and threads else {}
+    return load(spec, engine=engine, **options)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("throughput", "pf", "all"), default="all")
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="catalog name or .gguf path")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence in the throughput part")
+    parser.add_argument("--particles", type=int, default=8)
+    parser.add_argument("--problems", type=int, default=10)
+    parser.add_argument("--engines", nargs="+", default=["llamacpp", "hf"])
+    parser.add_argument("--reward", default="arith", help="reward spec; {answer} is replaced by the reference")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "llamacpp.json")
+    args = parser.parse_args()
+
+    report: dict = {
+        "model": args.model,
+        "host": platform.node(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if args.out.exists():  # keep the other part's numbers when running one part
+        previous = json.loads(args.out.read_text())
+        if previous.get("model") == args.model:
+            report = {**previous, **report}
+
+    from piscale.lm.llamacpp import LlamaCppLM, available
+
+    if not available():
+        raise SystemExit("llama-cpp-python is not installed: make setup EXTRAS=llamacpp")
+
+    if args.part in ("throughput", "all"):
+        start = time.perf_counter()
+        lm = LlamaCppLM.from_spec(args.model, n_threads=args.threads)
+        load_seconds = time.perf_counter() - start
+        rows = []
+        for batch_size in args.batch_sizes:
+            row = await decode_throughput(lm, batch_size, args.tokens)
+            print(f"llamacpp batch {batch_size}: {row['tokens_per_second']:.1f} tokens/s", flush=True)
+            rows.append(row)
+        report["throughput"] = {"engine": "llamacpp", "threads": lm.n_threads, "load_seconds": load_seconds, "runs": rows}
+        await lm.close()
+
+    if args.part in ("pf", "all"):
+        problems = gsm8k_problems(args.problems)
+        results: dict = {"particles": args.particles, "reward": args.reward, "engines": {}}
+        try:
+            import piscale.search  # noqa: F401
+            from piscale.api import asolve_many  # noqa: F401
+        except ImportError as error:
+            results["skipped"] = f"particle filtering is not available yet: {error}"
+            print(results["skipped"])
+        else:
+            for engine in args.engines:
+                print(f"{engine}: particle filtering, {args.particles} particles, {len(problems)} problems", flush=True)
+                start = time.perf_counter()
+                lm = load_engine(args.model, engine, args.threads)
+                load_seconds = time.perf_counter() - start
+                run = await particle_filtering(lm, args, problems)
+                run["load_seconds"] = load_seconds
+                results["engines"][engine] = run
+                await lm.close()
+            engines = results["engines"]
+            if "llamacpp" in engines and "hf" in engines:
+                results["speedup_tokens_per_second"] = (
+                    engines["llamacpp"]["generated_tokens_per_second"] / engines["hf"]["generated_tokens_per_second"]
+                )
+                results["speedup_wall_time"] = (
+                    engines["hf"]["mean_wall_seconds_per_problem"] / engines["llamacpp"]["mean_wall_seconds_per_problem"]
+                )
+        report["particle_filtering"] = results
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,930 @@
+"""A native llama.cpp engine: GGUF models on the CPU, particles as sequence ids.
+
+llama.cpp keeps key/value caches for up to ``n_seq_max`` *sequence ids*; a
+batch may mix tokens of many sequence ids, and ``seq_cp`` / ``seq_rm`` copy
+or clear a sequence's cache. That makes particle search cheap:
+
+* a *slot* is one sequence id and the cache it holds. Handles point at slots
+  and a slot may be shared by several handles whose cached tokens are the
+  same (copy on write): ``open`` reads each prompt once into one slot that
+  all its copies share, and ``fork`` only adds a holder to the ancestor's
+  slot. A fork therefore costs no prefill and no copy;
+* a handle that is about to be decoded while its slot is shared first gets a
+  slot of its own by ``seq_cp`` (a copy of cache memory, never a re-read).
+  After resampling the search releases the old generation, so most children
+  are the sole holder of their ancestor's slot by then, and only ancestors
+  drawn more than once are copied;
+* ``release`` drops a holder; the last one clears the slot (``seq_rm``) and
+  its sequence id is reused.
+
+By default every sequence id has a cache of its own (llama.cpp's non-unified
+cache, ``context_length`` cells each). Attention of a sequence then reads
+exactly its own cells, so a sequence's logits are bit-identical whatever else
+is in the batch, and seeded sampling is reproducible across batch sizes. With
+``unified_cache=True`` all sequences share one pool of cells; copies only tag
+cells, but the attention kernels see the whole pool, so logits move at the
+1e-2 level with the batch's composition (measured; see docs/engines.md).
+
+Decoding is token by token over one ``llama_batch`` that holds one token per
+live sequence. A sampled token is *pending*: it is appended to the sequence
+but not yet in the cache; the next pass feeds it. Right after ``open`` the
+logits of the prompt's last position are kept, so the first token of every
+copy is sampled without another pass.
+
+Sampling is done in numpy from the logits, with a ``numpy.random.Generator``
+per sequence and step seeded by the caller. Log-probabilities are
+log-softmax at temperature 1, whatever the sampling temperature.
+
+Concurrent ``extend`` calls join one decoding loop between two passes
+(continuous batching at token granularity); the passes run in a worker thread
+so the event loop stays free for other work (rewards, HTTP), and one lock
+serialises everything that touches the llama.cpp context.
+
+The engine needs the optional ``llama-cpp-python`` package
+(``pip install piscale[llamacpp]``); :func:`available` says whether it is
+installed. The low-level API it uses has been renamed across versions
+(``llama_memory_seq_*`` / ``llama_kv_self_seq_*`` / ``llama_kv_cache_seq_*``);
+the names are resolved once at load time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib
+import itertools
+import json
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from piscale.lm.base import (
+    FinishReason,
+    Handle,
+    LanguageModel,
+    ScoreOutput,
+    StepOutput,
+    StepParams,
+    Stopwatch,
+    Usage,
+    find_stop,
+)
+
+__all__ = ["LlamaCppLM", "available", "sample_token", "render_chat_template"]
+
+# Logits rows llama.cpp may hand back from one pass are bounded so that its
+# output buffer stays near 64 MiB even for 150k-token vocabularies (scoring
+# asks for a row at every position).
+_MAX_OUTPUT_FLOATS = 1 << 24
+
+# Top-p first looks for the nucleus among this many most likely tokens; only
+# when their mass falls short is the whole vocabulary sorted.
+_TOP_P_CANDIDATES = 256
+
+
+def available() -> bool:
+    """Whether ``llama-cpp-python`` is installed and its library loads."""
+    try:
+        importlib.import_module("llama_cpp.llama_cpp")
+    except Exception:  # ImportError, or OSError from a broken shared library
+        return False
+    return True
+
+
+def _import_llama_cpp():
+    try:
+        return importlib.import_module("llama_cpp.llama_cpp")
+    except ImportError as error:
+        raise ImportError(
+            "the llama.cpp engine needs llama-cpp-python: pip install 'piscale[llamacpp]' "
+            "(or make setup EXTRAS=llamacpp); it compiles llama.cpp, which takes a few minutes"
+        ) from error
+
+
+# -- sampling -------------------------------------------------------------------
+
+
+def sample_token(
+    logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None
+) -> tuple[int, float]:
+    """Choose the next token from one row of logits.
+
+    Returns the token and its log-probability under the model at temperature
+    1. ``temperature == 0`` is greedy (the first maximum); otherwise the token
+    is drawn from softmax(logits / temperature), restricted to the smallest set
+    of most likely tokens whose probability reaches ``top_p``, with one
+    uniform draw from ``rng`` (inverse-CDF sampling).
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    top = float(x.max())
+    shifted = x - top
+    log_normaliser = float(np.log(np.exp(shifted).sum()))
+    if temperature == 0:
+        token = int(np.argmax(x))
+        return token, float(shifted[token] - log_normaliser)
+    if rng is None:
+        raise ValueError("sampling at temperature > 0 needs a random generator")
+    weights = np.exp(shifted / temperature)
+    if top_p < 1.0:
+        token = _sample_nucleus(weights, top_p, rng)
+    else:
+        cumulative = np.cumsum(weights)
+        token = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+        token = min(token, len(weights) - 1)
+    return token, float(shifted[token] - log_normaliser)
+
+
+def _sample_nucleus(weights: np.ndarray, top_p: float, rng: np.random.Generator) -> int:
+    """Inverse-CDF draw from the top-p nucleus of unnormalised ``weights``."""
+    total = weights.sum()
+    k = min(_TOP_P_CANDIDATES, len(weights))
+    candidates = np.argpartition(-weights, k - 1)[:k] if k < len(weights) else np.arange(len(weights))
+    order = candidates[np.argsort(-weights[candidates], kind="stable")]
+    if weights[order].sum() < top_p * total and k < len(weights):
+        order = np.argsort(-weights, kind="stable")
+    sorted_weights = weights[order]
+    mass_before = np.cumsum(sorted_weights) - sorted_weights
+    keep = int(np.count_nonzero(mass_before < top_p * total))
+    kept = np.cumsum(sorted_weights[: max(keep, 1)])
+    index = int(np.searchsorted(kept, rng.random() * kept[-1], side="right"))
+    return int(order[min(index, len(kept) - 1)])
+
+
+def _log_softmax_at(rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log softmax(rows[i])[targets[i]] for every row, in float64."""
+    x = rows.astype(np.float64)
+    top = x.max(axis=1, keepdims=True)
+    log_normaliser = np.log(np.exp(x - top).sum(axis=1)) + top[:, 0]
+    return x[np.arange(len(targets)), targets] - log_normaliser
+
+
+# -- chat templates -------------------------------------------------------------
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[dict],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> str:
+    """Render a Hugging Face style Jinja chat template (as stored in a GGUF's
+    ``tokenizer.chat_template``) in a sandbox.
+
+    With ``continue_final_message`` the text is cut right after the content of
+    the last message, so that the model goes on writing that message.
+    """
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(value: Any, indent: int | None = None) -> str:
+        return json.dumps(value, ensure_ascii=False, indent=indent)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    messages = list(messages)
+    rendered = env.from_string(template).render(
+        messages=messages,
+        add_generation_prompt=add_generation_prompt and not continue_final_message,
+        bos_token=bos_token,
+        eos_token=eos_token,
+    )
+    if continue_final_message:
+        if not messages:
+            raise ValueError("continue_final_message needs at least one message")
+        content = messages[-1].get("content")
+        if not isinstance(content, str):
+            raise ValueError("continue_final_message needs the last message's content to be a string")
+        end = rendered.rfind(content.strip())
+        if end < 0:
+            raise ValueError("the chat template does not reproduce the last message's content verbatim")
+        rendered = rendered[: end + len(content.strip())]
+    return rendered
+
+
+# -- engine state ---------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    """A llama.cpp sequence id and the cache it holds, shared by ``holders``
+    handles whose cached tokens are identical."""
+
+    seq_id: int
+    holders: int = 1
+
+
+@dataclass
+class _Sequence:
+    """A particle: its tokens and the slot caching them.
+
+    ``tokens[:n_cached]`` are in the slot's cache; the rest are pending (read
+    by the next pass). ``next_logits`` holds the logits for the token after
+    ``tokens`` when they are already known (right after ``open``)."""
+
+    slot: _Slot
+    tokens: list[int]
+    n_cached: int
+    next_logits: np.ndarray | None = None
+    busy: bool = False
+
+
+@dataclass
+class _Active:
+    """One sequence being extended by one ``extend`` call."""
+
+    handle: Handle
+    params: StepParams
+    rng: np.random.Generator | None
+    new_tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class _Request:
+    members: list[_Active]
+    future: asyncio.Future
+
+
+@dataclass
+class _Feed:
+    """Tokens of one sequence id for one decoding run, starting at position
+    ``pos``. With ``all_outputs`` a logits row is produced at every token,
+    otherwise only at the last one."""
+
+    seq_id: int
+    pos: int
+    tokens: list[int]
+    all_outputs: bool = False
+
+
+OutputSink = Callable[[int, int, np.ndarray], None]
+"""Receives (feed index, token index within the feed, logits row). The row is
+a view into llama.cpp's buffer, valid only during the call."""
+
+
+def _free_native(ll, model, ctx, batch) -> None:
+    ll.llama_batch_free(batch)
+    ll.llama_free(ctx)
+    free_model = getattr(ll, "llama_model_free", None) or ll.llama_free_model
+    free_model(model)
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """The GGUF file of a spec: a path to one, or a catalog name (pulled on
+    first use by ``piscale.models``)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return path
+    from piscale.models import gguf_path
+
+    return Path(gguf_path(model))
+
+
+class LlamaCppLM(LanguageModel):
+    """A ``LanguageModel`` over a GGUF file run natively by llama.cpp.
+
+    ``model`` is a path to a ``.gguf`` file or a catalog name (resolved by
+    ``piscale.models.gguf_path``). Weights stay quantised.
+
+    ``max_sequences`` is the number of cache slots: distinct sequences that
+    can be cached at once (handles that share a slot count once; ``score``
+    borrows slots while it runs). ``context_length`` is the most tokens one
+    sequence may hold (capped by the model's training context); the cache has
+    ``context_length * max_sequences`` cells, allocated up front.
+    ``unified_cache`` pools the cells of all slots (see the module docstring).
+    ``n_batch`` bounds the tokens of one pass (longer prefills are split).
+    ``n_threads`` defaults to the CPUs this process may use. ``seed`` seeds
+    sampling when ``extend`` is given no seeds. ``flash_attention`` selects
+    llama.cpp's fused attention kernel, whose results do not depend on how a
+    sequence's tokens are split into passes. ``verbose`` lets llama.cpp log to
+    stderr.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        context_length: int = 2048,
+        max_sequences: int = 16,
+        unified_cache: bool = False,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        flash_attention: bool = True,
+        seed: int = 0,
+        name: str | None = None,
+        verbose: bool = False,
+    ):
+        if context_length < 16:
+            raise ValueError(f"context_length must be at least 16, got {context_length}")
+        if max_sequences < 1:
+            raise ValueError(f"max_sequences must be >= 1, got {max_sequences}")
+        if n_batch < 1:
+            raise ValueError(f"n_batch must be >= 1, got {n_batch}")
+        if n_threads is None:
+            n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        ll = _import_llama_cpp()
+        # Importing the package installs llama-cpp-python's log callback; its
+        # logger decides what reaches stderr (the same switch ``Llama`` uses).
+        importlib.import_module("llama_cpp")
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+        limit = getattr(ll, "llama_max_parallel_sequences", None)
+        if limit is not None and max_sequences > limit():
+            raise ValueError(f"max_sequences={max_sequences} exceeds this llama.cpp build's limit of {limit()}")
+
+        path = resolve_model_path(model)
+        self.model_path = path
+        self.name = name or (path.stem if Path(model).expanduser().is_file() else str(model))
+        self._ll = ll
+        ll.llama_backend_init()
+
+        model_params = ll.llama_model_default_params()
+        model_params.n_gpu_layers = n_gpu_layers
+        load = getattr(ll, "llama_model_load_from_file", None) or ll.llama_load_model_from_file
+        self._model = load(str(path).encode("utf-8"), model_params)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {path} (not a GGUF model it supports?)")
+        free_model = getattr(ll, "llama_model_free", None) or ll.llama_free_model
+        train_ctx = getattr(ll, "llama_model_n_ctx_train", None) or ll.llama_n_ctx_train
+        self.context_length = min(context_length, int(train_ctx(self._model)))
+
+        context_params = ll.llama_context_default_params()
+        context_params.n_ctx = self.context_length * max_sequences
+        context_params.n_batch = n_batch
+        context_params.n_ubatch = n_batch
+        context_params.n_seq_max = max_sequences
+        context_params.n_threads = n_threads
+        context_params.n_threads_batch = n_threads
+        fields = {f[0] for f in type(context_params)._fields_}
+        if "kv_unified" in fields:
+            context_params.kv_unified = unified_cache
+        elif not unified_cache:
+            raise ValueError("this llama-cpp-python has only a unified cache; pass unified_cache=True or upgrade it")
+        if "flash_attn_type" in fields:
+            context_params.flash_attn_type = 1 if flash_attention else 0
+        elif "flash_attn" in fields:
+            context_params.flash_attn = flash_attention
+        if "no_perf" in fields:
+            context_params.no_perf = True
+        init = getattr(ll, "llama_init_from_model", None) or ll.llama_new_context_with_model
+        self._ctx = init(self._model, context_params)
+        if not self._ctx:
+            free_model(self._model)
+            raise RuntimeError(
+                f"llama.cpp could not create a context of {context_params.n_ctx} cells "
+                f"(context_length={self.context_length} x max_sequences={max_sequences}): lower one of them"
+            )
+        self._batch = ll.llama_batch_init(n_batch, 0, 1)
+        self._finalizer = weakref.finalize(self, _free_native, ll, self._model, self._ctx, self._batch)
+
+        self.n_ctx = int(ll.llama_n_ctx(self._ctx))
+        self.n_batch = n_batch
+        self.max_sequences = max_sequences
+        self.unified_cache = unified_cache
+        self.n_threads = n_threads
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self.vocab_size = int(ll.llama_vocab_n_tokens(self._vocab))
+        self._max_outputs = max(1, min(n_batch, _MAX_OUTPUT_FLOATS // self.vocab_size))
+        self.eos_token_ids = frozenset(
+            t for t in range(self.vocab_size) if ll.llama_vocab_is_eog(self._vocab, t)
+        )
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        self.chat_template = self._metadata("tokenizer.chat_template")
+        self._seq_copy, self._seq_remove = self._resolve_sequence_ops()
+
+        self.usage = Usage()
+        self.cache_copies = 0
+        """How many times a slot's cache was copied for a diverging handle."""
+        self.seed = seed
+        self._seed_source = np.random.default_rng(seed)
+        self._sequences: dict[Handle, _Sequence] = {}
+        self._next_handle = itertools.count()
+        self._free_ids = list(range(max_sequences))
+        # Held by whoever touches the llama.cpp context or the slot table.
+        self._context_lock = threading.Lock()
+        self._waiting: list[_Request] = []
+        self._loop_running = False
+
+    @classmethod
+    def from_spec(cls, spec: str | os.PathLike, **options: Any) -> LlamaCppLM:
+        """The engine for a model spec (a ``.gguf`` path or a catalog name);
+        ``options`` are the constructor's keyword arguments."""
+        return cls(spec, **options)
+
+    # -- native helpers -------------------------------------------------------
+    def _resolve_sequence_ops(self):
+        """Bind seq_cp/seq_rm under whichever names this version exports."""
+        ll = self._ll
+        if hasattr(ll, "llama_memory_seq_cp") and hasattr(ll, "llama_get_memory"):
+            target, prefix = ll.llama_get_memory(self._ctx), "llama_memory_"
+        elif hasattr(ll, "llama_kv_self_seq_cp"):
+            target, prefix = self._ctx, "llama_kv_self_"
+        else:
+            target, prefix = self._ctx, "llama_kv_cache_"
+        copy_fn, remove_fn = getattr(ll, prefix + "seq_cp"), getattr(ll, prefix + "seq_rm")
+
+        def copy(source: int, destination: int) -> None:
+            copy_fn(target, source, destination, -1, -1)
+
+        def remove(seq_id: int, start: int = -1) -> None:
+            remove_fn(target, seq_id, start, -1)
+
+        return copy, remove
+
+    def _metadata(self, key: str) -> str | None:
+        size = 4096
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = self._ll.llama_model_meta_val_str(self._model, key.encode(), buffer, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buffer.raw[:n].decode("utf-8", errors="replace")
+            size = n + 1
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        key = (token, special)
+        piece = self._pieces.get(key)
+        if piece is None:
+            buffer = ctypes.create_string_buffer(64)
+            n = self._ll.llama_token_to_piece(self._vocab, token, buffer, 64, 0, special)
+            if n < 0:
+                buffer = ctypes.create_string_buffer(-n)
+                n = self._ll.llama_token_to_piece(self._vocab, token, buffer, -n, 0, special)
+            piece = buffer.raw[:n]
+            self._pieces[key] = piece
+        return piece
+
+    def _tokenize(self, text: str, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            out = (ctypes.c_int32 * capacity)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), out, capacity, False, parse_special)
+            if n >= 0:
+                return list(out[:n])
+            capacity = -n
+
+    # -- text -----------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special-token markup in it is read as text."""
+        return self._tokenize(text, parse_special=False)
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        for token in token_ids:
+            if not 0 <= int(token) < self.vocab_size:
+                raise ValueError(f"token id {token} is outside the vocabulary (size {self.vocab_size})")
+        pieces = b"".join(self._piece(int(t), not skip_special_tokens) for t in token_ids)
+        return pieces.decode("utf-8", errors="replace")
+
+    def chat(self, messages, *, add_generation_prompt=True, continue_final_message=False) -> list[int]:
+        if not self.chat_template:
+            raise ValueError(f"{self.name} has no chat template in its GGUF metadata; pass token ids instead")
+        ll = self._ll
+        bos = ll.llama_vocab_bos(self._vocab)
+        eos = ll.llama_vocab_eos(self._vocab)
+        text = render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            bos_token=self._piece(bos, True).decode("utf-8", "replace") if bos >= 0 else "",
+            eos_token=self._piece(eos, True).decode("utf-8", "replace") if eos >= 0 else "",
+        )
+        return self._tokenize(text, parse_special=True)
+
+    # -- slots and handles (slot table changes hold the context lock) -----------
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError(f"the llama.cpp engine for {self.name} is closed")
+
+    def _get(self, handle: Handle) -> _Sequence:
+        self._check_open()
+        try:
+            return self._sequences[handle]
+        except KeyError:
+            raise KeyError(f"unknown or released sequence handle {handle}") from None
+
+    def _take_ids(self, count: int, what: str) -> list[int]:
+        if count > len(self._free_ids):
+            raise RuntimeError(
+                f"{what} needs {count} cache slots but only {len(self._free_ids)} of {self.max_sequences} "
+                "are free: release finished handles, or construct LlamaCppLM with a larger max_sequences"
+            )
+        self._free_ids.sort()
+        taken, self._free_ids = self._free_ids[:count], self._free_ids[count:]
+        for seq_id in taken:
+            self._seq_remove(seq_id)
+        return taken
+
+    def _give_back_ids(self, seq_ids: Sequence[int]) -> None:
+        for seq_id in seq_ids:
+            self._seq_remove(seq_id)
+            self._free_ids.append(seq_id)
+
+    def _drop_holder(self, slot: _Slot) -> None:
+        slot.holders -= 1
+        if slot.holders == 0:
+            self._give_back_ids([slot.seq_id])
+
+    def _own_slot(self, sequence: _Sequence) -> None:
+        """Give ``sequence`` a slot no other handle holds, copying the cache
+        if it was shared, so that decoding it changes no other handle."""
+        if sequence.slot.holders == 1:
+            return
+        [seq_id] = self._take_ids(1, "decoding a forked sequence")
+        self._seq_copy(sequence.slot.seq_id, seq_id)
+        self.cache_copies += 1
+        sequence.slot.holders -= 1
+        sequence.slot = _Slot(seq_id)
+
+    def token_ids(self, handle: Handle) -> list[int]:
+        return list(self._get(handle).tokens)
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self._sequences)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_ids)
+
+    def fork(self, ancestors: Sequence[Handle]) -> list[Handle]:
+        parents = [self._get(h) for h in ancestors]
+        for handle, parent in zip(ancestors, parents):
+            if parent.busy:
+                raise RuntimeError(f"cannot fork sequence {handle} while it is being extended")
+        children = []
+        with self._context_lock:
+            for parent in parents:
+                parent.slot.holders += 1
+                handle = next(self._next_handle)
+                self._sequences[handle] = _Sequence(parent.slot, list(parent.tokens), parent.n_cached, parent.next_logits)
+                children.append(handle)
+        return children
+
+    def release(self, handles: Sequence[Handle]) -> None:
+        handles = list(handles)
+        if len(set(handles)) != len(handles):
+            raise ValueError("a handle appears twice in one release call")
+        for handle in handles:
+            if self._get(handle).busy:
+                raise RuntimeError(f"cannot release sequence {handle} while it is being extended")
+        with self._context_lock:
+            for handle in handles:
+                self._drop_holder(self._sequences.pop(handle).slot)
+
+    # -- decoding runs (called with the context lock held) ----------------------
+    def _run_feeds(self, feeds: Sequence[_Feed], sink: OutputSink) -> int:
+        """Feed tokens through llama.cpp, packing all feeds into as few passes
+        as ``n_batch`` and the output bound allow. Returns the passes run.
+
+        On failure, whatever this run put in the cache is removed again, so
+        each sequence is left as it was."""
+        ll, batch = self._ll, self._batch
+        outputs: list[tuple[int, int, int]] = []  # (feed, token in feed, batch index)
+        n = 0
+        passes = 0
+
+        def flush() -> None:
+            nonlocal n, passes, outputs
+            batch.n_tokens = n
+            code = ll.llama_decode(self._ctx, batch)
+            passes += 1
+            if code != 0:
+                if code == 1:
+                    raise RuntimeError(
+                        f"the llama.cpp cache is full ({self.n_ctx} cells for {self.max_sequences} slots): "
+                        "release finished handles, or construct LlamaCppLM with a larger context_length"
+                    )
+                raise RuntimeError(f"llama_decode failed with code {code}")
+            for feed_index, token_index, batch_index in outputs:
+                pointer = ll.llama_get_logits_ith(self._ctx, batch_index)
+                sink(feed_index, token_index, np.ctypeslib.as_array(pointer, shape=(self.vocab_size,)))
+            n, outputs = 0, []
+
+        try:
+            for feed_index, feed in enumerate(feeds):
+                last = len(feed.tokens) - 1
+                for j, token in enumerate(feed.tokens):
+                    wants_output = feed.all_outputs or j == last
+                    if n == self.n_batch or (wants_output and len(outputs) == self._max_outputs):
+                        flush()
+                    batch.token[n] = token
+                    batch.pos[n] = feed.pos + j
+                    batch.n_seq_id[n] = 1
+                    batch.seq_id[n][0] = feed.seq_id
+                    batch.logits[n] = wants_output
+                    if wants_output:
+                        outputs.append((feed_index, j, n))
+                    n += 1
+            if n:
+                flush()
+        except BaseException:
+            for feed in feeds:
+                self._seq_remove(feed.seq_id, feed.pos)
+            raise
+        finally:
+            self.usage.forward_passes += passes
+        return passes
+
+    # -- prefill --------------------------------------------------------------
+    async def open(self, prompts, copies=1) -> list[list[Handle]]:
+        prompts = [[int(t) for t in p] for p in prompts]
+        counts = [copies] * len(prompts) if isinstance(copies, int) else [int(c) for c in copies]
+        if len(counts) != len(prompts):
+            raise ValueError(f"copies has {len(counts)} entries for {len(prompts)} prompts")
+        if any(c < 1 for c in counts):
+            raise ValueError("copies must be >= 1")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty; a prompt needs at least one token")
+            if len(prompt) >= self.context_length:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens, which does not fit the context window "
+                    f"of {self.context_length}"
+                )
+            self._check_tokens(prompt, f"prompt {i}")
+        self._check_open()
+        if not prompts:
+            return []
+        self.usage.calls += 1
+        slots, last_logits = await asyncio.to_thread(self._prefill, prompts)
+        result: list[list[Handle]] = []
+        for prompt, count, slot, logits in zip(prompts, counts, slots, last_logits):
+            slot.holders = count
+            group = []
+            for _ in range(count):
+                handle = next(self._next_handle)
+                self._sequences[handle] = _Sequence(slot, list(prompt), len(prompt), logits)
+                group.append(handle)
+            result.append(group)
+        return result
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[list[_Slot], list[np.ndarray]]:
+        """Read every prompt once into a slot of its own and keep the logits
+        of its last position (the first token of every copy comes from them)."""
+        last_logits: list[np.ndarray] = [np.empty(0, np.float32)] * len(prompts)
+
+        def keep(feed_index: int, _token_index: int, row: np.ndarray) -> None:
+            last_logits[feed_index] = row.copy()
+            last_logits[feed_index].flags.writeable = False
+
+        with self._context_lock, Stopwatch(self.usage):
+            seq_ids = self._take_ids(len(prompts), "open")
+            try:
+                self._run_feeds([_Feed(seq_id, 0, prompt) for seq_id, prompt in zip(seq_ids, prompts)], keep)
+            except BaseException:
+                self._give_back_ids(seq_ids)
+                raise
+            self.usage.prefill_tokens += sum(len(p) for p in prompts)
+        return [_Slot(seq_id) for seq_id in seq_ids], last_logits
+
+    def _check_tokens(self, tokens: Sequence[int], what: str) -> None:
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"{what} has token ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}")
+
+    # -- decoding -------------------------------------------------------------
+    async def extend(self, handles, params: StepParams, seeds=None) -> list[StepOutput]:
+        handles = list(handles)
+        if seeds is not None and len(seeds) != len(handles):
+            raise ValueError(f"got {len(seeds)} seeds for {len(handles)} sequences")
+        if len(set(handles)) != len(handles):
+            raise ValueError("a sequence appears twice in one extend call; fork it first")
+        if not isinstance(params, StepParams):
+            raise TypeError(f"params must be a StepParams, got {type(params).__name__}")
+        members = []
+        for i, handle in enumerate(handles):
+            if self._get(handle).busy:
+                raise RuntimeError(f"sequence {handle} is already being extended")
+            rng = None
+            if params.temperature > 0:
+                seed = int(seeds[i]) if seeds is not None else int(self._seed_source.integers(2**63))
+                rng = np.random.default_rng(seed)
+            members.append(_Active(handle, params, rng))
+        if not members:
+            return []
+        for member in members:
+            self._sequences[member.handle].busy = True
+        self.usage.calls += 1
+        loop = asyncio.get_running_loop()
+        request = _Request(members, loop.create_future())
+        self._waiting.append(request)
+        if not self._loop_running:
+            self._loop_running = True
+            loop.create_task(self._decode_loop())
+        return await request.future
+
+    def _finish(self, request: _Request) -> None:
+        for member in request.members:
+            sequence = self._sequences.get(member.handle)
+            if sequence is not None:
+                sequence.busy = False
+
+    async def _decode_loop(self) -> None:
+        """Run passes while any ``extend`` call has unfinished sequences;
+        calls that arrive meanwhile join at the next pass."""
+        active: list[_Request] = []
+        try:
+            while self._waiting or active:
+                active.extend(self._waiting)
+                self._waiting.clear()
+                for request in [r for r in active if r.future.done()]:  # cancelled callers
+                    self._finish(request)
+                active = [r for r in active if not r.future.done()]
+                members = [m for r in active for m in r.members if m.finish_reason is None]
+                if members:
+                    try:
+                        await asyncio.to_thread(self._decode_step, members)
+                    except Exception as error:
+                        for request in active:
+                            self._finish(request)
+                            if not request.future.done():
+                                request.future.set_exception(error)
+                        active = []
+                        continue
+                still = []
+                for request in active:
+                    if all(m.finish_reason is not None for m in request.members):
+                        self._finish(request)
+                        if not request.future.done():
+                            request.future.set_result(
+                                [StepOutput(m.new_tokens, m.text, m.logprobs, m.finish_reason) for m in request.members]
+                            )
+                    else:
+                        still.append(request)
+                active = still
+        finally:
+            self._loop_running = False
+
+    def _decode_step(self, members: list[_Active]) -> None:
+        """One token for every member: feed pending tokens, sample, advance."""
+        with self._context_lock, Stopwatch(self.usage):
+            sequences = [self._sequences[m.handle] for m in members]
+            needs_pass = [i for i, s in enumerate(sequences) if s.next_logits is None]
+            for i in needs_pass:
+                self._own_slot(sequences[i])
+            feeds = [
+                _Feed(sequences[i].slot.seq_id, sequences[i].n_cached, sequences[i].tokens[sequences[i].n_cached :])
+                for i in needs_pass
+            ]
+            chosen: dict[int, tuple[int, float]] = {}
+
+            def sample(feed_index: int, _token_index: int, row: np.ndarray) -> None:
+                i = needs_pass[feed_index]
+                params = members[i].params
+                chosen[i] = sample_token(row, params.temperature, params.top_p, members[i].rng)
+
+            if feeds:
+                self._run_feeds(feeds, sample)
+                for i in needs_pass:
+                    sequences[i].n_cached = len(sequences[i].tokens)
+            for i, sequence in enumerate(sequences):
+                if sequence.next_logits is not None:
+                    params = members[i].params
+                    chosen[i] = sample_token(sequence.next_logits, params.temperature, params.top_p, members[i].rng)
+                    sequence.next_logits = None
+            for i, member in enumerate(members):
+                self._advance(member, sequences[i], *chosen[i])
+
+    def _advance(self, member: _Active, sequence: _Sequence, token: int, logprob: float) -> None:
+        sequence.tokens.append(token)
+        member.new_tokens.append(token)
+        member.logprobs.append(logprob)
+        self.usage.generated_tokens += 1
+        previous = len(member.text)
+        member.text = self.decode(member.new_tokens)
+        if token in self.eos_token_ids:
+            member.finish_reason = "eos"
+        elif find_stop(member.text, member.params.stop, previous) is not None:
+            member.finish_reason = "stop"
+        elif len(member.new_tokens) >= member.params.max_tokens:
+            member.finish_reason = "length"
+        elif len(sequence.tokens) >= self.context_length:
+            member.finish_reason = "context"
+
+    # -- scoring --------------------------------------------------------------
+    async def score(self, prompts, continuations) -> list[ScoreOutput]:
+        """log p(continuation | prompt) per token. Continuations of the same
+        prompt share one read of it."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"got {len(prompts)} prompts for {len(continuations)} continuations")
+        pairs = [([int(t) for t in p], [int(t) for t in c]) for p, c in zip(prompts, continuations)]
+        for i, (prompt, continuation) in enumerate(pairs):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty; scoring needs at least one token to condition on")
+            if len(prompt) + len(continuation) > self.context_length:
+                raise ValueError(
+                    f"prompt and continuation {i} ({len(prompt) + len(continuation)} tokens) exceed the "
+                    f"context window of {self.context_length}"
+                )
+            self._check_tokens(prompt + continuation, f"pair {i}")
+        self._check_open()
+        self.usage.calls += 1
+        results: list[ScoreOutput | None] = [None] * len(pairs)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (prompt, continuation) in enumerate(pairs):
+            if continuation:
+                groups.setdefault(tuple(prompt), []).append(i)
+            else:
+                results[i] = ScoreOutput([], [])
+        if groups:
+            await asyncio.to_thread(self._score_groups, groups, pairs, results)
+        return results  # type: ignore[return-value]
+
+    def _score_groups(self, groups: dict[tuple[int, ...], list[int]], pairs, results: list) -> None:
+        with self._context_lock, Stopwatch(self.usage):
+            capacity = len(self._free_ids)
+            if capacity < 2:
+                raise RuntimeError(
+                    f"score needs 2 free cache slots but {capacity} of {self.max_sequences} are free: "
+                    "release finished handles, or construct LlamaCppLM with a larger max_sequences"
+                )
+            for wave in _waves(groups, capacity):
+                seq_ids = self._take_ids(sum(1 + len(members) for _, members in wave), "score")
+                try:
+                    self._score_wave(wave, pairs, seq_ids, results)
+                finally:
+                    self._give_back_ids(seq_ids)
+
+    def _score_wave(self, wave, pairs, seq_ids: list[int], results: list) -> None:
+        ids = iter(seq_ids)
+        prompt_ids = [next(ids) for _ in wave]
+        continuation_ids = [[next(ids) for _ in members] for _, members in wave]
+
+        # 1. Each distinct prompt once, keeping its last-position logits.
+        last_logits: list[np.ndarray] = [np.empty(0)] * len(wave)
+
+        def keep(feed_index: int, _token_index: int, row: np.ndarray) -> None:
+            last_logits[feed_index] = row.copy()
+
+        self._run_feeds([_Feed(seq_id, 0, list(prompt)) for seq_id, (prompt, _) in zip(prompt_ids, wave)], keep)
+        self.usage.scored_tokens += sum(len(prompt) for prompt, _ in wave)
+
+        # 2. Every continuation but its last token, on a copy of its prompt.
+        feeds, owners = [], []
+        for g, (prompt, members) in enumerate(wave):
+            for seq_id, i in zip(continuation_ids[g], members):
+                continuation = pairs[i][1]
+                first = _log_softmax_at(last_logits[g][None, :], np.array([continuation[0]]))[0]
+                results[i] = ScoreOutput(list(continuation), [float(first)])
+                if len(continuation) > 1:
+                    self._seq_copy(prompt_ids[g], seq_id)
+                    feeds.append(_Feed(seq_id, len(prompt), continuation[:-1], all_outputs=True))
+                    owners.append(i)
+
+        def collect(feed_index: int, token_index: int, row: np.ndarray) -> None:
+            i = owners[feed_index]
+            target = pairs[i][1][token_index + 1]
+            results[i].logprobs.append(float(_log_softmax_at(row[None, :], np.array([target]))[0]))
+
+        self._run_feeds(feeds, collect)
+        self.usage.scored_tokens += sum(len(f.tokens) for f in feeds)
+
+    async def close(self) -> None:
+        """Free the model and its context; the engine cannot be used after."""
+        with self._context_lock:
+            self._sequences.clear()
+            self._finalizer()
+
+
+def _waves(groups: dict[tuple[int, ...], list[int]], capacity: int):
+    """Split prompt groups into waves that fit ``capacity`` slots: a wave
+    needs one slot per prompt and one per continuation."""
+    wave: list[tuple[tuple[int, ...], list[int]]] = []
+    room = capacity
+    for prompt, members in groups.items():
+        members = list(members)
+        while members:
+            if room < 2:
+                yield wave
+                wave, room = [], capacity
+            take, members = members[: room - 1], members[room - 1 :]
+            wave.append((prompt, take))
+            room -= 1 + len(take)
+    if wave:
+        yield wave

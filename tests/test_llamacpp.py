@@ -1,0 +1,383 @@
+"""The llama.cpp engine: sampling maths without a model, then the engine on
+the packaged SmolLM2-135M-Instruct GGUF, checked against llama.cpp's own
+full evaluation (the high-level ``llama_cpp.Llama`` with every logit kept)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from piscale.lm.base import StepParams
+from piscale.lm.llamacpp import available, render_chat_template, sample_token
+
+needs_llama_cpp = pytest.mark.skipif(not available(), reason="llama-cpp-python is not installed")
+
+
+# -- sampling, no model needed ----------------------------------------------------
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x - np.log(np.sum(np.exp(x - x.max()))) - x.max()
+
+
+def test_greedy_picks_the_first_maximum_and_reports_its_log_probability():
+    logits = np.array([0.5, 3.0, -1.0, 3.0], dtype=np.float32)
+    token, logprob = sample_token(logits, 0.0, 1.0, None)
+    assert token == 1
+    assert logprob == pytest.approx(np.log(np.exp(3.0) / np.exp(logits.astype(float)).sum()), abs=1e-12)
+
+
+def test_sampling_frequencies_follow_the_tempered_softmax():
+    logits = np.array([2.0, 1.0, 0.0, -1.0, 0.5])
+    temperature = 0.7
+    expected = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+    rng = np.random.default_rng(123)
+    draws = 20000
+    counts = np.zeros(len(logits))
+    for _ in range(draws):
+        token, logprob = sample_token(logits, temperature, 1.0, rng)
+        counts[token] += 1
+        # the reported log-probability is at temperature 1, not the sampling one
+        assert logprob == pytest.approx(_log_softmax(logits)[token], abs=1e-12)
+    # binomial standard error is at most sqrt(0.25 / 20000) = 0.0035
+    np.testing.assert_allclose(counts / draws, expected, atol=0.015)
+
+
+def test_top_p_keeps_only_the_nucleus_in_proportion():
+    probs = np.array([0.05, 0.5, 0.15, 0.3])
+    logits = np.log(probs)
+    rng = np.random.default_rng(7)
+    draws = 10000
+    counts = np.bincount([sample_token(logits, 1.0, 0.7, rng)[0] for _ in range(draws)], minlength=4)
+    # the smallest set reaching 0.7 is {0.5, 0.3}; renormalised: 0.625 / 0.375
+    assert counts[0] == 0 and counts[2] == 0
+    assert counts[1] / draws == pytest.approx(0.625, abs=0.02)
+
+
+def test_top_p_over_a_flat_vocabulary_falls_back_to_a_full_sort():
+    # 1000 equal tokens: the first 256 candidates hold 25.6% of the mass, so
+    # reaching top_p = 0.5 needs the full sort; exactly 500 tokens qualify.
+    logits = np.zeros(1000)
+    rng = np.random.default_rng(0)
+    seen = {sample_token(logits, 1.0, 0.5, rng)[0] for _ in range(4000)}
+    assert 440 <= len(seen) <= 500
+
+
+def test_equal_seeds_give_equal_draws():
+    logits = np.random.default_rng(1).normal(size=5000)
+    first = [sample_token(logits, 0.9, 0.95, np.random.default_rng(42))[0] for _ in range(3)]
+    assert len(set(first)) == 1
+
+
+def test_chat_template_continuing_the_final_message():
+    template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}]
+    assert render_chat_template(template, messages[:1]) == "<user>hi</user><assistant>"
+    text = render_chat_template(template, messages, continue_final_message=True)
+    assert text == "<user>hi</user><assistant>The answer is"
+    with pytest.raises(Exception, match="boom"):
+        render_chat_template("{{ raise_exception('boom') }}", messages)
+
+
+# -- the engine on a real model ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_path(default_model_path) -> str:
+    """The packaged default model (conftest pulls it once)."""
+    if not available():
+        pytest.skip("llama-cpp-python is not installed")
+    return str(default_model_path)
+
+
+@pytest.fixture(scope="module")
+def lm(model_path):
+    from piscale.lm.llamacpp import LlamaCppLM
+
+    engine = LlamaCppLM(model_path, context_length=1024, max_sequences=12)
+    yield engine
+    asyncio.run(engine.close())
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    """llama.cpp's own evaluation of a whole sequence: log-softmax of the
+    logits at every position, from the high-level API."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=model_path, n_ctx=2048, logits_all=True, flash_attn=True, verbose=False, n_threads=2
+    )
+
+    def logprobs_of(tokens: list[int], start: int) -> np.ndarray:
+        llm.reset()
+        llm.eval(tokens)
+        logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
+        out = []
+        for position in range(start, len(tokens)):
+            out.append(_log_softmax(logits[position - 1])[tokens[position]])
+        return np.array(out)
+
+    yield logprobs_of
+    llm.close()
+
+
+QUESTION = "Write one short sentence about the sea."
+GREEDY = StepParams(max_tokens=40, stop=(), temperature=0.0)
+
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+def test_chat_template_from_gguf_metadata(lm):
+    ids = lm.chat([{"role": "user", "content": "Hi"}])
+    # SmolLM2's template: a default system turn, then the user turn, then the
+    # assistant header; <|im_start|> is token 1 and <|im_end|> token 2.
+    expected = (
+        [1] + lm.encode("system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face") + [2]
+        + lm.encode("\n") + [1] + lm.encode("user\nHi") + [2] + lm.encode("\n") + [1] + lm.encode("assistant\n")
+    )
+    assert ids == expected
+    assert lm.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    assert lm.decode(lm.encode("Hello, world! 42")) == "Hello, world! 42"
+    assert lm.eos_token_ids >= {2}
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+async def test_greedy_lineage_through_forks_equals_one_unforked_generation(lm):
+    prompt = lm.prompt_ids(QUESTION)
+    [[whole]] = await lm.open([prompt])
+    [unforked] = await lm.extend([whole], GREEDY)
+    lm.release([whole])
+
+    [[current]] = await lm.open([prompt])
+    pieces: list[int] = []
+    while len(pieces) < len(unforked.token_ids):
+        # resample: two copies of the current particle, keep the second
+        keep, drop = lm.fork([current, current])
+        lm.release([current, drop])
+        current = keep
+        [step] = await lm.extend([current], StepParams(max_tokens=7, stop=(), temperature=0.0))
+        pieces += step.token_ids
+        if step.finish_reason == "eos":
+            break
+    assert pieces[: len(unforked.token_ids)] == unforked.token_ids
+    assert lm.token_ids(current)[: len(prompt) + len(unforked.token_ids)] == prompt + unforked.token_ids
+    lm.release([current])
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+async def test_step_log_probabilities_match_a_full_evaluation(lm, reference):
+    prompt = lm.prompt_ids(QUESTION)
+    [[handle]] = await lm.open([prompt])
+    steps = [await lm.extend([handle], StepParams(max_tokens=12, stop=(), temperature=0.9), seeds=[s]) for s in (1, 2)]
+    tokens = lm.token_ids(handle)
+    lm.release([handle])
+    ours = np.array([lp for [step] in steps for lp in step.logprobs])
+    assert tokens == prompt + [t for [step] in steps for t in step.token_ids]
+    theirs = reference(tokens, len(prompt))
+    np.testing.assert_allclose(ours, theirs, atol=2e-3)
+    assert np.all(ours <= 0)
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+async def test_score_matches_a_full_evaluation_and_shares_the_prompt(lm, reference):
+    prompt = lm.prompt_ids("What is the capital of France?")
+    answers = [lm.encode(a) for a in ("Paris is the capital of France.", "Berlin.", "I like trains very much.")]
+    other_prompt = lm.prompt_ids("Name a colour.")
+    before = lm.usage.snapshot()
+    scored = await lm.score([prompt, prompt, prompt, other_prompt], answers + [lm.encode("Blue")])
+    used = lm.usage.since(before)
+    for output, answer, context in zip(scored, answers + [lm.encode("Blue")], [prompt] * 3 + [other_prompt]):
+        assert output.token_ids == answer
+        np.testing.assert_allclose(output.logprobs, reference(context + answer, len(context)), atol=2e-3)
+    # each distinct prompt is read once; each continuation but its last token
+    expected = len(prompt) + len(other_prompt) + sum(len(a) - 1 for a in answers) + len(lm.encode("Blue")) - 1
+    assert used.scored_tokens == expected
+    assert scored[0].total > scored[2].total  # the sensible answer is likelier
+    assert lm.live_sequences == 0
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+async def test_batched_equals_unbatched_with_per_sequence_seeds(lm):
+    questions = ["Name a fruit.", "Tell me a joke.", "What is 2+2?", "Describe a cat."]
+    prompts = [lm.prompt_ids(q) for q in questions]
+    params = StepParams(max_tokens=16, stop=(), temperature=0.8, top_p=0.95)
+    seeds = [11, 12, 13, 14]
+    groups = await lm.open(prompts)
+    handles = [g[0] for g in groups]
+    together = await lm.extend(handles, params, seeds)
+    again = await lm.extend(handles, params, seeds)
+    lm.release(handles)
+    for prompt, seed, first, second in zip(prompts, seeds, together, again):
+        [[alone]] = await lm.open([prompt])
+        [one] = await lm.extend([alone], params, [seed])
+        [two] = await lm.extend([alone], params, [seed])
+        lm.release([alone])
+        assert one.token_ids == first.token_ids and two.token_ids == second.token_ids
+        np.testing.assert_allclose(one.logprobs, first.logprobs, atol=2e-3)
+        np.testing.assert_allclose(two.logprobs, second.logprobs, atol=2e-3)
+    # different seeds on the same prompt give different samples
+    assert len({tuple(o.token_ids) for o in together}) == 4
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+async def test_open_copies_and_forks_cost_no_prefill(lm):
+    prompt = lm.prompt_ids(QUESTION)
+    before = lm.usage.snapshot()
+    copies_before = lm.cache_copies
+    [copies] = await lm.open([prompt], copies=4)
+    after_open = lm.usage.since(before)
+    assert after_open.prefill_tokens == len(prompt)
+    assert after_open.forward_passes == 1
+    params = StepParams(max_tokens=5, stop=(), temperature=1.0)
+    first = await lm.extend(copies, params, seeds=[0, 1, 2, 3])
+    # the four copies shared one slot until they diverged: three cache copies
+    assert lm.cache_copies - copies_before == 3
+    children = lm.fork([copies[0], copies[0], copies[3]])
+    lm.release(copies[1:3])
+    second = await lm.extend(children, params, seeds=[5, 5, 6])
+    used = lm.usage.since(before)
+    assert used.prefill_tokens == len(prompt)
+    assert used.generated_tokens == 4 * 5 + 3 * 5
+    # the first token of each copy came from the prompt's logits: 4 passes, then 5
+    assert used.forward_passes == 1 + 4 + 5
+    # each child shares a slot with a live ancestor, so each is copied once
+    assert lm.cache_copies - copies_before == 6
+    # two children of the same ancestor with the same seed are the same particle
+    assert second[0].token_ids == second[1].token_ids
+    assert lm.token_ids(children[2]) == prompt + first[3].token_ids + second[2].token_ids
+    lm.release(children + [copies[0], copies[3]])
+    assert lm.live_sequences == 0 and lm.free_slots == lm.max_sequences
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+async def test_resampling_copies_only_ancestors_drawn_twice(lm):
+    prompts = [lm.prompt_ids(q) for q in ("Name a fruit.", "Name a city.", "Name a tree.", "Name a dog.")]
+    params = StepParams(max_tokens=4, stop=(), temperature=1.0)
+    handles = [g[0] for g in await lm.open(prompts)]
+    await lm.extend(handles, params, seeds=[1, 2, 3, 4])
+    copies_before = lm.cache_copies
+    children = lm.fork([handles[i] for i in (0, 0, 1, 3)])
+    assert lm.cache_copies == copies_before  # forking copies nothing
+    ancestor_tokens = [lm.token_ids(h) for h in handles]
+    lm.release(handles)
+    assert lm.free_slots == lm.max_sequences - 3  # ancestor 2 had no child
+    outputs = await lm.extend(children, params, seeds=[5, 6, 7, 8])
+    assert lm.cache_copies - copies_before == 1
+    for child, ancestor, out in zip(children, (0, 0, 1, 3), outputs):
+        assert lm.token_ids(child) == ancestor_tokens[ancestor] + out.token_ids
+    lm.release(children)
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+async def test_concurrent_extends_share_passes_and_match_sequential_ones(lm):
+    prompts = [lm.prompt_ids(q) for q in ("Say hello.", "Count to three.")]
+    params = StepParams(max_tokens=10, stop=(), temperature=0.7)
+    groups = await lm.open(prompts, copies=2)
+    before = lm.usage.snapshot()
+    merged = await asyncio.gather(lm.extend(groups[0], params, [1, 2]), lm.extend(groups[1], params, [3, 4]))
+    passes_merged = lm.usage.since(before).forward_passes
+    lm.release([h for g in groups for h in g])
+    groups = await lm.open(prompts, copies=2)
+    sequential = [await lm.extend(groups[0], params, [1, 2]), await lm.extend(groups[1], params, [3, 4])]
+    lm.release([h for g in groups for h in g])
+    for a, b in zip(merged, sequential):
+        assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    # 10 tokens each, the first from the prompt logits: 9 shared passes
+    assert passes_merged == 9
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+async def test_step_ends_at_stop_string_token_cap_and_eos(lm):
+    [[handle]] = await lm.open([lm.prompt_ids("List three colours, one per line.")])
+    [step] = await lm.extend([handle], StepParams(max_tokens=60, stop=("\n",), temperature=0.0))
+    assert step.finish_reason == "stop"
+    assert step.text.count("\n") == 1 and step.text.rstrip(" ").endswith("\n")
+    assert step.text == lm.decode(step.token_ids)
+    [capped] = await lm.extend([handle], StepParams(max_tokens=3, stop=("\n",), temperature=0.0))
+    assert capped.finish_reason == "length" and len(capped.token_ids) == 3
+    [rest] = await lm.extend([handle], StepParams(max_tokens=200, stop=(), temperature=0.0))
+    assert rest.finish_reason == "eos"
+    assert rest.token_ids[-1] in lm.eos_token_ids and "<|im_end|>" not in rest.text
+    lm.release([handle])
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+async def test_slots_are_reused_and_misuse_is_refused(model_path):
+    from piscale.lm.llamacpp import LlamaCppLM
+
+    small = LlamaCppLM(model_path, context_length=256, max_sequences=3)
+    try:
+        prompts = [small.encode(text) for text in ("Once upon a time", "In a galaxy", "The recipe")]
+        greedy = StepParams(max_tokens=4, stop=(), temperature=0.0)
+        for _ in range(3):  # more slots over time than there are
+            handles = [g[0] for g in await small.open(prompts)]
+            await small.extend(handles, greedy)
+            small.release(handles)
+        handles = [g[0] for g in await small.open(prompts)]
+        [child] = small.fork([handles[0]])  # sharing a slot needs no new one
+        with pytest.raises(RuntimeError, match="max_sequences"):
+            await small.extend([child], greedy)  # but diverging does
+        small.release([handles[0]])
+        [step] = await small.extend([child], greedy)  # now the child holds the slot alone
+        assert len(step.token_ids) == 4
+        small.release([child] + handles[1:])
+        with pytest.raises(KeyError, match="unknown or released"):
+            small.release([12345])
+        with pytest.raises(ValueError, match="empty"):
+            await small.open([[]])
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await small.open([[10**9]])
+        with pytest.raises(ValueError, match="context window"):
+            await small.open([list(range(100, 400))])
+        [[handle]] = await small.open([prompts[0]])
+        [capped] = await small.extend([handle], StepParams(max_tokens=400, stop=(), temperature=0.0))
+        assert capped.finish_reason in ("context", "eos")
+        if capped.finish_reason == "context":
+            assert len(small.token_ids(handle)) == small.context_length
+    finally:
+        await small.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await small.open([prompts[0]])
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+async def test_unified_cache_shares_cells_and_stays_close_to_the_reference(model_path, reference):
+    from piscale.lm.llamacpp import LlamaCppLM
+
+    pooled = LlamaCppLM(model_path, context_length=512, max_sequences=4, unified_cache=True)
+    try:
+        prompt = pooled.prompt_ids(QUESTION)
+        [handles] = await pooled.open([prompt], copies=3)
+        outputs = await pooled.extend(handles, StepParams(max_tokens=8, stop=(), temperature=1.0), seeds=[1, 2, 3])
+        children = pooled.fork(handles)
+        pooled.release(handles)
+        more = await pooled.extend(children, StepParams(max_tokens=8, stop=(), temperature=1.0), seeds=[4, 5, 6])
+        for child, first, second in zip(children, outputs, more):
+            tokens = pooled.token_ids(child)
+            assert tokens == prompt + first.token_ids + second.token_ids
+            # other sequences in the pooled cache move logits a little, not more
+            np.testing.assert_allclose(
+                first.logprobs + second.logprobs, reference(tokens, len(prompt)), atol=0.1
+            )
+        pooled.release(children)
+        assert pooled.free_slots == 4
+    finally:
+        await pooled.close()
