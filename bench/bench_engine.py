@@ -146,8 +146,28 @@ async def throughput(lm, prompt, batch_sizes, tokens) -> dict:
         lm.release(handles)
         generated = lm.usage.since(before).generated_tokens
         rows[str(batch)] = {"decode_tokens_per_s": generated / elapsed, "wall_time_s": elapsed, "tokens": generated}
-        print(f"batch {batch}: {generated / elapsed:.1f} tokens/s")
+        rows[str(batch)]["generate_tokens_per_s"] = _generate_throughput(lm, prompt, batch, tokens)
+        print(f"batch {batch}: engine {generated / elapsed:.1f} tokens/s, "
+              f"model.generate {rows[str(batch)]['generate_tokens_per_s']:.1f} tokens/s")
     return rows
+
+
+def _generate_throughput(lm, prompt, batch, tokens) -> float:
+    """transformers' own sampling loop on the same batch, for reference
+    (prefill excluded: a prefill-only call is timed and subtracted)."""
+    ids = torch.tensor([prompt] * batch, device=lm.device)
+    config = dict(do_sample=True, temperature=0.8, pad_token_id=0, eos_token_id=None)
+
+    def timed(n):
+        _sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            lm.model.generate(ids, max_new_tokens=n, min_new_tokens=n, **config)
+        _sync()
+        return time.perf_counter() - start
+
+    timed(2)
+    return batch * (tokens - 1) / (timed(tokens) - timed(1))
 
 
 def _sync():

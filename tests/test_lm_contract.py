@@ -42,20 +42,26 @@ def transformers_case(model, tokenizer) -> EngineCase:
         config.pad_token_id = tokenizer.pad_token_id
         config.max_new_tokens, config.do_sample = n, False
         with torch.inference_mode():
-            return model.generate(torch.tensor([prompt]), generation_config=config)[0].tolist()
+            return model.generate(torch.tensor([prompt], device=model.device), generation_config=config)[0].tolist()
 
     def logprobs(ids: list[int], prompt_length: int) -> list[float]:
         with torch.inference_mode():
-            logits = model(torch.tensor([ids])).logits[0].float()
+            logits = model(torch.tensor([ids], device=model.device)).logits[0].float()
         table = torch.log_softmax(logits, dim=-1)
         return [float(table[j - 1, ids[j]]) for j in range(prompt_length, len(ids))]
 
     return EngineCase(TransformersLM(model, tokenizer), greedy, logprobs)
 
 
-def _tiny(architecture: str) -> EngineCase:
+def _tiny(architecture: str, device: str = "cpu") -> EngineCase:
     model, tokenizer = tiny_causal_lm(architecture)
-    return transformers_case(model, tokenizer)
+    return transformers_case(model.to(device), tokenizer)
+
+
+def _tiny_cuda() -> EngineCase:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return _tiny("llama", "cuda")
 
 
 def _default_model() -> EngineCase:
@@ -65,12 +71,49 @@ def _default_model() -> EngineCase:
     return transformers_case(model, tokenizer)
 
 
+def _llamacpp_default_model() -> EngineCase:
+    """The llama.cpp engine, referenced by llama.cpp's high-level API: one
+    full evaluation keeping every logit, and a plain greedy loop."""
+    from piscale.lm.llamacpp import LlamaCppLM, available
+
+    if not available():
+        pytest.skip("llama-cpp-python is not installed")
+    import llama_cpp
+    import numpy as np
+
+    from piscale.models import DEFAULT_MODEL, gguf_path
+
+    path = str(gguf_path(DEFAULT_MODEL))
+    reference = llama_cpp.Llama(model_path=path, n_ctx=2048, logits_all=True, flash_attn=True, verbose=False)
+
+    def greedy(prompt: list[int], n: int) -> list[int]:
+        reference.reset()
+        ids = list(prompt)
+        reference.eval(ids)
+        for _ in range(n):
+            ids.append(int(np.argmax(reference.scores[reference.n_tokens - 1])))
+            reference.eval(ids[-1:])
+        return ids
+
+    def logprobs(ids: list[int], prompt_length: int) -> list[float]:
+        reference.reset()
+        reference.eval(ids)
+        logits = np.asarray(reference.scores[: len(ids)], dtype=np.float64)
+        table = logits - logits.max(axis=1, keepdims=True)
+        table -= np.log(np.exp(table).sum(axis=1, keepdims=True))
+        return [float(table[j - 1, ids[j]]) for j in range(prompt_length, len(ids))]
+
+    return EngineCase(LlamaCppLM(path, context_length=1024, max_sequences=16), greedy, logprobs, 5e-3)
+
+
 ENGINE_CASES: dict[str, Callable[[], EngineCase]] = {
     "hf-llama": lambda: _tiny("llama"),
     "hf-qwen2": lambda: _tiny("qwen2"),
+    "hf-llama-cuda": _tiny_cuda,
     "hf-smollm2": _default_model,
+    "llamacpp-smollm2": _llamacpp_default_model,
 }
-SLOW_CASES = {"hf-smollm2"}
+SLOW_CASES = {"hf-smollm2", "llamacpp-smollm2"}
 
 
 @pytest.fixture(

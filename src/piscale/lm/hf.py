@@ -27,6 +27,7 @@ the caller, so a sequence's tokens do not depend on its batch neighbours.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -148,6 +149,16 @@ class TransformersLM(LanguageModel):
         if loop not in self._locks:
             self._locks = {loop: asyncio.Lock()}
         return self._locks[loop]
+
+    def _attention_kernels(self):
+        """On CUDA, keep attention off the cuDNN backend: it plans a kernel per
+        shape, and a decoding cache changes shape at every token (measured on
+        an H100: ~70 ms per pass with it, ~17 ms without, for a 1.5B model)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     # -- bookkeeping --------------------------------------------------------
     def _new_handle(self, tokens: list[int], row: int) -> Handle:
@@ -286,7 +297,10 @@ class TransformersLM(LanguageModel):
             mask = mask[:, :0]
             return self._empty_cache(batch), mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        with self._attention_kernels():
+            self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            )
         self.usage.prefill_tokens += sum(len(p) for p in prefixes)
         self.usage.forward_passes += 1
         return cache, mask
@@ -388,14 +402,15 @@ class TransformersLM(LanguageModel):
         # to nothing); only the extended rows keep it afterwards.
         attention = torch.cat([self._mask, torch.ones_like(active_column)], dim=1)
         cache_position = torch.tensor([self._mask.shape[1]], device=self.device)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=self._cache,
-            cache_position=cache_position,
-            use_cache=True,
-        )
+        with self._attention_kernels():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=self._cache,
+                cache_position=cache_position,
+                use_cache=True,
+            )
         self._cache = out.past_key_values
         self._mask = torch.cat([self._mask, active_column], dim=1)
         self.usage.forward_passes += 1
@@ -482,7 +497,8 @@ class TransformersLM(LanguageModel):
             full = prompt + continuation
             ids[i, : len(full)] = torch.tensor(full)
             mask[i, : len(full)] = 1
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+        with self._attention_kernels():
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         self.usage.forward_passes += 1
         self.usage.scored_tokens += int(mask.sum())
