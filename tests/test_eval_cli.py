@@ -175,3 +175,31 @@ def test_stored_baselines_match_the_searchs_own_choice(reference: Path) -> None:
         samples = samples_of(result["candidates"], "0", "probability")
         chosen = result["candidates"][first_subset_choice(algorithm, samples, result["budget"])]
         assert (chosen["answer"], chosen["text"]) == (result["answer"], result["text"])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--dataset", "no-such-task"], "unknown dataset 'no-such-task'"),
+        (["--algorithms", "pf,nope"], "unknown algorithm nope"),
+        (["--budgets", "1,x"], "budgets: expected a comma-separated list of int"),
+        (["--prompt", "no placeholder"], "must contain {question}"),
+        (["--option", "temperature"], "--option expects KEY=VALUE"),
+        (["--option", "beam_width=2", "--algorithms", "pf"], "takes the option 'beam_width'"),
+    ],
+)
+def test_bad_arguments_fail_with_a_message(questions: Path, tmp_path: Path, arguments: list[str], message: str) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from piscale.cli.eval import register
+
+    app = typer.Typer()
+    register(app)
+    base = {"--dataset": str(questions), "--model": "toy", "--reward": "verify", "--db": str(tmp_path / "r.sqlite")}
+    for flag in arguments[::2]:
+        base.pop(flag, None)
+    command = ["eval", *[x for pair in base.items() for x in pair], *arguments]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())

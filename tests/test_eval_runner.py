@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from piscale.eval.report import summarize
+from piscale.eval.report import markdown, summarize
 from piscale.eval.runner import EvalConfig, EvalError, Evaluation, Grid
 from piscale.eval.store import ResultStore
 from piscale.eval.tasks import load_task
@@ -172,3 +172,92 @@ async def test_trace_is_stored_when_asked(tmp_path: Path, task) -> None:
         await evaluation.run(None, None, run_id=evaluation.start_run(), solve_many=ScriptedSearch(), trace=True)
         (result,) = store.results()
         assert store.search(result["search_id"])["trace"] == {"steps": []}
+
+
+def test_options_reach_the_algorithms_that_take_them(tmp_path: Path, task) -> None:
+    from piscale.eval.runner import algorithm_options, oracle_reward, variant_label
+
+    options = algorithm_options(("pf", "bon", "dvts"), {"temperature": 0.6, "dvts.beam_width": 2, "resampler": "systematic"})
+    assert options == {
+        "pf": {"temperature": 0.6, "resampler": "systematic"},
+        "bon": {"temperature": 0.6},
+        "dvts": {"temperature": 0.6, "beam_width": 2},
+    }
+    assert variant_label(options["pf"]) == "resampler=systematic,temperature=0.6"
+    with pytest.raises(EvalError, match="no algorithm of the grid .* takes the option 'beam_width'"):
+        algorithm_options(("pf", "bon"), {"beam_width": 2})
+    with pytest.raises(EvalError, match="names algorithm 'beam', which is not in the grid"):
+        algorithm_options(("pf",), {"beam.beam_width": 2})
+    with pytest.raises(EvalError, match="pf takes no option 'beam_width'"):
+        algorithm_options(("pf",), {"pf.beam_width": 2})
+    with pytest.raises(EvalError, match="unknown algorithm nope"):
+        algorithm_options(("pf", "nope"), {})
+    with pytest.raises(EvalError, match="potential"):
+        with ResultStore(tmp_path / "r.sqlite") as store:
+            config = EvalConfig(model="toy", reward="arith", options={"potential": "bogus"})
+            Evaluation(store, task, config, Grid.parse("pf", "1", "0"), identity={"spec": "toy"})
+    oracle = oracle_reward(task.problems, "Solve {question}")
+    assert oracle.reference_for("Solve Q3") == "3"
+
+
+async def test_variants_and_unsupported_budgets(tmp_path: Path, task) -> None:
+    db = tmp_path / "r.sqlite"
+    config = EvalConfig(model="toy", reward="arith", options={"dvts.beam_width": 2})
+    search = ScriptedSearch()
+    with ResultStore(db) as store:
+        evaluation = Evaluation(store, task, config, Grid.parse("pf,dvts", "1,2,4", "0"), identity={"spec": "toy"})
+        assert list(evaluation.unsupported) == [("dvts", 1)]
+        assert "multiple of beam_width=2" in evaluation.unsupported[("dvts", 1)]
+        assert evaluation.cell_count == 5 * (3 + 2)
+        await evaluation.run(None, None, run_id=evaluation.start_run(), solve_many=search)
+        variants = {(r["algorithm"], r["variant"]) for r in store.results()}
+    assert variants == {("pf", ""), ("dvts", "beam_width=2")}
+    assert sorted({(a, b) for _, a, b, _ in search.calls}) == [("dvts", 2), ("dvts", 4), ("pf", 1), ("pf", 2), ("pf", 4)]
+    assert set(table(db)) == {("pf", 1), ("pf", 2), ("pf", 4), ("dvts[beam_width=2]", 2), ("dvts[beam_width=2]", 4)}
+
+
+class FailingOn(ScriptedSearch):
+    """Raises for questions containing ``bad`` (all of them when ``bad`` is empty)."""
+
+    def __init__(self, bad: str):
+        super().__init__()
+        self.bad = bad
+
+    async def __call__(self, lm, reward, questions, algorithm, budget, seed, **kwargs):
+        if any(self.bad in q for q in questions):
+            self.calls.append((list(questions), algorithm, budget, seed))
+            raise ValueError("prompt and continuation exceed the context window")
+        return await super().__call__(lm, reward, questions, algorithm, budget, seed, **kwargs)
+
+
+async def test_a_failing_problem_is_recorded_and_retried_later(tmp_path: Path, task) -> None:
+    db = tmp_path / "r.sqlite"
+    grid = Grid.parse("pf", "1,2", "0")
+    flaky = FailingOn("Q3")
+    with ResultStore(db) as store:
+        evaluation = Evaluation(store, task, CONFIG, grid, identity={"spec": "toy"})
+        progress = await evaluation.run(None, None, run_id=evaluation.start_run(), solve_many=flaky, chunk_size=5)
+        assert (progress.failures, progress.searches_done) == (2, 8)
+        # Each failing chunk of 5 is retried one problem at a time: 1 + 5 calls per budget.
+        assert len(flaky.calls) == 12
+        failures = store.unresolved_failures()
+        assert [(f["problem_id"], f["budget"]) for f in failures] == [("q-2", 1), ("q-2", 2)]
+        assert "context window" in failures[0]["error"]
+        assert [(j.budget, [p.id for p in j.problems]) for j in evaluation.pending()] == [(1, ["q-2"]), (2, ["q-2"])]
+    (group,) = summarize(db)
+    assert len(group.failures) == 2
+    assert "2 searches failed and are missing" in markdown([group])
+    await run_grid(db, task, ScriptedSearch(), grid=grid)
+    with ResultStore(db) as store:
+        assert store.unresolved_failures() == [] and store.count("failures") == 2
+    assert table(db)[("pf", 1)][1] == 5
+
+
+async def test_failures_in_a_row_stop_the_run(tmp_path: Path, task) -> None:
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        evaluation = Evaluation(store, task, CONFIG, Grid.parse("pf", "1,2", "0"), identity={"spec": "toy"})
+        with pytest.raises(EvalError, match="3 searches in a row failed.*context window"):
+            await evaluation.run(
+                None, None, run_id=evaluation.start_run(), solve_many=FailingOn(""), max_failures_in_a_row=3
+            )
+        assert store.count("failures") == 3 and store.count("results") == 0

@@ -136,3 +136,39 @@ def test_bad_arguments() -> None:
         Samples.build(["a"], {"a": True}, [float("nan")])
     with pytest.raises(ValueError, match="masses must be finite"):
         Samples.build(["a"], {"a": True}, [0.5], [float("inf")])
+
+
+def test_unscored_samples_lose_best_of_n() -> None:
+    # Scores: None, 0.3 (wrong), None (right), 0.1 (right).
+    samples = Samples.build(["r", "w", "r", "r"], {"r": True, "w": False}, [None, 0.3, None, 0.1])
+    # Pairs: {01} w; {02} tie of two unscored right ones -> 1; {03} r; {12} w; {13} w; {23} r -> 3/6.
+    assert expected_accuracy("bon", samples, 2).accuracy == pytest.approx(3 / 6)
+    assert first_subset_choice("bon", samples, 4) == 1
+    # Unscored samples carry no mass in the weighted vote: w (0.3) beats r (0.1).
+    assert expected_accuracy("wbon", samples, 4).accuracy == 0.0
+
+
+def test_log_scale_rewards_vote_as_likelihoods() -> None:
+    from piscale.eval.grade import samples_of
+
+    candidates = [{"answer": "1", "score": -1.0}, {"answer": "2", "score": -1.2}, {"answer": "2", "score": -1.3}]
+    as_log = samples_of(candidates, "1", "log")
+    # Masses exp(s - max): answer 1 has 1.0; answer 2 has exp(-0.2) + exp(-0.3) = 1.56, and wins.
+    assert as_log.masses == pytest.approx([1.0, np.exp(-0.2), np.exp(-0.3)])
+    assert expected_accuracy("wbon", as_log, 3).accuracy == 0.0
+    assert first_subset_choice("wbon", as_log, 3) == 1
+    # Summed as raw scores, answer 1 (-1.0) would beat answer 2 (-2.5).
+    as_probability = samples_of(candidates, "1", "probability")
+    assert expected_accuracy("wbon", as_probability, 3).accuracy == 1.0
+    # Pairs under the log scale: {0,1}: 1.0 vs 0.82 -> right; {0,2}: right; {1,2}: wrong -> 2/3.
+    assert expected_accuracy("wbon", as_log, 2).accuracy == pytest.approx(2 / 3)
+
+
+def test_equivalent_answers_vote_together() -> None:
+    from piscale.eval.grade import samples_of
+
+    candidates = [{"answer": "\\frac{1}{2}", "score": 0.1}, {"answer": "0.5", "score": 0.1}, {"answer": "3", "score": 0.9}]
+    samples = samples_of(candidates, "1/2", "probability")
+    assert list(samples.groups) == [0, 0, 1]
+    assert list(samples.group_correct) == [True, False]
+    assert expected_accuracy("sc", samples, 3).accuracy == 1.0

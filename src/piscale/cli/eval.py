@@ -61,6 +61,9 @@ def evaluate(
     ),
     chunk_size: int = typer.Option(8, "--chunk-size", help="Problems per run_many call; a kill loses at most one chunk."),
     trace: bool = typer.Option(False, "--trace", help="Store each search's trace (genealogy, weights) too."),
+    max_failures_in_a_row: int = typer.Option(
+        10, "--max-failures-in-a-row", help="Stop after this many failed searches with no success between them."
+    ),
 ) -> None:
     """Run algorithms x budgets x seeds on a task; store every result at once; resume on re-run."""
     from rich.console import Console
@@ -109,17 +112,24 @@ def evaluate(
             {"lm": _describe(lm), "reward": _describe(reward_model), "device": device, "limit": limit}
         )
         try:
-            progress = _run_with_progress(evaluation, lm, reward_model, run_id, chunk_size, trace, console)
+            progress = _run_with_progress(
+                evaluation, lm, reward_model, run_id, chunk_size, trace, max_failures_in_a_row, console
+            )
         except KeyboardInterrupt:
             console.print(f"Interrupted. Finished results are stored in {db}; run the same command to resume.")
             raise typer.Exit(130)
         except EvalError as error:
-            _fail(str(error))
+            _fail(f"{error}\nFinished results are stored in {db}; run the same command to resume.")
     accuracy = "n/a" if progress.accuracy is None else f"{100 * progress.accuracy:.1f}%"
     console.print(
         f"Ran {progress.searches_done} searches, stored {progress.rows_stored} results; accuracy of these searches "
         f"{accuracy}; {progress.tokens_per_second:.1f} generated tokens/s. Report: piscale report {db}"
     )
+    if progress.failures:
+        console.print(
+            f"[yellow]{progress.failures} searches failed; their errors are in the failures table of {db}. "
+            "Running the same command again retries them.[/yellow]"
+        )
 
 
 def _load(config, device: str | None, console, evaluation) -> tuple[object, object]:
@@ -153,7 +163,9 @@ def _describe(thing: object) -> dict | None:
     return described
 
 
-def _run_with_progress(evaluation, lm, reward, run_id: int, chunk_size: int, trace: bool, console):
+def _run_with_progress(
+    evaluation, lm, reward, run_id: int, chunk_size: int, trace: bool, max_failures_in_a_row: int, console
+):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -168,13 +180,14 @@ def _run_with_progress(evaluation, lm, reward, run_id: int, chunk_size: int, tra
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("acc {task.fields[accuracy]}"),
+        TextColumn("{task.fields[failed]}"),
         TextColumn("{task.fields[speed]} tok/s"),
         TimeElapsedColumn(),
         TextColumn("left"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as bar:
-        task_id = bar.add_task("eval", total=None, accuracy="–", speed="–")
+        task_id = bar.add_task("eval", total=None, accuracy="–", speed="–", failed="")
 
         def show(progress) -> None:
             accuracy = "–" if progress.accuracy is None else f"{100 * progress.accuracy:.1f}%"
@@ -184,10 +197,19 @@ def _run_with_progress(evaluation, lm, reward, run_id: int, chunk_size: int, tra
                 total=progress.searches_total,
                 accuracy=accuracy,
                 speed=f"{progress.tokens_per_second:.1f}",
+                failed=f"{progress.failures} failed" if progress.failures else "",
             )
 
         return asyncio.run(
-            evaluation.run(lm, reward, run_id=run_id, chunk_size=chunk_size, trace=trace, on_progress=show)
+            evaluation.run(
+                lm,
+                reward,
+                run_id=run_id,
+                chunk_size=chunk_size,
+                trace=trace,
+                on_progress=show,
+                max_failures_in_a_row=max_failures_in_a_row,
+            )
         )
 
 

@@ -93,6 +93,9 @@ class Group:
     reward: str
     description: dict
     cells: list[Cell] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    """Searches that failed and have not succeeded since: their cells are
+    missing from the table."""
 
     @property
     def algorithms(self) -> list[str]:
@@ -125,6 +128,7 @@ def summarize(db: str | Path, *, estimator: str = "expected") -> list[Group]:
     with ResultStore(db) as store:
         configs = store.configs()
         rows = store.results()
+        failures = store.unresolved_failures()
     by_config: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_config[row["config_key"]].append(row)
@@ -134,6 +138,7 @@ def summarize(db: str | Path, *, estimator: str = "expected") -> list[Group]:
         if not config_rows:
             continue
         group = Group(config["config_key"], config["dataset"], config["model"], config["reward"], config["description"])
+        group.failures = [f for f in failures if f["config_key"] == config["config_key"]]
         order = list(dict.fromkeys(_label(r) for r in sorted(config_rows, key=lambda r: r["result_id"])))
         cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
         for row in config_rows:
@@ -192,10 +197,18 @@ def _counts_note(group: Group) -> str:
     counts = {(c.problems, c.seeds) for c in group.cells}
     if len(counts) == 1:
         problems, seeds = counts.pop()
-        return f"Every cell: {problems} problems x {seeds} seeds."
-    return "Cells differ in problems x seeds (a run is incomplete): " + ", ".join(
-        f"{c.algorithm}@{c.budget}: {c.problems}x{c.seeds}" for c in group.cells
-    )
+        note = f"Every cell: {problems} problems x {seeds} seeds."
+    else:
+        note = "Cells differ in problems x seeds (a run is incomplete): " + ", ".join(
+            f"{c.algorithm}@{c.budget}: {c.problems}x{c.seeds}" for c in group.cells
+        )
+    if group.failures:
+        first = group.failures[0]
+        note += (
+            f" {len(group.failures)} searches failed and are missing; the first: {first['algorithm']} at budget "
+            f"{first['budget']}, seed {first['seed']}, problem {first['problem_id']}: {first['error']}"
+        )
+    return note
 
 
 def markdown(groups: Sequence[Group], *, estimator: str = "expected") -> str:
@@ -263,6 +276,7 @@ def write_json(groups: Sequence[Group], path: str | Path, *, estimator: str = "e
                 "reward": g.reward,
                 "description": g.description,
                 "cells": [asdict(c) for c in g.cells],
+                "failures": g.failures,
             }
             for g in groups
         ],

@@ -127,6 +127,8 @@ class Progress:
 
     searches_done: int = 0
     searches_total: int = 0
+    failures: int = 0
+    """Searches that raised; they are recorded and retried by the next run."""
     rows_stored: int = 0
     correct: int = 0
     graded: int = 0
@@ -317,10 +319,20 @@ class Evaluation:
         trace: bool = False,
         on_progress: Callable[[Progress], None] | None = None,
         jobs: Sequence[Job] | None = None,
+        max_failures_in_a_row: int = 10,
     ) -> Progress:
-        """Run the pending jobs (or ``jobs``), storing every result at once."""
+        """Run the pending jobs (or ``jobs``), storing every result at once.
+
+        A search that raises (say, a trajectory outgrew the reward model's
+        context) is recorded in the ``failures`` table and the run goes on;
+        a chunk that raises is retried one problem at a time, so one bad
+        problem does not cost its neighbours. ``max_failures_in_a_row``
+        failures with no success between them stop the run with an
+        ``EvalError``: the cause is then not one problem but the setup."""
         if chunk_size < 1:
             raise EvalError(f"chunk_size must be >= 1, got {chunk_size}")
+        if max_failures_in_a_row < 1:
+            raise EvalError(f"max_failures_in_a_row must be >= 1, got {max_failures_in_a_row}")
         if solve_many is None:
             from piscale.search import run_many as solve_many
         jobs = self.pending() if jobs is None else list(jobs)
@@ -328,6 +340,7 @@ class Evaluation:
         progress = Progress(searches_total=sum(len(job.problems) for job in jobs))
         if on_progress:
             on_progress(progress)
+        in_a_row = 0
         for job in jobs:
             for start in range(0, len(job.problems), chunk_size):
                 chunk = job.problems[start : start + chunk_size]
@@ -336,25 +349,52 @@ class Evaluation:
                 progress.searches_total -= len(chunk) - len(todo)
                 if not todo:
                     continue
-                questions = [format_prompt(self.config.prompt_template, p.question) for p in todo]
-                results = await solve_many(
-                    lm,
-                    reward,
-                    questions,
-                    job.algorithm,
-                    job.budget,
-                    job.seed,
-                    system=self.config.system,
-                    trace=trace,
-                    **dict(job.options),
-                )
-                if len(results) != len(todo):
-                    raise EvalError(f"the search returned {len(results)} results for {len(todo)} questions")
-                for problem, result in zip(todo, results):
-                    self._store(run_id, job, problem, _as_dict(result), reward_scale, progress)
+                for problem, outcome in await self._attempt(solve_many, lm, reward, job, todo, trace):
+                    cell = (problem.id, job.algorithm, job.variant, job.budget, job.seed)
+                    if isinstance(outcome, Exception):
+                        message = f"{type(outcome).__name__}: {outcome}"
+                        self.store.record_failure(self.config_key, run_id, cell, message)
+                        progress.failures += 1
+                        in_a_row += 1
+                        if in_a_row >= max_failures_in_a_row:
+                            raise EvalError(
+                                f"{in_a_row} searches in a row failed, the last ({job.algorithm} at budget "
+                                f"{job.budget}, problem {problem.id}) with {message}"
+                            ) from outcome
+                    else:
+                        in_a_row = 0
+                        self._store(run_id, job, problem, outcome, reward_scale, progress)
                     if on_progress:
                         on_progress(progress)
         return progress
+
+    async def _attempt(
+        self, solve_many: SolveMany, lm: object, reward: object, job: Job, problems: Sequence[Problem], trace: bool
+    ) -> list[tuple[Problem, dict | Exception]]:
+        """Each problem with its result, or with the exception its search raised."""
+        questions = [format_prompt(self.config.prompt_template, p.question) for p in problems]
+        try:
+            results = await solve_many(
+                lm,
+                reward,
+                questions,
+                job.algorithm,
+                job.budget,
+                job.seed,
+                system=self.config.system,
+                trace=trace,
+                **dict(job.options),
+            )
+        except Exception as error:  # any search error: isolate it to the problem that caused it
+            if len(problems) == 1:
+                return [(problems[0], error)]
+            outcomes: list[tuple[Problem, dict | Exception]] = []
+            for problem in problems:
+                outcomes += await self._attempt(solve_many, lm, reward, job, [problem], trace)
+            return outcomes
+        if len(results) != len(problems):
+            raise EvalError(f"the search returned {len(results)} results for {len(problems)} questions")
+        return [(problem, _as_dict(result)) for problem, result in zip(problems, results)]
 
     def _store(
         self, run_id: int, job: Job, problem: Problem, result: dict, reward_scale: str, progress: Progress

@@ -1,6 +1,6 @@
 """Evaluation results in SQLite, safe against kills and concurrent writers.
 
-Four tables:
+Five tables:
 
 * ``configs``: what determines a result apart from the grid cell: the
   dataset fingerprint, the model and reward (with their identities, file
@@ -18,6 +18,8 @@ Four tables:
   (``subsampled = 1`` for those below N; see ``piscale.eval.subsample``).
 * ``runs``: one per invocation: its command line, grid, package versions,
   host, and the model and reward identities the loaded objects reported.
+* ``failures``: every search that raised, with its error; a later run
+  retries the cell, and a failure stays on record even once it succeeds.
 
 Durability: the database is in WAL mode with ``synchronous=FULL``; a search
 and all rows derived from it are written in one ``BEGIN IMMEDIATE``
@@ -72,6 +74,18 @@ CREATE TABLE IF NOT EXISTS searches (
     result TEXT NOT NULL,
     created_at REAL NOT NULL,
     UNIQUE (config_key, problem_id, algorithm, variant, budget, seed)
+);
+CREATE TABLE IF NOT EXISTS failures (
+    failure_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    config_key TEXT NOT NULL REFERENCES configs(config_key),
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    problem_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    budget INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS results (
     result_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -256,7 +270,30 @@ class ResultStore:
                 inserted += cursor.rowcount
             return inserted
 
+    def record_failure(self, config_key: str, run_id: int, cell: CellKey, error: str) -> None:
+        problem_id, algorithm, variant, budget, seed = cell
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO failures (config_key, run_id, problem_id, algorithm, variant, budget, seed, error, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (config_key, run_id, problem_id, algorithm, variant, budget, seed, error, time.time()),
+            )
+
     # -- reading --------------------------------------------------------------
+    def unresolved_failures(self, config_key: str | None = None) -> list[dict]:
+        """The latest failure of each search that has not been stored since."""
+        query = (
+            "SELECT f.* FROM failures f WHERE f.failure_id = (SELECT MAX(g.failure_id) FROM failures g "
+            "WHERE g.config_key = f.config_key AND g.problem_id = f.problem_id AND g.algorithm = f.algorithm "
+            "AND g.variant = f.variant AND g.budget = f.budget AND g.seed = f.seed) AND NOT EXISTS (SELECT 1 FROM "
+            "searches s WHERE s.config_key = f.config_key AND s.problem_id = f.problem_id AND s.algorithm = "
+            "f.algorithm AND s.variant = f.variant AND s.budget = f.budget AND s.seed = f.seed)"
+        )
+        if config_key:
+            query += " AND f.config_key = ?"
+        query += " ORDER BY f.failure_id"
+        return [dict(r) for r in self._db.execute(query, (config_key,) if config_key else ())]
+
     def stored_cells(self, config_key: str) -> set[CellKey]:
         rows = self._db.execute(
             "SELECT problem_id, algorithm, variant, budget, seed FROM results WHERE config_key = ?", (config_key,)
@@ -284,7 +321,7 @@ class ResultStore:
         return json.loads(row["result"])
 
     def count(self, table: str) -> int:
-        if table not in ("configs", "runs", "searches", "results"):
+        if table not in ("configs", "runs", "searches", "results", "failures"):
             raise ValueError(f"unknown table {table!r}")
         return int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
