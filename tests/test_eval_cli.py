@@ -77,6 +77,8 @@ def table(db: Path) -> dict:
 
 
 def count(db: Path, table_name: str) -> int:
+    if not db.exists():  # connecting would create it
+        return 0
     connection = sqlite3.connect(db, timeout=30)
     try:
         return connection.execute(f"SELECT COUNT(*) FROM {table_name}").fetchone()[0]

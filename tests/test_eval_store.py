@@ -102,3 +102,12 @@ def test_refuses_files_it_cannot_use(tmp_path: Path) -> None:
     connection.close()
     with pytest.raises(StoreError, match="schema version 99"):
         ResultStore(newer)
+
+
+def test_stored_cells_of_some_problems(store: ResultStore) -> None:
+    run = store.start_run("cfg", {})
+    for problem in ("p1", "p2", "p3"):
+        store.save_search("cfg", run, (problem, "bon", "", 4, 0), {"problem": problem, "answer": "1"}, derive_from_answer)
+    assert {c[0] for c in store.stored_cells("cfg", ["p1", "p3", "p9"])} == {"p1", "p3"}
+    assert store.stored_cells("cfg", []) == set()
+    assert len(store.stored_cells("cfg")) == 9

@@ -11,8 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from piscale.eval.runner import EvalConfig, Evaluation, Progress
 
 
 def _fail(message: str) -> None:
@@ -54,12 +60,18 @@ def evaluate(
     db: Path = typer.Option(Path("results.sqlite"), "--db", help="SQLite results database (created if missing)."),
     engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | openai"),
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)"),
-    system: str = typer.Option(None, "--system", help="System prompt (default: the paper's, reason step by step and box the answer)."),
-    prompt: str = typer.Option(None, "--prompt", help="User message template containing {question} (default: the question)."),
+    system: str = typer.Option(
+        None, "--system", help="System prompt (default: the paper's: reason step by step, box the final answer)."
+    ),
+    prompt: str = typer.Option(
+        None, "--prompt", help="User message template containing {question} (default: the question alone)."
+    ),
     option: list[str] = typer.Option(
         [], "--option", help="Search option KEY=VALUE for every algorithm taking it, or ALGORITHM.KEY=VALUE; repeatable."
     ),
-    chunk_size: int = typer.Option(8, "--chunk-size", help="Problems per run_many call; a kill loses at most one chunk."),
+    chunk_size: int = typer.Option(
+        8, "--chunk-size", help="Problems per run_many call; a kill loses at most one chunk."
+    ),
     trace: bool = typer.Option(False, "--trace", help="Store each search's trace (genealogy, weights) too."),
     max_failures_in_a_row: int = typer.Option(
         10, "--max-failures-in-a-row", help="Stop after this many failed searches with no success between them."
@@ -73,6 +85,10 @@ def evaluate(
     from piscale.eval.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, TaskError, load_task
 
     console = Console(stderr=True)
+    if chunk_size < 1:
+        _fail(f"--chunk-size must be >= 1, got {chunk_size}")
+    if max_failures_in_a_row < 1:
+        _fail(f"--max-failures-in-a-row must be >= 1, got {max_failures_in_a_row}")
     try:
         from piscale.api import DEFAULT_MODEL, DEFAULT_REWARD
 
@@ -132,7 +148,7 @@ def evaluate(
         )
 
 
-def _load(config, device: str | None, console, evaluation) -> tuple[object, object]:
+def _load(config: EvalConfig, device: str | None, console: Console, evaluation: Evaluation) -> tuple[object, object]:
     from piscale.api import load_lm, load_reward
     from piscale.eval.runner import ORACLE_REWARD, oracle_reward
 
@@ -164,8 +180,15 @@ def _describe(thing: object) -> dict | None:
 
 
 def _run_with_progress(
-    evaluation, lm, reward, run_id: int, chunk_size: int, trace: bool, max_failures_in_a_row: int, console
-):
+    evaluation: Evaluation,
+    lm: object,
+    reward: object,
+    run_id: int,
+    chunk_size: int,
+    trace: bool,
+    max_failures_in_a_row: int,
+    console: Console,
+) -> Progress:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -189,11 +212,11 @@ def _run_with_progress(
     with Progress(*columns, console=console) as bar:
         task_id = bar.add_task("eval", total=None, accuracy="–", speed="–", failed="")
 
-        def show(progress) -> None:
+        def show(progress: Progress) -> None:
             accuracy = "–" if progress.accuracy is None else f"{100 * progress.accuracy:.1f}%"
             bar.update(
                 task_id,
-                completed=progress.searches_done,
+                completed=progress.searches_done + progress.failures,
                 total=progress.searches_total,
                 accuracy=accuracy,
                 speed=f"{progress.tokens_per_second:.1f}",

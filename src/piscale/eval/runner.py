@@ -37,7 +37,14 @@ from importlib import metadata
 
 from piscale.eval.grade import SUBSAMPLED_ALGORITHMS, rows_from_result
 from piscale.eval.store import CellKey, ResultRow, ResultStore
-from piscale.eval.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, Problem, Task, check_template, format_prompt
+from piscale.eval.tasks import (
+    DEFAULT_PROMPT_TEMPLATE,
+    DEFAULT_SYSTEM_PROMPT,
+    Problem,
+    Task,
+    check_template,
+    format_prompt,
+)
 
 PACKAGES = ("piscale", "torch", "transformers", "numpy", "math-verify", "llama-cpp-python", "openai", "gguf")
 
@@ -344,7 +351,7 @@ class Evaluation:
         for job in jobs:
             for start in range(0, len(job.problems), chunk_size):
                 chunk = job.problems[start : start + chunk_size]
-                stored = self.store.stored_cells(self.config_key)
+                stored = self.store.stored_cells(self.config_key, [p.id for p in chunk])
                 todo = [p for p in chunk if not all(cell in stored for cell in job.cells(p))]
                 progress.searches_total -= len(chunk) - len(todo)
                 if not todo:

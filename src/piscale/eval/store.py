@@ -294,10 +294,16 @@ class ResultStore:
         query += " ORDER BY f.failure_id"
         return [dict(r) for r in self._db.execute(query, (config_key,) if config_key else ())]
 
-    def stored_cells(self, config_key: str) -> set[CellKey]:
-        rows = self._db.execute(
-            "SELECT problem_id, algorithm, variant, budget, seed FROM results WHERE config_key = ?", (config_key,)
-        )
+    def stored_cells(self, config_key: str, problem_ids: Iterable[str] | None = None) -> set[CellKey]:
+        """The cells stored for a configuration (only those of ``problem_ids``
+        when given: a cheap look-up through the unique key's index)."""
+        query = "SELECT problem_id, algorithm, variant, budget, seed FROM results WHERE config_key = ?"
+        parameters: list = [config_key]
+        if problem_ids is not None:
+            ids = list(problem_ids)
+            query += f" AND problem_id IN ({', '.join('?' for _ in ids)})"
+            parameters += ids
+        rows = self._db.execute(query, parameters)
         return {(r["problem_id"], r["algorithm"], r["variant"], int(r["budget"]), int(r["seed"])) for r in rows}
 
     def configs(self) -> list[dict]:
