@@ -261,3 +261,17 @@ async def test_failures_in_a_row_stop_the_run(tmp_path: Path, task) -> None:
                 None, None, run_id=evaluation.start_run(), solve_many=FailingOn(""), max_failures_in_a_row=3
             )
         assert store.count("failures") == 3 and store.count("results") == 0
+
+
+def test_reward_identity_names_the_models_it_uses() -> None:
+    from piscale.eval.runner import reward_identity
+
+    judge = reward_identity("judge", "smollm2-135m-instruct")
+    assert [m["spec"] for m in judge["models"]] == ["smollm2-135m-instruct"]
+    # A catalog model is identified by its file's sha256 without being loaded.
+    assert judge["models"][0]["identity"].startswith("sha256:")
+    pair = reward_identity("cdr:qwen2.5-coder-1.5b-instruct, qwen2.5-coder-0.5b-instruct", "toy")
+    assert [m["spec"] for m in pair["models"]] == ["qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"]
+    assert pair["models"][0]["identity"] != pair["models"][1]["identity"]
+    assert reward_identity("arith", "toy") == {"spec": "arith"}
+    assert "identity_unavailable" in reward_identity("judge:./no/such/model", "toy")["models"][0]

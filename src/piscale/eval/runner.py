@@ -165,6 +165,26 @@ def model_identity(spec: str) -> dict:
     return {"spec": spec, "identity": str(identity)}
 
 
+REWARD_KINDS_WITH_MODELS = ("judge", "prm", "cdr")
+
+
+def reward_identity(spec: str, policy_spec: str) -> dict:
+    """The reward spec with the identity of every model it names (a judge,
+    a PRM, the two models of a density ratio), so a changed reward model
+    file changes the configuration. ``judge`` alone judges with the policy."""
+    kind, _, argument = spec.partition(":")
+    if kind not in REWARD_KINDS_WITH_MODELS:
+        return {"spec": spec}
+    names = [policy_spec] if kind == "judge" and not argument else [m.strip() for m in argument.split(",") if m.strip()]
+    return {"spec": spec, "models": [model_identity(name) for name in names]}
+
+
+def _for_key(identity: Mapping) -> dict:
+    """An identity without the reason it was unavailable: that wording is for
+    people and may change between versions while the model stays the same."""
+    return {k: v for k, v in identity.items() if k != "identity_unavailable"}
+
+
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": sys.version.split()[0]}
     for name in PACKAGES:
@@ -255,14 +275,16 @@ class Evaluation:
         description = {
             "dataset": {"name": task.name, "source": task.source, "fingerprint": task.fingerprint},
             "model": self.model_identity,
-            "reward": config.reward,
+            "reward": reward_identity(config.reward, config.model),
             "engine": config.engine,
             "system": config.system,
             "prompt_template": config.prompt_template,
         }
-        # The reason an identity was unavailable is for people, not the key: its
-        # wording may change between versions while the model stays the same.
-        keyed = {**description, "model": {k: v for k, v in self.model_identity.items() if k != "identity_unavailable"}}
+        keyed = {
+            **description,
+            "model": _for_key(self.model_identity),
+            "reward": {**description["reward"], "models": [_for_key(m) for m in description["reward"].get("models", [])]},
+        }
         self.config_key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
         store.ensure_config(self.config_key, task.label, config.model, config.reward, description)
 
