@@ -1,6 +1,10 @@
-"""PRM benchmark: incremental versus full re-scoring of a growing trajectory.
+"""Reward benchmarks.
 
-Workload: one prompt and one trajectory that grows step by step, as a particle
+``incremental`` (the default): PRM incremental versus full re-scoring of a
+growing trajectory. ``ranking``: how often each reward ranks a correct answer
+above an incorrect one on GSM8K answers sampled from a small policy.
+
+**incremental.** Workload: one prompt and one trajectory that grows step by step, as a particle
 does in particle filtering; after each new step the PRM scores the whole
 partial answer (every step gets a score). Two PRMs run it, the same random-
 weight Qwen2 token-classification model behind both:
@@ -9,7 +13,8 @@ weight Qwen2 token-classification model behind both:
 * ``incremental``: the default: the KV cache of the previous call is reused
   and only the new step is read.
 
-Reported per mode: tokens read by the model, wall time (median of
+``--particles N`` grows N trajectories of the same prompt together, scored in
+one batch per step, as particle filtering does. Reported per mode: tokens read by the model, wall time (median of
 ``--repeats`` runs), and the largest difference between the two modes' scores
 (they must agree). The tokenizer is word-level over synthetic words, so a
 step of ``--step-words`` words is that many tokens. Results go to
@@ -17,6 +22,21 @@ step of ``--step-words`` words is that many tokens. Results go to
 
     python bench/bench_rewards.py
     python bench/bench_rewards.py --shape qwen2.5-0.5b --device cuda --dtype bfloat16
+
+**ranking.** The first ``--problems`` GSM8K test problems; ``--samples``
+answers each from the policy (``--policy``, temperature 0.8, at most
+``--max-tokens`` tokens, "put your final answer within \\boxed{}" appended to
+the question), graded against the reference with ``piscale.grading``. Each
+reward scores every answer with ``model`` aggregation (the whole answer as one
+step): the judge (``--judge`` model), the density ratio ``--strong`` over the
+policy, and the arithmetic checker. For every problem with both correct and
+incorrect answers, each (correct, incorrect) pair counts 1 if the correct
+answer scores higher, 1/2 on a tie; the pairwise accuracy is the mean. Also
+reported: how often the reward's top answer is correct (best-of-N selection),
+next to the mean accuracy of one sample and of majority voting. The samples
+are kept in ``bench/results/rewards_gsm8k_samples.json`` and reused.
+
+    python bench/bench_rewards.py ranking --problems 50 --samples 4
 """
 
 from __future__ import annotations
@@ -24,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import time
@@ -80,29 +101,19 @@ def random_prm_model(tokenizer, shape: str, dtype: torch.dtype, device: str):
     return model.to(device).eval()
 
 
-async def run_mode(prm: ClassificationPRM, prompt: str, steps: list[str]) -> tuple[list[list[float]], float]:
+async def run_mode(prm: ClassificationPRM, prompt: str, particles: list[list[str]]) -> tuple[list, float]:
+    """Score every particle after each of its steps; all particles in one batch."""
     prm.clear_cache()
     outputs = []
     start = time.perf_counter()
-    for t in range(1, len(steps) + 1):
-        outputs.append((await prm.score([prompt], [steps[:t]]))[0])
+    for t in range(1, len(particles[0]) + 1):
+        outputs.append(await prm.score([prompt] * len(particles), [steps[:t] for steps in particles]))
     if prm.device.type == "cuda":
         torch.cuda.synchronize()
     return outputs, time.perf_counter() - start
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--step-words", type=int, default=50)
-    parser.add_argument("--prompt-words", type=int, default=80)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--out", type=Path, default=RESULTS / "rewards_incremental.json")
-    args = parser.parse_args()
-
+async def incremental(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     tokenizer = word_tokenizer(4000)
     model = random_prm_model(tokenizer, args.shape, dtype, args.device)
@@ -112,17 +123,17 @@ async def main() -> None:
         return " ".join(f"w{k}" for k in rng.integers(0, 4000, size=n))
 
     prompt = words(args.prompt_words)
-    steps = [words(args.step_words) for _ in range(args.steps)]
+    particles = [[words(args.step_words) for _ in range(args.steps)] for _ in range(args.particles)]
 
     results = {}
     scores = {}
     for mode, cache_tokens in (("full", 0), ("incremental", 1 << 20)):
         prm = ClassificationPRM(model, tokenizer, cache_tokens=cache_tokens)
-        await run_mode(prm, prompt, steps)  # warm-up: allocator, kernels
+        await run_mode(prm, prompt, particles)  # warm-up: allocator, kernels
         times = []
         for _ in range(args.repeats):
             prm.usage.scored_tokens = 0
-            outputs, seconds = await run_mode(prm, prompt, steps)
+            outputs, seconds = await run_mode(prm, prompt, particles)
             times.append(seconds)
         scores[mode] = outputs
         results[mode] = {
@@ -134,12 +145,13 @@ async def main() -> None:
 
     difference = max(
         abs(a - b)
-        for full_row, incremental_row in zip(scores["full"], scores["incremental"])
+        for full_call, incremental_call in zip(scores["full"], scores["incremental"])
+        for full_row, incremental_row in zip(full_call, incremental_call)
         for a, b in zip(full_row, incremental_row)
     )
-    trajectory_tokens = len(ClassificationPRM(model, tokenizer).layout(prompt, steps)[0])
+    trajectory_tokens = sum(len(ClassificationPRM(model, tokenizer).layout(prompt, steps)[0]) for steps in particles)
     report = {
-        "benchmark": "prm incremental vs full re-scoring, one trajectory scored after each step",
+        "benchmark": "prm incremental vs full re-scoring: trajectories grown step by step, all scored after each step",
         "shape": args.shape,
         "config": SHAPES[args.shape],
         "device": args.device,
@@ -147,20 +159,188 @@ async def main() -> None:
         "dtype": args.dtype,
         "torch_threads": torch.get_num_threads(),
         "steps": args.steps,
+        "particles": args.particles,
         "step_words": args.step_words,
         "prompt_words": args.prompt_words,
         "trajectory_tokens": trajectory_tokens,
+        "note": "trajectory_tokens sums the final length of every particle; incremental reading each token once reads exactly that many",
         "repeats": args.repeats,
         "modes": results,
         "token_ratio_full_over_incremental": results["full"]["tokens_read"] / results["incremental"]["tokens_read"],
         "speedup_wall": results["full"]["wall_seconds_median"] / results["incremental"]["wall_seconds_median"],
         "max_abs_score_difference": difference,
     }
-    print(f"trajectory {trajectory_tokens} tokens; speedup {report['speedup_wall']:.2f}x; "
+    print(f"trajectories {trajectory_tokens} tokens; speedup {report['speedup_wall']:.2f}x; "
           f"max |full - incremental| = {difference:.2e}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
+# -- ranking ---------------------------------------------------------------------
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
+INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+async def sample_answers(args: argparse.Namespace, path: Path) -> list[dict]:
+    """``--samples`` answers per problem from the policy, graded; cached in ``path``."""
+    from piscale.grading import gsm8k_reference, is_correct
+    from piscale.lm import load
+    from piscale.lm.base import StepParams
+
+    problems = [json.loads(line) for line in GSM8K.read_text().splitlines()[: args.problems]]
+    if path.exists():
+        cached = json.loads(path.read_text())
+        same = (cached["policy"], cached["samples"], cached["max_tokens"]) == (args.policy, args.samples, args.max_tokens)
+        if same and len(cached["problems"]) >= args.problems:
+            return cached["problems"][: args.problems]
+    lm = load(args.policy)
+    params = StepParams(max_tokens=args.max_tokens, stop=(), temperature=0.8)
+    start = time.perf_counter()
+    outputs = []
+    # As many problems at a time as the engine has sequence slots for.
+    chunk = max(1, getattr(lm, "max_sequences", 16) // args.samples)
+    for first in range(0, len(problems), chunk):
+        prompts = [lm.prompt_ids(p["question"] + INSTRUCTION) for p in problems[first : first + chunk]]
+        groups = await lm.open(prompts, copies=args.samples)
+        handles = [h for group in groups for h in group]
+        seeds = [first * args.samples + k for k in range(len(handles))]
+        outputs += await lm.extend(handles, params, seeds=seeds)
+        lm.release(handles)
+    seconds = time.perf_counter() - start
+    records = []
+    for k, problem in enumerate(problems):
+        reference = gsm8k_reference(problem["answer"])
+        responses = [o.text for o in outputs[k * args.samples : (k + 1) * args.samples]]
+        records.append({
+            "question": problem["question"],
+            "reference": reference,
+            "responses": responses,
+            "correct": [is_correct(r, reference) for r in responses],
+        })
+    path.write_text(json.dumps({
+        "policy": args.policy, "samples": args.samples, "max_tokens": args.max_tokens,
+        "temperature": 0.8, "generation_seconds": seconds, "generated_tokens": lm.usage.generated_tokens,
+        "problems": records,
+    }, indent=1) + "\n")
+    await lm.close()
+    return records
+
+
+def ranking_metrics(records: list[dict], scores: list[list[float]]) -> dict:
+    wins, pairs, top_correct = 0.0, 0, 0
+    for record, values in zip(records, scores):
+        correct = record["correct"]
+        best = max(range(len(values)), key=values.__getitem__)
+        top_correct += bool(correct[best])
+        for i, good in enumerate(correct):
+            for j, bad in enumerate(correct):
+                if good and not bad:
+                    pairs += 1
+                    wins += 1.0 if values[i] > values[j] else 0.5 if values[i] == values[j] else 0.0
+    return {
+        "pairwise_accuracy": wins / pairs if pairs else None,
+        "pairs": pairs,
+        "top_answer_correct": top_correct / len(records),
+    }
+
+
+async def ranking(args: argparse.Namespace) -> None:
+    from collections import Counter
+
+    from piscale.grading import extract_answer, normalize_answer
+    from piscale.lm import load
+    from piscale.rewards import ArithmeticReward, score_trajectories
+    from piscale.rewards.cdr import DEFAULT_CRITERIA, DensityRatioReward
+    from piscale.rewards.judge import LLMJudge
+
+    records = await sample_answers(args, RESULTS / "rewards_gsm8k_samples.json")
+    prompts, trajectories, owner = [], [], []
+    for k, record in enumerate(records):
+        for response in record["responses"]:
+            steps = [s for s in response.split("\n\n") if s.strip()] or [response or " "]
+            prompts.append(record["question"] + INSTRUCTION)
+            trajectories.append(steps)
+            owner.append(k)
+
+    def per_problem(flat: list[float]) -> list[list[float]]:
+        return [[v for v, o in zip(flat, owner) if o == k] for k in range(len(records))]
+
+    rewards: dict[str, dict] = {}
+    policy = load(args.policy)
+    strong = load(args.strong) if args.strong != args.judge else None
+    judge_lm = load(args.judge)
+    strong = strong or judge_lm
+    candidates = {
+        "arith": ArithmeticReward(),
+        f"judge {args.judge}": LLMJudge(judge_lm),
+        f"cdr {args.strong} / {args.policy}": DensityRatioReward(strong, policy, criteria=DEFAULT_CRITERIA),
+    }
+    for name, reward in candidates.items():
+        start = time.perf_counter()
+        flat = await score_trajectories(reward, prompts, trajectories, "model")
+        seconds = time.perf_counter() - start
+        rewards[name] = {**ranking_metrics(records, per_problem(flat)), "seconds": seconds}
+        print(f"{name:50s} {rewards[name]}")
+        if name.startswith("cdr"):
+            lengths = [len(policy.encode("\n\n".join(s.strip() for s in steps))) for steps in trajectories]
+            mean = [v / max(n, 1) for v, n in zip(flat, lengths)]
+            rewards[name + " (per-token mean)"] = {**ranking_metrics(records, per_problem(mean)), "seconds": seconds}
+            print(f"{name + ' (per-token mean)':50s} {rewards[name + ' (per-token mean)']}")
+
+    voted = 0
+    for record in records:
+        answers = [extract_answer(r) for r in record["responses"]]
+        counts = Counter(normalize_answer(a) for a in answers if a is not None)
+        if counts:
+            winner = counts.most_common(1)[0][0]
+            voted += any(c and a is not None and normalize_answer(a) == winner for a, c in zip(answers, record["correct"]))
+    mixed = sum(1 for r in records if any(r["correct"]) and not all(r["correct"]))
+    report = {
+        "benchmark": "reward ranking of sampled GSM8K answers",
+        "problems": len(records),
+        "samples_per_problem": args.samples,
+        "policy": args.policy,
+        "judge": args.judge,
+        "strong": args.strong,
+        "aggregation": "model",
+        "sample_accuracy": sum(sum(r["correct"]) for r in records) / (len(records) * args.samples),
+        "any_correct": sum(any(r["correct"]) for r in records) / len(records),
+        "majority_vote_correct": voted / len(records),
+        "problems_with_correct_and_incorrect": mixed,
+        "rewards": rewards,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, llama.cpp engine",
+    }
+    out = args.out or RESULTS / "rewards_gsm8k_ranking.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "rewards"}, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", nargs="?", choices=["incremental", "ranking"], default="incremental")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--particles", type=int, default=1)
+    parser.add_argument("--step-words", type=int, default=50)
+    parser.add_argument("--prompt-words", type=int, default=80)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--problems", type=int, default=50)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--policy", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--judge", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--strong", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.mode == "ranking":
+        asyncio.run(ranking(args))
+    else:
+        args.out = args.out or RESULTS / "rewards_incremental.json"
+        asyncio.run(incremental(args))
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -132,13 +132,31 @@ async def test_model_aggregation_reuses_the_common_token_prefix(classifier, toke
     """'model' aggregation joins the steps into one: the old separator is gone,
     but the tokens before it are a common prefix and are not read again."""
     prm = ClassificationPRM(classifier, tokenizer)
+    prm.scan_recent = 0  # found by layout of the text before the last blank line, not by a scan
     first = "Tom starts with 3 apples."
-    await prm.score([PROMPT], [[first]])
+    await prm.score([PROMPT, PROMPT], [[first], ["Tom has apples."]])
     before = prm.usage.scored_tokens
     grown = first + "\n\nHe buys 4, so 3 + 4 = 7."
     scores = await prm.score([PROMPT], [[grown]])
     assert prm.usage.scored_tokens - before == len(tokenizer("\n\nHe buys 4, so 3 + 4 = 7.").input_ids) + 1
     assert scores[0] == pytest.approx(hand_classification_scores(classifier, tokenizer, PROMPT, [grown]), abs=1e-5)
+
+
+async def test_a_scan_finds_a_shared_prefix_without_a_step_boundary(classifier, tokenizer):
+    prm = ClassificationPRM(classifier, tokenizer)
+    await prm.score([PROMPT], [["Tom starts"]])
+    before = prm.usage.scored_tokens
+    scores = await prm.score([PROMPT], [["Tom starts with 3 apples."]])
+    assert prm.usage.scored_tokens - before == len(" with 3 apples.") + 1
+    assert scores[0] == pytest.approx(
+        hand_classification_scores(classifier, tokenizer, PROMPT, ["Tom starts with 3 apples."]), abs=1e-5
+    )
+    prm.scan_recent = 0
+    prm.clear_cache()
+    await prm.score([PROMPT], [["Tom starts"]])
+    before = prm.usage.scored_tokens
+    await prm.score([PROMPT], [["Tom starts with 3 apples."]])
+    assert prm.usage.scored_tokens - before == len(prm.layout(PROMPT, ["Tom starts with 3 apples."])[0])
 
 
 async def test_cache_budget_is_respected(classifier, tokenizer):

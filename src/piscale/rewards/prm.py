@@ -25,10 +25,12 @@ prefix be reused exactly.
 only on tokens 0..i. The key/value cache of a token sequence S therefore holds,
 for every l <= |S|, the exact cache of S[:l]. The PRM keeps the caches of the
 sequences it has read (least recently used first out, ``cache_tokens`` tokens
-in all). For a new sequence it finds the stored one with the longest common
-token prefix, reuses that many cached positions, and reads only the rest; the
+in all). For a new sequence it finds a stored one that shares a token prefix
+with it, reuses that many cached positions, and reads only the rest; the
 marker scores inside the shared prefix are taken from the stored sequence.
 When a search extends a particle by one step, only the new step is read.
+The stored sequence is found by exact lookups at step boundaries first (a
+particle's parent), then by scanning the most recently used sequences.
 
 **Batching.** Sequences of one call go through the model together: each row's
 cached prefix is left-padded to the longest one and its new tokens are
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -49,6 +52,7 @@ import numpy as np
 import torch
 
 from piscale.lm.base import Stopwatch, Usage
+from piscale.rewards.aggregate import STEP_JOINER
 from piscale.rewards.base import Reward
 
 _MARK = "PISCALEASSISTANTTEXTMARK"
@@ -62,8 +66,9 @@ class _Stored:
     """A token sequence the PRM has read: its cache and its marker scores."""
 
     tokens: np.ndarray
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    """(keys, values) per layer, each [1, heads, len(tokens), head_dim]."""
+    cache: torch.Tensor
+    """Keys and values of every layer: [layers, 2, heads, len(tokens), head_dim]
+    (one tensor, so that moving a sequence's cache is one copy, not two per layer)."""
     scores: dict[int, float]
     """marker position -> score."""
 
@@ -83,6 +88,9 @@ class TransformersPRM(Reward):
 
     scale = "probability"
     outcome_only = False
+    scan_recent = 64
+    """How many recently used sequences are searched for a shared prefix when
+    no step boundary matches exactly."""
 
     def __init__(
         self,
@@ -196,19 +204,12 @@ class TransformersPRM(Reward):
         raise NotImplementedError
 
     # -- the cache ---------------------------------------------------------------
-    def _plan(self, tokens: np.ndarray, markers: list[int]) -> _Job:
-        job = _Job(tokens, markers)
+    def _plan(self, prompt: str, steps: Sequence[str]) -> _Job:
+        tokens, markers = self.layout(prompt, steps)
+        job = _Job(np.asarray(tokens, dtype=np.int64), markers)
         if not self._caching:
             return job
-        best, best_length = None, 0
-        for stored in self._stored.values():
-            n = min(len(stored.tokens), len(tokens))
-            if n <= best_length:
-                continue
-            same = stored.tokens[:n] == tokens[:n]
-            length = n if bool(same.all()) else int(np.argmin(same))
-            if length > best_length:
-                best, best_length = stored, length
+        best, best_length = self._find_prefix(job.tokens, markers, self._joined_parent(prompt, steps))
         if best is None:
             return job
         reuse = best_length
@@ -225,6 +226,49 @@ class TransformersPRM(Reward):
         job.reuse, job.source = reuse, best
         self._stored.move_to_end(best.tokens.tobytes())
         return job
+
+    def _find_prefix(
+        self, tokens: np.ndarray, markers: list[int], guesses: Sequence[np.ndarray] = ()
+    ) -> tuple[_Stored | None, int]:
+        """A stored sequence sharing a prefix with ``tokens``, and the length
+        of that prefix.
+
+        First exact lookups, one dictionary probe each: the sequence itself,
+        its prefixes at step boundaries (newest first: a particle's parent,
+        or an earlier copy of the particle), and the ``guesses`` (the previous
+        partial answer when steps are joined into one step). Failing that,
+        the longest common token prefix among the ``scan_recent`` most
+        recently used sequences."""
+        for end in dict.fromkeys([len(tokens), *(position + 1 for position in reversed(markers))]):
+            stored = self._stored.get(tokens[:end].tobytes())
+            if stored is not None:
+                return stored, end
+        candidates = [self._stored.get(guess.tobytes()) for guess in guesses]
+        scanned = itertools.islice(reversed(self._stored.values()), self.scan_recent)
+        found = [c for c in candidates if c is not None]
+        best, best_length = None, 0
+        for stored in found or scanned:
+            n = min(len(stored.tokens), len(tokens))
+            if n <= best_length:
+                continue
+            same = stored.tokens[:n] == tokens[:n]
+            length = n if bool(same.all()) else int(np.argmin(same))
+            if length > best_length:
+                best, best_length = stored, length
+        return best, best_length
+
+    def _joined_parent(self, prompt: str, steps: Sequence[str]) -> list[np.ndarray]:
+        """For one step made of several blank-line separated parts (steps
+        joined by ``model`` aggregation), the layout of the same text without
+        its last part: what the PRM most likely read at the previous step."""
+        if len(steps) != 1:
+            return []
+        text = steps[0].strip()
+        cut = text.rfind(STEP_JOINER)
+        if cut <= 0:
+            return []
+        tokens, _ = self.layout(prompt, [text[:cut]])
+        return [np.asarray(tokens, dtype=np.int64)]
 
     def _store(self, stored: _Stored) -> None:
         if not self._caching or len(stored.tokens) > self.cache_tokens:
@@ -264,10 +308,7 @@ class TransformersPRM(Reward):
     def _score_sync(self, prompts: list[str], trajectories: list[list[str]]) -> list[list[float]]:
         self.usage.calls += 1
         with Stopwatch(self.usage):
-            jobs = []
-            for prompt, steps in zip(prompts, trajectories):
-                tokens, markers = self.layout(prompt, steps)
-                jobs.append(self._plan(np.asarray(tokens, dtype=np.int64), markers))
+            jobs = [self._plan(prompt, steps) for prompt, steps in zip(prompts, trajectories)]
             pending = [job for job in jobs if any(p not in job.scores for p in job.markers)]
             for batch in self._batches(pending):
                 self._run(batch)
@@ -305,21 +346,7 @@ class TransformersPRM(Reward):
 
         cache = None
         if self._caching:
-            if width_cached > 0:
-                layers = []
-                template = next(job.source for job in jobs if job.source is not None and job.reuse > 0)
-                for layer, (keys0, values0) in enumerate(template.layers):
-                    keys = keys0.new_zeros((rows, keys0.shape[1], width_cached, keys0.shape[3]))
-                    values = values0.new_zeros((rows, values0.shape[1], width_cached, values0.shape[3]))
-                    for i, job in enumerate(jobs):
-                        if job.reuse:
-                            source_keys, source_values = job.source.layers[layer]
-                            keys[i, :, width_cached - job.reuse :] = source_keys[0, :, : job.reuse]
-                            values[i, :, width_cached - job.reuse :] = source_values[0, :, : job.reuse]
-                    layers.append((keys, values))
-                cache = DynamicCache(layers)
-            else:
-                cache = DynamicCache()
+            cache = DynamicCache(self._padded_past(jobs, width_cached)) if width_cached else DynamicCache()
 
         wanted = sorted({p - job.reuse for job in jobs for p in job.markers if p >= job.reuse})
         keep = torch.tensor(wanted, dtype=torch.long, device=device)
@@ -333,18 +360,40 @@ class TransformersPRM(Reward):
         self.usage.scored_tokens += sum(fresh)
         self.tokens_reused += sum(cached)
 
+        everything = None
+        if cache is not None:
+            flat = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+            everything = torch.stack(flat).unflatten(0, (len(cache.layers), 2))
         for i, job in enumerate(jobs):
             for p in job.markers:
                 if p >= job.reuse:
                     job.scores[p] = float(probabilities[i, column[p - job.reuse]])
-            if cache is None:
+            if everything is None:
                 continue
-            start, end = width_cached - job.reuse, width_cached + fresh[i]
-            layers = [
-                (layer.keys[i : i + 1, :, start:end].clone(), layer.values[i : i + 1, :, start:end].clone())
-                for layer in cache.layers
-            ]
-            self._store(_Stored(job.tokens, layers, dict(job.scores)))
+            row_cache = self._row_cache(everything, i, width_cached - job.reuse, width_cached + fresh[i])
+            self._store(_Stored(job.tokens, row_cache, dict(job.scores)))
+
+    @staticmethod
+    def _row_cache(everything: torch.Tensor, row: int, start: int, end: int) -> torch.Tensor:
+        """One row's real positions of the batch's cache [layers, 2, rows, heads, width, dim]."""
+        if everything.shape[2] == 1 and start == 0 and end == everything.shape[4]:
+            return everything[:, :, 0]  # a fresh tensor holding exactly this row
+        return everything[:, :, row, :, start:end].clone()
+
+    @staticmethod
+    def _padded_past(jobs: list[_Job], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each row's reused cache, left-padded with zeros to ``width``, as
+        (keys, values) per layer."""
+        if len(jobs) == 1:
+            past = jobs[0].source.cache[:, :, None, :, : jobs[0].reuse]
+        else:
+            template = next(job.source.cache for job in jobs if job.source is not None and job.reuse > 0)
+            layers, _, heads, _, dim = template.shape
+            past = template.new_zeros((layers, 2, len(jobs), heads, width, dim))
+            for i, job in enumerate(jobs):
+                if job.reuse:
+                    past[:, :, i, :, width - job.reuse :] = job.source.cache[:, :, :, : job.reuse]
+        return [(layer[0], layer[1]) for layer in past]
 
     async def close(self) -> None:
         self.clear_cache()
