@@ -173,3 +173,38 @@ def test_prm_input_errors(classifier, tokenizer):
         ClassificationPRM(classifier, tokenizer, positive_label=2)
     with pytest.raises(ValueError, match="encodes to 2 tokens"):
         TagPRM(classifier, tokenizer, good_token="++")
+
+
+async def test_load_prm_from_a_folder(classifier, tagger, tokenizer, tmp_path):
+    from piscale.rewards import from_spec
+    from piscale.rewards.prm import load_prm
+
+    classifier.save_pretrained(tmp_path / "cls")
+    tokenizer.save_pretrained(tmp_path / "cls")
+    tagger.save_pretrained(tmp_path / "tag")
+    tokenizer.save_pretrained(tmp_path / "tag")
+    loaded = from_spec(f"prm:{tmp_path / 'cls'}")
+    assert isinstance(loaded, ClassificationPRM)
+    # The tokenizer comes back as the config's tokenizer class, which may
+    # split text differently from the one saved; the weights are the same.
+    expected = hand_classification_scores(classifier, loaded.tokenizer, PROMPT, STEPS)
+    assert (await loaded.score([PROMPT], [STEPS]))[0] == pytest.approx(expected, abs=1e-5)
+    tag = load_prm(str(tmp_path / "tag"))
+    assert isinstance(tag, TagPRM)
+    assert (await tag.score([PROMPT], [STEPS]))[0] == pytest.approx(
+        hand_tag_scores(tagger, tag.tokenizer, PROMPT, STEPS), abs=1e-5
+    )
+
+
+def test_load_prm_refuses_custom_code_unless_trusted(classifier, tokenizer, tmp_path):
+    import json
+
+    from piscale.rewards.prm import load_prm
+
+    classifier.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["Qwen2ForProcessRewardModel"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        load_prm(str(tmp_path))
