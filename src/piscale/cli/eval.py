@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from piscale.eval.runner import EvalConfig, Evaluation, Progress
+
+
+LOG_EVERY_S = 30.0
+"""When stderr is not a terminal, how often a progress line is written."""
 
 
 def _fail(message: str) -> None:
@@ -189,10 +194,10 @@ def _run_with_progress(
     max_failures_in_a_row: int,
     console: Console,
 ) -> Progress:
+    from rich.progress import Progress as ProgressBar
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
@@ -209,14 +214,23 @@ def _run_with_progress(
         TextColumn("left"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console) as bar:
+    last_line = [time.monotonic()]
+    with ProgressBar(*columns, console=console) as bar:
         task_id = bar.add_task("eval", total=None, accuracy="–", speed="–", failed="")
 
         def show(progress: Progress) -> None:
             accuracy = "–" if progress.accuracy is None else f"{100 * progress.accuracy:.1f}%"
+            finished = progress.searches_done + progress.failures
+            if not console.is_terminal and time.monotonic() - last_line[0] >= LOG_EVERY_S:
+                # A bar redrawn in place shows nothing in a log file: write a line now and then.
+                last_line[0] = time.monotonic()
+                console.print(
+                    f"{finished}/{progress.searches_total} searches, accuracy {accuracy}, "
+                    f"{progress.tokens_per_second:.1f} tokens/s, {progress.failures} failed"
+                )
             bar.update(
                 task_id,
-                completed=progress.searches_done + progress.failures,
+                completed=finished,
                 total=progress.searches_total,
                 accuracy=accuracy,
                 speed=f"{progress.tokens_per_second:.1f}",
