@@ -515,15 +515,21 @@ def load_prm(
     Checkpoints whose head is custom code (Qwen2.5-Math-PRM's
     ``Qwen2ForProcessRewardModel``) load only with ``trust_remote_code=True``;
     without it, loading stops with an error instead of silently putting a
-    randomly initialised head on the model.
+    randomly initialised head on the model. ``dtype`` defaults to bfloat16 on
+    CUDA and float32 on the CPU.
     """
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     architectures = list(getattr(config, "architectures", None) or [])
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if isinstance(dtype, str):
-        dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+        names = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {', '.join(names)}, got {dtype!r}")
+        dtype = names[dtype]
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     causal = any(a.endswith("ForCausalLM") for a in architectures)
     custom = [a for a in architectures if not hasattr(transformers, a)]
