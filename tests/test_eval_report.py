@@ -47,7 +47,8 @@ def db(tmp_path: Path) -> Path:
     ]
     with ResultStore(path) as store:
         store.ensure_config("cfg", "gsm8k", "toy", "arith", {"model": {"spec": "toy"}})
-        run = store.start_run("cfg", {})
+        run = store.start_run("cfg", {"argv": ["/venv/bin/piscale", "eval", "--dataset", "gsm8k"], "platform": "Linux",
+                                      "cpus": 2, "versions": {"piscale": "0.1.0", "torch": None}})
         for r in rows:
             store.save_search("cfg", run, r.key, {"stub": r.key}, lambda result, r=r: [r])
     return path
@@ -78,6 +79,7 @@ def test_markdown_table_and_notes(db: Path) -> None:
     assert "| pf | – | 100 |" in lines  # tokens per problem
     assert "Wilson score intervals" in text and "C(N, b) subsets" in text
     assert "Cells differ in problems x seeds" in text
+    assert "Made by `piscale eval --dataset gsm8k` (1 run, 9 searches, 0:00:00 of running) on Linux, 2 CPUs; piscale 0.1.0." in text
 
 
 def test_plots_are_written_as_png_and_svg(db: Path, tmp_path: Path) -> None:

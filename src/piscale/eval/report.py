@@ -1,16 +1,17 @@
 """Accuracy-versus-compute reports from a results database.
 
-For every configuration (dataset, model, reward, prompts, options) in the
-database, the report gives, per algorithm and budget:
+For every configuration (dataset, model, reward, prompts) in the database,
+the report gives, per algorithm (with its search options, if any) and budget:
 
 * accuracy: each problem's score averaged over its seeds, then averaged over
   problems; with a 95% Wilson score interval that treats problems as the
   independent units (n = number of problems). A score in [0, 1] with mean p
   has variance at most p(1 - p), the Bernoulli variance the Wilson interval
   assumes, so averaging seeds or subsets within a problem can only make the
-  interval conservative;
+  true variance smaller than the one the interval allows for;
 * generated tokens per problem (mean over problems and seeds);
-* the number of problems and seeds behind the cell.
+* the number of problems and seeds behind the cell, and the searches that
+  failed and are missing;
 
 and plots of accuracy against budget and against generated tokens, one line
 per algorithm, with the interval as a band (PNG and SVG).
@@ -24,8 +25,10 @@ answer picked from the first b samples, search-and-learn's estimate.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -96,6 +99,9 @@ class Group:
     failures: list[dict] = field(default_factory=list)
     """Searches that failed and have not succeeded since: their cells are
     missing from the table."""
+    runs: list[dict] = field(default_factory=list)
+    """The invocations that stored searches: command, machine, versions,
+    start, last stored search and count."""
 
     @property
     def algorithms(self) -> list[str]:
@@ -129,6 +135,8 @@ def summarize(db: str | Path, *, estimator: str = "expected") -> list[Group]:
         configs = store.configs()
         rows = store.results()
         failures = store.unresolved_failures()
+        activity = store.run_activity()
+        runs = store.runs()
     by_config: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_config[row["config_key"]].append(row)
@@ -139,6 +147,12 @@ def summarize(db: str | Path, *, estimator: str = "expected") -> list[Group]:
             continue
         group = Group(config["config_key"], config["dataset"], config["model"], config["reward"], config["description"])
         group.failures = [f for f in failures if f["config_key"] == config["config_key"]]
+        group.runs = [
+            {**run["info"], "run_id": run["run_id"], "started_at": run["started_at"],
+             "last_search_at": activity[run["run_id"]][0], "searches": activity[run["run_id"]][1]}
+            for run in runs
+            if run["config_key"] == config["config_key"] and run["run_id"] in activity
+        ]
         order = list(dict.fromkeys(_label(r) for r in sorted(config_rows, key=lambda r: r["result_id"])))
         cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
         for row in config_rows:
@@ -228,8 +242,30 @@ def markdown(groups: Sequence[Group], *, estimator: str = "expected") -> str:
             row = " | ".join(_tokens_text(group.cell(algorithm, b)) for b in budgets)
             lines.append(f"| {algorithm} | {row} |")
         lines += ["", _counts_note(group), ""]
+        if group.runs:
+            lines += [_provenance(group), ""]
     lines += [_method_note(groups, estimator), ""]
     return "\n".join(lines)
+
+
+def _provenance(group: Group) -> str:
+    """How the numbers were made: the command, the machine, the versions and
+    the time the runs spent (each from its start to its last stored search)."""
+    first = group.runs[0]
+    argv = first.get("argv") or []
+    command = "piscale " + shlex.join(argv[1:]) if argv else "unknown"
+    seconds = sum(max(run["last_search_at"] - run["started_at"], 0.0) for run in group.runs)
+    searches = sum(run["searches"] for run in group.runs)
+    versions = first.get("versions") or {}
+    shown = ", ".join(f"{name} {versions[name]}" for name in ("piscale", "torch", "transformers", "llama-cpp-python")
+                      if versions.get(name))
+    machine = f"{first.get('platform', 'unknown platform')}, {first.get('cpus', '?')} CPUs"
+    if first.get("device"):
+        machine += f", device {first['device']}"
+    return (
+        f"Made by `{command}` ({len(group.runs)} run{'s' if len(group.runs) > 1 else ''}, {searches} searches, "
+        f"{datetime.timedelta(seconds=round(seconds))} of running) on {machine}; {shown}."
+    )
 
 
 def _method_note(groups: Sequence[Group], estimator: str) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import os
 import platform
 import socket
 import sys
@@ -332,6 +333,7 @@ class Evaluation:
             "versions": package_versions(),
             "host": socket.gethostname(),
             "platform": platform.platform(),
+            "cpus": os.cpu_count(),
             "user": _user(),
             **(extra or {}),
         }

@@ -315,6 +315,11 @@ class ResultStore:
         rows = self._db.execute(query, (config_key,) if config_key else ()).fetchall()
         return [{**dict(r), "info": json.loads(r["info"])} for r in rows]
 
+    def run_activity(self) -> dict[int, tuple[float, int]]:
+        """Per run: when it stored its last search, and how many it stored."""
+        rows = self._db.execute("SELECT run_id, MAX(created_at), COUNT(*) FROM searches GROUP BY run_id")
+        return {int(r[0]): (float(r[1]), int(r[2])) for r in rows}
+
     def results(self, config_key: str | None = None) -> list[dict]:
         query = "SELECT * FROM results" + (" WHERE config_key = ?" if config_key else "")
         query += " ORDER BY config_key, algorithm, variant, budget, problem_id, seed"
