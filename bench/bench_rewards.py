@@ -34,7 +34,9 @@ incorrect answers, each (correct, incorrect) pair counts 1 if the correct
 answer scores higher, 1/2 on a tie; the pairwise accuracy is the mean. Also
 reported: how often the reward's top answer is correct (best-of-N selection),
 next to the mean accuracy of one sample and of majority voting. The samples
-are kept in ``bench/results/rewards_gsm8k_samples.json`` and reused.
+are saved in ``bench/results/rewards_gsm8k_samples.json`` after every batch
+and reused: a later run with the same settings goes on where one stopped, and
+``--problems N`` with N no more than those saved scores without sampling.
 
     python bench/bench_rewards.py ranking --problems 50 --samples 4
 """
@@ -183,46 +185,51 @@ INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\
 
 
 async def sample_answers(args: argparse.Namespace, path: Path) -> list[dict]:
-    """``--samples`` answers per problem from the policy, graded; cached in ``path``."""
+    """``--samples`` answers per problem from the policy, graded. They are
+    saved in ``path`` after every batch of problems, and a later run goes on
+    from there; ``--generate-only`` stops after sampling."""
     from piscale.grading import gsm8k_reference, is_correct
     from piscale.lm import load
     from piscale.lm.base import StepParams
 
     problems = [json.loads(line) for line in GSM8K.read_text().splitlines()[: args.problems]]
+    settings = {"policy": args.policy, "samples": args.samples, "max_tokens": args.max_tokens, "temperature": 0.8}
+    saved = {**settings, "generation_seconds": 0.0, "generated_tokens": 0, "problems": []}
     if path.exists():
         cached = json.loads(path.read_text())
-        same = (cached["policy"], cached["samples"], cached["max_tokens"]) == (args.policy, args.samples, args.max_tokens)
-        if same and len(cached["problems"]) >= args.problems:
-            return cached["problems"][: args.problems]
+        if all(cached.get(k) == v for k, v in settings.items()):
+            saved = cached
+    records = saved["problems"]
+    if len(records) >= len(problems):
+        return records[: len(problems)]
     lm = load(args.policy)
     params = StepParams(max_tokens=args.max_tokens, stop=(), temperature=0.8)
-    start = time.perf_counter()
-    outputs = []
     # As many problems at a time as the engine has sequence slots for.
     chunk = max(1, getattr(lm, "max_sequences", 16) // args.samples)
-    for first in range(0, len(problems), chunk):
-        prompts = [lm.prompt_ids(p["question"] + INSTRUCTION) for p in problems[first : first + chunk]]
+    for first in range(len(records), len(problems), chunk):
+        start = time.perf_counter()
+        batch = problems[first : first + chunk]
+        prompts = [lm.prompt_ids(p["question"] + INSTRUCTION) for p in batch]
         groups = await lm.open(prompts, copies=args.samples)
         handles = [h for group in groups for h in group]
         seeds = [first * args.samples + k for k in range(len(handles))]
-        outputs += await lm.extend(handles, params, seeds=seeds)
+        before = lm.usage.generated_tokens
+        outputs = await lm.extend(handles, params, seeds=seeds)
         lm.release(handles)
-    seconds = time.perf_counter() - start
-    records = []
-    for k, problem in enumerate(problems):
-        reference = gsm8k_reference(problem["answer"])
-        responses = [o.text for o in outputs[k * args.samples : (k + 1) * args.samples]]
-        records.append({
-            "question": problem["question"],
-            "reference": reference,
-            "responses": responses,
-            "correct": [is_correct(r, reference) for r in responses],
-        })
-    path.write_text(json.dumps({
-        "policy": args.policy, "samples": args.samples, "max_tokens": args.max_tokens,
-        "temperature": 0.8, "generation_seconds": seconds, "generated_tokens": lm.usage.generated_tokens,
-        "problems": records,
-    }, indent=1) + "\n")
+        for k, problem in enumerate(batch):
+            reference = gsm8k_reference(problem["answer"])
+            responses = [o.text for o in outputs[k * args.samples : (k + 1) * args.samples]]
+            records.append({
+                "question": problem["question"],
+                "reference": reference,
+                "responses": responses,
+                "correct": [is_correct(r, reference) for r in responses],
+            })
+        saved["generation_seconds"] += time.perf_counter() - start
+        saved["generated_tokens"] += lm.usage.generated_tokens - before
+        path.write_text(json.dumps(saved, indent=1) + "\n")
+        print(f"sampled {len(records)} problems, {saved['generated_tokens']} tokens, "
+              f"{saved['generation_seconds']:.0f} s", flush=True)
     await lm.close()
     return records
 
@@ -255,6 +262,8 @@ async def ranking(args: argparse.Namespace) -> None:
     from piscale.rewards.judge import LLMJudge
 
     records = await sample_answers(args, RESULTS / "rewards_gsm8k_samples.json")
+    if args.generate_only:
+        return
     prompts, trajectories, owner = [], [], []
     for k, record in enumerate(records):
         for response in record["responses"]:
@@ -333,6 +342,7 @@ def main() -> None:
     parser.add_argument("--policy", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--judge", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--strong", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--generate-only", action="store_true", help="ranking: only sample the answers")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.mode == "ranking":

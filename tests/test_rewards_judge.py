@@ -9,7 +9,8 @@ import torch
 
 from piscale.lm.toy import EOS, ToyLM
 from piscale.rewards import score_trajectories
-from piscale.rewards.judge import DEFAULT_TEMPLATE, LLMJudge, fill_template
+from piscale.rewards.judge import DEFAULT_TEMPLATE, LLMJudge
+from piscale.rewards.templates import fill
 
 
 def verdict_rule(prompt: str, generated: tuple[str, ...]) -> dict[str, float]:
@@ -53,7 +54,8 @@ async def test_judge_template_is_editable():
     text = lm.decode(ids)
     assert "Check 3 + 4 = 7 for P. \\boxed{} is fine here." in text
     assert "Be strict." in text
-    assert fill_template(DEFAULT_TEMPLATE, "a {solution}", "b").count("a {solution}") == 1
+    # A problem that contains a field name is not filled in again.
+    assert fill(DEFAULT_TEMPLATE, problem="a {solution}", solution="b").count("a {solution}") == 1
     with pytest.raises(ValueError, match="must contain \\{solution\\}"):
         LLMJudge(lm, template="Is {problem} solved?")
 

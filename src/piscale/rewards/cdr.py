@@ -38,6 +38,7 @@ from typing import Protocol
 from piscale.lm.base import LanguageModel
 from piscale.rewards.aggregate import join_steps
 from piscale.rewards.prefix import PrefixKey, PrefixReward
+from piscale.rewards.templates import fill
 
 DEFAULT_CRITERIA: dict[str, str] = {
     "safety": (
@@ -135,11 +136,7 @@ class JudgeRouter:
         listing = "\n".join(f"- {name}: {text}" for name, text in self.descriptions.items())
         contexts, answers = [], []
         for prompt in prompts:
-            question = (
-                ROUTER_TEMPLATE.replace("{domains}", listing)
-                .replace("{names}", ", ".join(names))
-                .replace("{prompt}", prompt)
-            )
+            question = fill(ROUTER_TEMPLATE, domains=listing, names=", ".join(names), prompt=prompt)
             ids = self.lm.chat([{"role": "user", "content": question}])
             for name in names:
                 contexts.append(ids)

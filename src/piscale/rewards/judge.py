@@ -17,12 +17,12 @@ partial answer is judged once (``PrefixReward`` remembers the scores).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 from piscale.lm.base import LanguageModel
 from piscale.rewards.aggregate import join_steps
 from piscale.rewards.prefix import PrefixKey, PrefixReward
+from piscale.rewards.templates import fill, require_fields
 
 DEFAULT_TEMPLATE = (
     "Here is a math problem and a solution that may be unfinished.\n\n"
@@ -31,17 +31,6 @@ DEFAULT_TEMPLATE = (
     "Is every step of the solution so far correct? Answer with Yes or No."
 )
 """The judge's question; ``{problem}`` and ``{solution}`` are filled in."""
-
-_FIELD = re.compile(r"\{(problem|solution)\}")
-
-
-def fill_template(template: str, problem: str, solution: str) -> str:
-    """The template with its two fields filled in one pass (a problem that
-    contains the text "{solution}" is left alone, and LaTeX braces in the
-    template need no escaping)."""
-    values = {"problem": problem, "solution": solution}
-    return _FIELD.sub(lambda match: values[match.group(1)], template)
-
 
 class LLMJudge(PrefixReward):
     """score = P(yes) / (P(yes) + P(no)) of the judge's first answer tokens."""
@@ -60,9 +49,7 @@ class LLMJudge(PrefixReward):
         memo_size: int = 4096,
     ):
         super().__init__(memo_size)
-        for field in ("{problem}", "{solution}"):
-            if field not in template:
-                raise ValueError(f"the judge template must contain {field}")
+        require_fields(template, "problem", "solution", what="the judge template")
         self.lm = lm
         self.template = template
         self.system_prompt = system_prompt
@@ -76,7 +63,7 @@ class LLMJudge(PrefixReward):
 
     def prompt_ids(self, problem: str, steps: Sequence[str]) -> list[int]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": fill_template(self.template, problem, join_steps(steps))})
+        messages.append({"role": "user", "content": fill(self.template, problem=problem, solution=join_steps(steps))})
         return self.lm.chat(messages)
 
     async def score_prefixes(self, items: Sequence[PrefixKey]) -> list[float]:

@@ -54,6 +54,7 @@ import torch
 from piscale.lm.base import Stopwatch, Usage
 from piscale.rewards.aggregate import STEP_JOINER
 from piscale.rewards.base import Reward
+from piscale.rewards.templates import fill, require_fields
 
 _MARK = "PISCALEASSISTANTTEXTMARK"
 
@@ -109,8 +110,8 @@ class TransformersPRM(Reward):
             raise ValueError(f"cache_tokens must be >= 0, got {cache_tokens}")
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
-        if prompt_format is not None and "{prompt}" not in prompt_format:
-            raise ValueError("prompt_format must contain '{prompt}' where the problem goes")
+        if prompt_format is not None:
+            require_fields(prompt_format, "prompt", what="prompt_format")
         if prompt_format is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 "the tokenizer has no chat template; pass prompt_format (e.g. '{prompt}\\n') "
@@ -153,7 +154,7 @@ class TransformersPRM(Reward):
             self._prefixes.move_to_end(prompt)
             return self._prefixes[prompt]
         if self.prompt_format is not None:
-            text = self.prompt_format.format(prompt=prompt, system=self.system_prompt or "")
+            text = fill(self.prompt_format, prompt=prompt, system=self.system_prompt or "")
             ids = self._encode_with_leading_specials(text)
         else:
             messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
