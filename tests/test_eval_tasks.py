@@ -171,3 +171,22 @@ def test_shipped_data_files_when_present() -> None:
     assert load_task("gsm8k", folder).problems[0].reference == "18"
     assert load_task("amc23", folder).problems[0].reference == "27"
     assert load_task("math500", folder).problems[0].reference == "\\left( 3, \\frac{\\pi}{2} \\right)"
+
+
+def test_hub_ids_go_through_the_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [{"question": "Two plus two?", "answer": "2 + 2 = 4\n#### 4"}, {"question": "One?", "answer": "#### 1"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    task = load_task("hf:openai/gsm8k:main@test")
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert [(p.id, p.reference) for p in task.problems] == [("openai_gsm8k-0", "4"), ("openai_gsm8k-1", "1")]
+    assert task.label == "hf:openai/gsm8k:main@test"
+    load_task("hf:HuggingFaceH4/MATH-500")
+    assert calls[-1] == ("HuggingFaceH4/MATH-500", None, "test")
