@@ -84,7 +84,11 @@ def _llamacpp_default_model() -> EngineCase:
     from piscale.models import DEFAULT_MODEL, gguf_path
 
     path = str(gguf_path(DEFAULT_MODEL))
-    reference = llama_cpp.Llama(model_path=path, n_ctx=2048, logits_all=True, flash_attn=True, verbose=False)
+    # 32 tokens per pass, as the engine reads: llama.cpp uses another attention
+    # kernel from 64 query tokens on, and its logits differ slightly.
+    reference = llama_cpp.Llama(
+        model_path=path, n_ctx=2048, n_batch=32, n_ubatch=32, logits_all=True, flash_attn=True, verbose=False
+    )
 
     def greedy(prompt: list[int], n: int) -> list[int]:
         reference.reset()
@@ -103,7 +107,7 @@ def _llamacpp_default_model() -> EngineCase:
         table -= np.log(np.exp(table).sum(axis=1, keepdims=True))
         return [float(table[j - 1, ids[j]]) for j in range(prompt_length, len(ids))]
 
-    return EngineCase(LlamaCppLM(path, context_length=1024, max_sequences=16), greedy, logprobs, 5e-3)
+    return EngineCase(LlamaCppLM(path, context_length=1024, max_sequences=16), greedy, logprobs)
 
 
 ENGINE_CASES: dict[str, Callable[[], EngineCase]] = {
@@ -286,3 +290,13 @@ async def test_bad_handles_and_inputs_are_rejected(case: EngineCase):
     lm.release([handle])
     with pytest.raises(ValueError):
         StepParams(max_tokens=0)
+
+
+async def test_one_token_prompts_decode_like_longer_ones(case: EngineCase):
+    lm = case.lm
+    first = lm.encode("A")[:1]
+    groups = await lm.open([first, prompts_for(lm)[0]])
+    outs = await lm.extend([g[0] for g in groups], GREEDY)
+    ids = lm.token_ids(groups[0][0])
+    lm.release([g[0] for g in groups])
+    assert ids == case.reference_greedy(first, len(outs[0].token_ids))

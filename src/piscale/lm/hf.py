@@ -282,21 +282,18 @@ class TransformersLM(LanguageModel):
     def _prefill(self, prefixes: list[list[int]]):
         from transformers import DynamicCache
 
-        width = max(len(p) for p in prefixes)
-        batch = len(prefixes)
-        ids = torch.full((batch, max(width, 1)), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((batch, max(width, 1)), dtype=torch.long)
+        # At least one column: a one-token prompt has nothing to read now,
+        # and its row is a single masked column.
+        width = max(1, max(len(p) for p in prefixes))
+        ids = torch.full((len(prefixes), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prefixes), width), dtype=torch.long)
         for i, prefix in enumerate(prefixes):
             if prefix:
                 ids[i, width - len(prefix) :] = torch.tensor(prefix)
                 mask[i, width - len(prefix) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = DynamicCache()
-        if width == 0:
-            # Nothing to read: one masked column keeps the layout uniform.
-            mask = mask[:, :0]
-            return self._empty_cache(batch), mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
         with self._attention_kernels():
             self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
@@ -304,21 +301,6 @@ class TransformersLM(LanguageModel):
         self.usage.prefill_tokens += sum(len(p) for p in prefixes)
         self.usage.forward_passes += 1
         return cache, mask
-
-    def _empty_cache(self, batch: int):
-        """A cache with zero columns for ``batch`` rows (one-token prompts)."""
-        from transformers import DynamicCache
-
-        probe = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)
-        cache = DynamicCache()
-        with torch.inference_mode():
-            self.model(input_ids=probe, past_key_values=cache, use_cache=True)
-        for layer in cache.layers:
-            shape = list(layer.keys.shape)
-            shape[0], shape[2] = batch, 0
-            layer.keys = layer.keys.new_zeros(shape)
-            layer.values = layer.values.new_zeros(shape[:3] + [layer.values.shape[3]])
-        return cache
 
     # -- decoding -----------------------------------------------------------
     async def extend(self, handles, params: StepParams, seeds=None) -> list[StepOutput]:
