@@ -1,0 +1,642 @@
+"""The backend protocol over any OpenAI-compatible ``/v1/completions`` server.
+
+``OpenAILM`` lets piscale drive a serving engine (vLLM, SGLang, a llama.cpp
+server, or ``piscale serve`` itself) as its generator: the engine does the
+batching, tensor parallelism and caching, piscale orchestrates the particles.
+
+How the protocol maps onto HTTP:
+
+* a sequence is a list of token ids held here; ``open`` and ``fork`` make
+  lists, ``release`` drops them, none of them calls the server;
+* ``extend`` sends, for every sequence, one completion request whose prompt
+  is the sequence's *exact* token ids (or its text, for servers that take no
+  token ids), so the server's prefix cache finds every shared prefix: the
+  prompt once for all particles, and a particle's earlier steps. It asks for
+  the generated token ids (``return_token_ids``, or vLLM's
+  ``return_tokens_as_token_ids`` in the log-probabilities), their
+  log-probabilities, and the stop string kept in the text
+  (``include_stop_str_in_output``; SGLang's ``no_stop_trim``); the seed of
+  each sequence goes in the request, so a step depends only on its own seed;
+* ``score`` asks for prompt log-probabilities: ``echo`` with ``max_tokens``
+  0 (OpenAI's legacy way; vLLM and ``piscale serve``), or vLLM's
+  ``prompt_logprobs``; ``logprob_start_len`` (SGLang's name) tells servers
+  that support it to score only the continuation;
+* ``encode``/``decode``/``chat`` use a local transformers tokenizer when one
+  is given (fast, no round trip), else the server's ``/tokenize`` and
+  ``/detokenize`` (vLLM and ``piscale serve`` offer them).
+
+Requests run at most ``max_concurrency`` at a time; transient failures
+(connection errors, 408, 429, 5xx) are retried with exponential backoff. A
+sequence whose request still fails is not fatal: its step comes back empty
+with ``finish_reason == "error"`` (a ``FailedStep`` holding the reason, also
+listed in ``failures``), and only when every sequence of a call fails does
+``extend`` raise ``ServerError``. (The search driver does not yet treat
+"error" specially: such a particle makes no progress that step and is
+extended again at the next one.)
+
+    lm = OpenAILM.from_spec("openai:Qwen/Qwen2.5-Math-1.5B-Instruct@http://gpu-box:8000/v1")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from piscale.lm.base import Handle, LanguageModel, ScoreOutput, StepOutput, StepParams, Usage, find_stop
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+API_KEY_ENV = "PISCALE_OPENAI_API_KEY"
+TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_SPEC = re.compile(r"^openai:(?P<model>[^@]+?)(?:@(?P<url>https?://\S+))?$")
+_TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
+LOGPROB_FLOOR = -9999.0
+"""Servers write an impossible token's log-probability (-inf, which JSON
+cannot hold) as this number (vLLM, ``piscale serve``); read back as -inf."""
+
+
+def _logprob(value: Any) -> float:
+    if value is None:
+        return float("nan")
+    value = float(value)
+    return -math.inf if value <= LOGPROB_FLOOR else value
+
+
+class ServerError(RuntimeError):
+    """A request to the server failed (after retries, for transient errors)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class FailedStep(StepOutput):
+    """The step of a sequence whose request failed: no tokens, and why."""
+
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class SequenceFailure:
+    handle: Handle
+    reason: str
+
+
+@dataclass
+class _Sequence:
+    tokens: list[int]
+    busy: bool = False
+
+
+class _LRU:
+    """A small bounded memo for tokenizer round trips."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: Any, value: Any) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+class OpenAILM(LanguageModel):
+    """A backend over an OpenAI-compatible server; see the module doc.
+
+    ``model``: the model name the server knows. ``base_url``: the server's
+    OpenAI root (ending in ``/v1``). ``tokenizer``: a transformers tokenizer
+    or a name/path to load one from; None uses the server's. ``prompt_format``:
+    ``ids`` (token ids, exact) or ``text`` (for servers that take no ids).
+    ``score_mode``: ``auto``, ``echo`` or ``prompt_logprobs``. ``on_failure``:
+    ``drop`` (a failed sequence gets a ``FailedStep``) or ``raise``.
+    ``transport``: an httpx transport (tests)."""
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        api_key: str | None = None,
+        tokenizer: Any = None,
+        context_length: int | None = None,
+        max_concurrency: int = 64,
+        max_retries: int = 4,
+        retry_backoff: float = 0.5,
+        timeout: float = 600.0,
+        prompt_format: str = "ids",
+        score_mode: str = "auto",
+        on_failure: str = "drop",
+        name: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        if prompt_format not in ("ids", "text"):
+            raise ValueError(f"prompt_format must be 'ids' or 'text', got {prompt_format!r}")
+        if score_mode not in ("auto", "echo", "prompt_logprobs"):
+            raise ValueError(f"score_mode must be auto, echo or prompt_logprobs, got {score_mode!r}")
+        if on_failure not in ("drop", "raise"):
+            raise ValueError(f"on_failure must be 'drop' or 'raise', got {on_failure!r}")
+        if max_concurrency < 1 or max_retries < 0 or retry_backoff < 0 or timeout <= 0:
+            raise ValueError("max_concurrency >= 1, max_retries >= 0, retry_backoff >= 0 and timeout > 0 are required")
+        if not re.match(r"^https?://", base_url):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.root_url = re.sub(r"/v1$", "", self.base_url)
+        self.name = name or f"openai:{model}@{self.base_url}"
+        self.api_key = api_key
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.retry_backoff = retry_backoff
+        self.timeout = timeout
+        self.prompt_format = prompt_format
+        self.score_mode = score_mode
+        self.on_failure = on_failure
+        self.usage = Usage()
+        self.failures: list[SequenceFailure] = []
+        """every sequence request that finally failed, with the reason."""
+        self.retries = 0
+        """transient failures that were retried."""
+        if isinstance(tokenizer, str):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.tokenizer = tokenizer
+        self._context_length = context_length
+        self._transport = transport
+        self._sequences: dict[Handle, _Sequence] = {}
+        self._next_handle = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._gate: asyncio.Semaphore | None = None
+        self._sync: httpx.Client | None = None
+        self._encoded = _LRU()
+        self._decoded = _LRU()
+        self._jitter = random.Random(0)
+
+    @classmethod
+    def from_spec(cls, spec: str, **options: Any) -> OpenAILM:
+        """``openai:MODEL@http://host:port/v1`` (the URL defaults to
+        ``DEFAULT_BASE_URL``; the key comes from ``api_key=`` or the
+        ``PISCALE_OPENAI_API_KEY`` environment variable)."""
+        match = _SPEC.match(spec.strip())
+        if match is None:
+            raise ValueError(f"an OpenAI-compatible model spec reads openai:MODEL@http://HOST:PORT/v1, got {spec!r}")
+        options.setdefault("api_key", os.environ.get(API_KEY_ENV))
+        return cls(match["model"], match["url"] or DEFAULT_BASE_URL, **options)
+
+    # -- HTTP ---------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _async_client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        """The client and concurrency gate of the running event loop (both
+        belong to one loop, so a new loop gets new ones)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._client is None or self._gate is None:
+            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+            self._client = httpx.AsyncClient(
+                headers=self._headers(), timeout=self.timeout, limits=limits, transport=self._transport
+            )
+            self._gate = asyncio.Semaphore(self.max_concurrency)
+            self._loop = loop
+        return self._client, self._gate
+
+    async def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST with retries of transient failures; ServerError otherwise."""
+        client, gate = self._async_client()
+        failure = "no attempt made"
+        async with gate:
+            for attempt in range(self.max_retries + 1):
+                if attempt:
+                    self.retries += 1
+                    await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 1) * (0.5 + self._jitter.random()))
+                try:
+                    response = await client.post(url, json=body)
+                except httpx.TransportError as error:
+                    failure = f"{type(error).__name__}: {error}"
+                    continue
+                if response.status_code == 200:
+                    try:
+                        return response.json()
+                    except ValueError:
+                        raise ServerError(f"{url} answered 200 with a body that is not JSON", 200) from None
+                failure = f"HTTP {response.status_code}: {_error_message(response)}"
+                if response.status_code not in TRANSIENT_STATUSES:
+                    raise ServerError(f"{url}: {failure}", response.status_code)
+        raise ServerError(f"{url}: {failure} (after {self.max_retries + 1} attempts)")
+
+    def _sync_post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A blocking POST for the tokenizer calls the protocol makes
+        synchronous (prefer a local tokenizer where speed matters)."""
+        if self._sync is None:
+            self._sync = httpx.Client(headers=self._headers(), timeout=self.timeout)
+        failure = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                import time
+
+                time.sleep(self.retry_backoff * 2 ** (attempt - 1))
+            try:
+                response = self._sync.post(self.root_url + path, json=body)
+            except httpx.TransportError as error:
+                failure = f"{type(error).__name__}: {error}"
+                continue
+            if response.status_code == 200:
+                return response.json()
+            failure = f"HTTP {response.status_code}: {_error_message(response)}"
+            if response.status_code not in TRANSIENT_STATUSES:
+                break
+        raise ServerError(
+            f"{self.root_url}{path} failed ({failure}); a server without /tokenize needs a local tokenizer: "
+            "OpenAILM(..., tokenizer='NAME_OR_PATH')"
+        )
+
+    # -- server facts -------------------------------------------------------
+    @property
+    def context_length(self) -> int:  # type: ignore[override]
+        if self._context_length is None:
+            self._context_length = self._probe_context_length()
+        return self._context_length
+
+    def _probe_context_length(self) -> int:
+        if self._sync is None:
+            self._sync = httpx.Client(headers=self._headers(), timeout=self.timeout)
+        try:
+            response = self._sync.get(self.base_url + "/models")
+            models = response.json().get("data", []) if response.status_code == 200 else []
+        except (httpx.HTTPError, ValueError):
+            models = []
+        for entry in models:
+            if entry.get("id") == self.model and isinstance(entry.get("max_model_len"), int):
+                return int(entry["max_model_len"])
+        if self.tokenizer is not None and isinstance(getattr(self.tokenizer, "model_max_length", None), int):
+            length = self.tokenizer.model_max_length
+            if length < 10**7:
+                return length
+        log.warning("%s does not report the context length of %s; pass context_length=", self.base_url, self.model)
+        return 1 << 20
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:  # type: ignore[override]
+        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            return frozenset({int(self.tokenizer.eos_token_id)})
+        return frozenset()
+
+    # -- text ---------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is not None:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        cached = self._encoded.get(text)
+        if cached is None:
+            cached = tuple(self._sync_post("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False})["tokens"])
+            self._encoded.put(text, cached)
+        return list(cached)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        key = tuple(int(t) for t in token_ids)
+        if not key:
+            return ""
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(list(key), skip_special_tokens=True)
+        cached = self._decoded.get(key)
+        if cached is None:
+            cached = self._sync_post("/detokenize", {"model": self.model, "tokens": list(key)})["prompt"]
+            self._decoded.put(key, cached)
+        return cached
+
+    def chat(self, messages, *, add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+        messages = [dict(m) for m in messages]
+        if self.tokenizer is not None:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message,
+            )
+            return self.encode(text)
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "add_generation_prompt": add_generation_prompt and not continue_final_message,
+            "continue_final_message": continue_final_message,
+            "add_special_tokens": False,
+        }
+        return list(self._sync_post("/tokenize", body)["tokens"])
+
+    # -- sequences ----------------------------------------------------------
+    def _get(self, handle: Handle) -> _Sequence:
+        try:
+            return self._sequences[handle]
+        except KeyError:
+            raise KeyError(f"unknown or released sequence handle {handle}") from None
+
+    def _new(self, tokens: list[int]) -> Handle:
+        handle = self._next_handle
+        self._next_handle += 1
+        self._sequences[handle] = _Sequence(tokens)
+        return handle
+
+    async def open(self, prompts, copies=1) -> list[list[Handle]]:
+        prompts = [[int(t) for t in p] for p in prompts]
+        counts = [copies] * len(prompts) if isinstance(copies, int) else list(copies)
+        if len(counts) != len(prompts):
+            raise ValueError(f"copies has {len(counts)} entries for {len(prompts)} prompts")
+        if any(c < 1 for c in counts):
+            raise ValueError("copies must be >= 1")
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("a prompt must have at least one token")
+            if len(prompt) >= self.context_length:
+                raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context window of {self.context_length}")
+        self.usage.calls += 1
+        # Nothing is sent yet: the first extension of each copy carries the
+        # prompt, and the server's prefix cache prefills it once.
+        return [[self._new(list(p)) for _ in range(c)] for p, c in zip(prompts, counts)]
+
+    def fork(self, ancestors: Sequence[Handle]) -> list[Handle]:
+        parents = [self._get(a) for a in ancestors]
+        for handle, parent in zip(ancestors, parents):
+            if parent.busy:
+                raise RuntimeError(f"cannot fork sequence {handle} while it is being extended")
+        return [self._new(list(p.tokens)) for p in parents]
+
+    def release(self, handles: Sequence[Handle]) -> None:
+        for handle in handles:
+            if self._get(handle).busy:
+                raise RuntimeError(f"cannot release sequence {handle} while it is being extended")
+        if len(set(handles)) != len(handles):
+            raise ValueError("a handle appears twice in one release call")
+        for handle in handles:
+            del self._sequences[handle]
+
+    def token_ids(self, handle: Handle) -> list[int]:
+        return list(self._get(handle).tokens)
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self._sequences)
+
+    # -- generation ---------------------------------------------------------
+    async def extend(self, handles, params: StepParams, seeds=None) -> list[StepOutput]:
+        handles = list(handles)
+        if seeds is not None and len(seeds) != len(handles):
+            raise ValueError(f"got {len(seeds)} seeds for {len(handles)} sequences")
+        if len(set(handles)) != len(handles):
+            raise ValueError("a sequence appears twice in one extend call; fork it first")
+        sequences = [self._get(h) for h in handles]
+        for handle, sequence in zip(handles, sequences):
+            if sequence.busy:
+                raise RuntimeError(f"sequence {handle} is already being extended")
+        if not handles:
+            return []
+        for sequence in sequences:
+            sequence.busy = True
+        self.usage.calls += 1
+        try:
+            results = await asyncio.gather(
+                *(
+                    self._step(sequence, params, None if seeds is None else int(seeds[i]))
+                    for i, sequence in enumerate(sequences)
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            for sequence in sequences:
+                sequence.busy = False
+        outputs: list[StepOutput] = []
+        failed: list[str] = []
+        for handle, sequence, result in zip(handles, sequences, results):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                if not isinstance(result, (ServerError, httpx.HTTPError, ValueError, KeyError, TypeError)):
+                    raise result
+                reason = f"{type(result).__name__}: {result}"
+                failed.append(reason)
+                self.failures.append(SequenceFailure(handle, reason))
+                outputs.append(FailedStep([], "", [], "error", error=reason))  # type: ignore[arg-type]
+                continue
+            sequence.tokens.extend(result.token_ids)
+            outputs.append(result)
+        if failed and (self.on_failure == "raise" or len(failed) == len(handles)):
+            raise ServerError(f"{len(failed)} of {len(handles)} sequence requests failed; first: {failed[0]}")
+        return outputs
+
+    def _prompt(self, tokens: list[int]) -> list[int] | str:
+        return tokens if self.prompt_format == "ids" else self.decode(tokens)
+
+    async def _step(self, sequence: _Sequence, params: StepParams, seed: int | None) -> StepOutput:
+        tokens = list(sequence.tokens)
+        room = self.context_length - len(tokens)
+        if room <= 0:
+            return StepOutput([], "", [], "context")
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": self._prompt(tokens),
+            "max_tokens": min(params.max_tokens, room),
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "n": 1,
+            "stream": False,
+            "logprobs": 1,
+            "include_stop_str_in_output": True,
+            "no_stop_trim": True,
+            "return_tokens_as_token_ids": True,
+            "return_token_ids": True,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if seed is not None:
+            body["seed"] = seed
+        data = await self._post(self.base_url + "/completions", body)
+        self._count_usage(data.get("usage"), prompt_length=len(tokens))
+        choice = _first_choice(data)
+        text = choice.get("text") or ""
+        token_ids, logprobs = self._generated(choice, text)
+        self.usage.generated_tokens += len(token_ids)
+        finish = self._finish(choice, text, token_ids, params, len(tokens))
+        if finish == "stop":
+            stop_reason = choice.get("stop_reason")
+            if isinstance(stop_reason, str) and find_stop(text, [stop_reason]) is None:
+                text += stop_reason  # a server that trimmed the stop string anyway
+        return StepOutput(token_ids, text, logprobs, finish)
+
+    def _count_usage(self, usage: Any, prompt_length: int) -> None:
+        if not isinstance(usage, dict):
+            self.usage.prefill_tokens += prompt_length
+            return
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        self.usage.prefill_tokens += max(int(usage.get("prompt_tokens", prompt_length)) - int(cached), 0)
+
+    def _generated(self, choice: dict[str, Any], text: str) -> tuple[list[int], list[float]]:
+        """The generated token ids and their log-probabilities, from whatever
+        the server returned: ``token_ids``, ``token_id:N`` labels, llama.cpp's
+        ``content`` entries, or (last resort, inexact) the text re-encoded."""
+        logprobs_field = choice.get("logprobs") or {}
+        token_ids = choice.get("token_ids")
+        values: list[float] | None = None
+        if isinstance(logprobs_field, dict) and "token_logprobs" in logprobs_field:
+            values = [_logprob(v) for v in logprobs_field["token_logprobs"]]
+            labels = logprobs_field.get("tokens") or []
+            if token_ids is None and labels and all(_TOKEN_ID.match(str(t)) for t in labels):
+                token_ids = [int(_TOKEN_ID.match(str(t)).group(1)) for t in labels]  # type: ignore[union-attr]
+        elif isinstance(logprobs_field, dict) and isinstance(logprobs_field.get("content"), list):
+            entries = logprobs_field["content"]
+            values = [_logprob(e.get("logprob")) for e in entries]
+            if token_ids is None and all(isinstance(e.get("id"), int) for e in entries):
+                token_ids = [int(e["id"]) for e in entries]
+        if token_ids is None:
+            token_ids = self.encode(text) if text else []
+        token_ids = [int(t) for t in token_ids]
+        if values is None or len(values) != len(token_ids):
+            values = [float("nan")] * len(token_ids)
+        return token_ids, values
+
+    def _finish(self, choice: dict[str, Any], text: str, token_ids: list[int], params: StepParams, prompt_length: int) -> str:
+        reason = choice.get("finish_reason")
+        if reason == "length":
+            return "context" if prompt_length + len(token_ids) >= self.context_length else "length"
+        stop_reason = choice.get("stop_reason")
+        if isinstance(stop_reason, str) or (params.stop and find_stop(text, params.stop) is not None):
+            return "stop"
+        if reason == "stop":
+            return "eos"
+        return "length" if len(token_ids) >= params.max_tokens else "eos"
+
+    # -- scoring ------------------------------------------------------------
+    async def score(self, prompts, continuations) -> list[ScoreOutput]:
+        if len(prompts) != len(continuations):
+            raise ValueError(f"got {len(prompts)} prompts for {len(continuations)} continuations")
+        pairs = [([int(t) for t in p], [int(t) for t in c]) for p, c in zip(prompts, continuations)]
+        for prompt, continuation in pairs:
+            if not prompt:
+                raise ValueError("a prompt to score against must have at least one token")
+            if len(prompt) + len(continuation) > self.context_length:
+                raise ValueError(
+                    f"prompt and continuation ({len(prompt) + len(continuation)} tokens) exceed the "
+                    f"context window of {self.context_length}"
+                )
+        self.usage.calls += 1
+        outputs = await asyncio.gather(*(self._score_one(p, c) for p, c in pairs))
+        self.usage.scored_tokens += sum(len(p) + len(c) for p, c in pairs)
+        return list(outputs)
+
+    async def _score_one(self, prompt: list[int], continuation: list[int]) -> ScoreOutput:
+        if not continuation:
+            return ScoreOutput([], [])
+        modes = ["echo", "prompt_logprobs"] if self.score_mode == "auto" else [self.score_mode]
+        failure: ServerError | None = None
+        for mode in modes:
+            try:
+                values = await self._prompt_logprobs(prompt, continuation, mode)
+            except ServerError as error:
+                if error.status != 400 and error.status != 422:
+                    raise
+                failure = error
+                continue
+            if self.score_mode == "auto":
+                self.score_mode = mode  # remember what this server supports
+            return ScoreOutput(continuation, values)
+        raise ServerError(
+            f"{self.base_url} returns no prompt log-probabilities (tried {', '.join(modes)}): {failure}", 400
+        )
+
+    async def _prompt_logprobs(self, prompt: list[int], continuation: list[int], mode: str) -> list[float]:
+        ids = prompt + continuation
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": self._prompt(ids),
+            "temperature": 0.0,
+            "logprob_start_len": len(prompt),
+            "return_tokens_as_token_ids": True,
+        }
+        if mode == "echo":
+            body.update(echo=True, max_tokens=0, logprobs=1)
+        else:
+            body.update(max_tokens=1, prompt_logprobs=0)
+        data = await self._post(self.base_url + "/completions", body)
+        choice = _first_choice(data)
+        start, end = len(prompt), len(ids)
+        if mode == "echo":
+            field = choice.get("logprobs") or {}
+            values = field.get("token_logprobs") if isinstance(field, dict) else None
+            if not isinstance(values, list) or len(values) < end:
+                raise ServerError(f"{self.base_url} returned no echoed prompt log-probabilities", 400)
+            chosen = values[start:end]
+        else:
+            entries = choice.get("prompt_logprobs") or data.get("prompt_logprobs")
+            if not isinstance(entries, list) or len(entries) < end:
+                raise ServerError(f"{self.base_url} returned no prompt_logprobs", 400)
+            chosen = [_logprob_of(entries[i], ids[i]) for i in range(start, end)]
+        if any(v is None for v in chosen):
+            raise ServerError(f"{self.base_url} left continuation tokens without a log-probability", 400)
+        return [_logprob(v) for v in chosen]
+
+    async def close(self) -> None:
+        self._sequences.clear()
+        if self._client is not None:
+            try:
+                await self._client.aclose()
+            except RuntimeError:
+                pass  # its event loop is gone
+            self._client = None
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+
+def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ServerError("the server's answer has no choices")
+    return choices[0]
+
+
+def _logprob_of(entry: Any, token: int) -> float | None:
+    """vLLM's prompt_logprobs entry: {"TOKEN_ID": {"logprob": x, ...}, ...}."""
+    if not isinstance(entry, dict):
+        return None
+    value = entry.get(str(token))
+    if isinstance(value, dict):
+        return value.get("logprob")
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if "detail" in data:
+            return str(data["detail"])
+        if "message" in data:
+            return str(data["message"])
+    return str(data)[:300]

@@ -1,0 +1,252 @@
+"""The HTTP application: routes, authentication, errors, lifecycle.
+
+Routes (OpenAI's, plus vLLM's tokenizer endpoints so that clients which
+tokenize through the server, such as ``piscale.lm.openai.OpenAILM``, work):
+
+| route | what |
+|---|---|
+| ``POST /v1/chat/completions`` | chat, plain or scaled, streamed or not |
+| ``POST /v1/completions`` | text or token-id prompts, plain or scaled, streamed or not |
+| ``GET /v1/models`` | the served model (with its context length) and its presets |
+| ``POST /tokenize``, ``POST /detokenize`` | the model's tokenizer (vLLM's request shapes) |
+| ``GET /health`` | 200 once the model is loaded |
+| ``GET /metrics`` | Prometheus text |
+
+With an API key configured, the /v1 and tokenizer routes need
+``Authorization: Bearer KEY``; /health and /metrics stay open for probes.
+
+All state (the backend, kept sequences, metrics) lives on ``app.state.service``,
+created when the app starts; ``create_app`` can be given a ready backend
+(tests, embedding the server in another program).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from piscale.lm.base import LanguageModel
+from piscale.serve.config import ServerConfig
+from piscale.serve.errors import APIError, bad_request
+from piscale.serve.schema import ChatRequest, CompletionRequest, parse
+from piscale.serve.service import ClientGone, Plan, Service, json_safe
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: ServerConfig, lm: LanguageModel | None = None) -> FastAPI:
+    """The server for ``config``; ``lm`` (if given) is served instead of
+    loading ``config.model``, and is not closed when the app stops."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if lm is None:
+            from piscale.lm import load
+
+            backend = load(config.model, engine=config.engine, device=config.device)
+        else:
+            backend = lm
+        service = Service(config, backend)
+        service.rewards.preload()
+        app.state.service = service
+        log.info("serving %s (%s) as %r", config.model, type(backend).__name__, config.model_name)
+        try:
+            yield
+        finally:
+            await service.close()
+            if lm is None:
+                await backend.close()
+
+    app = FastAPI(title="piscale", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _answer(request, "chat", lambda service, body: service.plan_chat(parse(ChatRequest, body)))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _answer(request, "completions", lambda service, body: service.plan_completion(parse(CompletionRequest, body)))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        service: Service = request.app.state.service
+        try:
+            _authorize(request, service.config)
+        except APIError as error:
+            return _error(error)
+        name = service.config.model_name
+
+        def card(model_id: str, **extra: Any) -> dict[str, Any]:
+            return {
+                "id": model_id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "piscale",
+                "root": service.config.model,
+                "max_model_len": service.lm.context_length,
+                **extra,
+            }
+
+        data = [card(name)]
+        for preset_name, preset in sorted(service.config.presets.items()):
+            data.append(card(f"{name}:{preset_name}", piscale={"algorithm": preset.algorithm, "budget": preset.budget}))
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        service: Service = request.app.state.service
+        try:
+            _authorize(request, service.config)
+            body = await _json(request)
+            if "messages" in body:
+                messages = parse(ChatRequest, {"model": service.config.model_name, **body}).messages
+                tokens = service.lm.chat(
+                    [m.plain(i) for i, m in enumerate(messages)],
+                    add_generation_prompt=bool(body.get("add_generation_prompt", True)) and not body.get("continue_final_message"),
+                    continue_final_message=bool(body.get("continue_final_message", False)),
+                )
+            elif isinstance(body.get("prompt"), str):
+                tokens = service.lm.encode(body["prompt"])
+            else:
+                raise bad_request("tokenize needs a string prompt or a list of messages", param="prompt")
+        except APIError as error:
+            return _error(error)
+        except ValueError as error:
+            return _error(bad_request(str(error)))
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": service.lm.context_length})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        service: Service = request.app.state.service
+        try:
+            _authorize(request, service.config)
+            body = await _json(request)
+            tokens = body.get("tokens")
+            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+                raise bad_request("detokenize needs tokens: a list of token ids", param="tokens")
+            size = service.vocabulary_size
+            if size is not None and any(not 0 <= t < size for t in tokens):
+                raise bad_request(f"token ids must lie in [0, {size})", param="tokens")
+            text = service.lm.decode(tokens)
+        except APIError as error:
+            return _error(error)
+        except (ValueError, IndexError) as error:
+            return _error(bad_request(str(error)))
+        return JSONResponse({"prompt": text})
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        service: Service = request.app.state.service
+        return JSONResponse({"status": "ok", "model": service.config.model_name})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        service: Service = request.app.state.service
+        text = service.metrics.render(service.lm, len(service.kept), service.kept.hits, service.kept.misses)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _answer(request: Request, endpoint: str, planner: Callable[[Service, Any], Plan]) -> Response:
+    """Plan, run and answer one completion request, counting it in the metrics."""
+    service: Service = request.app.state.service
+    started = time.perf_counter()
+    status = 200
+    streaming = False
+    service.metrics.in_flight += 1
+    try:
+        _authorize(request, service.config)
+        plan = planner(service, await _json(request))
+        if plan.stream:
+            streaming = True
+            return StreamingResponse(
+                _observed(service, endpoint, started, service.stream(plan)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        body = await service.complete(plan, disconnected=lambda: _disconnection(request))
+        return JSONResponse(json_safe(body))
+    except APIError as error:
+        status = error.status
+        return _error(error)
+    except ClientGone:
+        status = 499
+        return Response(status_code=499)
+    except Exception as error:
+        log.exception("request to %s failed", endpoint)
+        status = 500
+        return _error(APIError(500, f"internal error: {type(error).__name__}: {error}"))
+    finally:
+        if not streaming:
+            service.metrics.in_flight -= 1
+            service.metrics.observe(endpoint, status, time.perf_counter() - started)
+
+
+async def _observed(service: Service, endpoint: str, started: float, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The stream, with the request counted when it ends however it ends."""
+    status = 200
+    try:
+        async for event in events:
+            if status == 200 and event.startswith('data: {"error"'):
+                status = _status_of(event)
+            yield event
+    except BaseException:
+        status = 499
+        raise
+    finally:
+        service.metrics.in_flight -= 1
+        service.metrics.observe(endpoint, status, time.perf_counter() - started)
+
+
+def _status_of(event: str) -> int:
+    """The HTTP status an error event stands for (the stream itself began with 200)."""
+    kind = json.loads(event[len("data: ") :])["error"].get("type")
+    return {"timeout_error": 408, "server_error": 500, "not_found_error": 404}.get(kind, 400)
+
+
+async def _disconnection(request: Request) -> None:
+    """Returns when the client has gone (the body is read by then, so the
+    next ASGI message can only be the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise bad_request(f"the request body is not valid JSON: {error}") from None
+
+
+def _authorize(request: Request, config: ServerConfig) -> None:
+    if config.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        key = request.headers.get("x-api-key", "")
+    if not key:
+        raise APIError(401, "this server needs an API key: send Authorization: Bearer <key>", code="missing_api_key")
+    if not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
+        raise APIError(401, "the API key is not valid for this server", code="invalid_api_key")
+
+
+def _error(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
