@@ -50,6 +50,7 @@ the names are resolved once at load time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import importlib
 import itertools
@@ -313,7 +314,12 @@ class LlamaCppLM(LanguageModel):
     sequence may hold (capped by the model's training context); the cache has
     ``context_length * max_sequences`` cells, allocated up front.
     ``unified_cache`` pools the cells of all slots (see the module docstring).
-    ``n_batch`` bounds the tokens of one pass (longer prefills are split).
+    ``n_batch`` bounds the tokens of one pass and ``prefill_chunk`` the
+    tokens of one sequence in one pass. llama.cpp reads 64 or more query
+    tokens of a sequence with another attention kernel, whose logits differ
+    from token-by-token decoding (by up to ~0.3 nats on a Q4 model); chunks
+    below that keep prefill, scoring and decoding bit-identical, at some cost
+    in prefill speed (raise it when that agreement does not matter).
     ``n_threads`` defaults to the CPUs this process may use. ``seed`` seeds
     sampling when ``extend`` is given no seeds. ``flash_attention`` selects
     llama.cpp's fused attention kernel, whose results do not depend on how a
@@ -329,6 +335,7 @@ class LlamaCppLM(LanguageModel):
         max_sequences: int = 16,
         unified_cache: bool = False,
         n_batch: int = 512,
+        prefill_chunk: int = 32,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
         flash_attention: bool = True,
@@ -342,6 +349,8 @@ class LlamaCppLM(LanguageModel):
             raise ValueError(f"max_sequences must be >= 1, got {max_sequences}")
         if n_batch < 1:
             raise ValueError(f"n_batch must be >= 1, got {n_batch}")
+        if not 1 <= prefill_chunk <= n_batch:
+            raise ValueError(f"prefill_chunk must be between 1 and n_batch={n_batch}, got {prefill_chunk}")
         if n_threads is None:
             n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if n_threads < 1:
@@ -402,6 +411,7 @@ class LlamaCppLM(LanguageModel):
 
         self.n_ctx = int(ll.llama_n_ctx(self._ctx))
         self.n_batch = n_batch
+        self.prefill_chunk = prefill_chunk
         self.max_sequences = max_sequences
         self.unified_cache = unified_cache
         self.n_threads = n_threads
@@ -599,13 +609,19 @@ class LlamaCppLM(LanguageModel):
 
     # -- decoding runs (called with the context lock held) ----------------------
     def _run_feeds(self, feeds: Sequence[_Feed], sink: OutputSink) -> int:
-        """Feed tokens through llama.cpp, packing all feeds into as few passes
-        as ``n_batch`` and the output bound allow. Returns the passes run.
+        """Feed tokens through llama.cpp and return the number of passes.
+
+        A pass holds at most ``prefill_chunk`` tokens of any one sequence, so
+        every token goes through the same attention kernel however the
+        sequences are batched (llama.cpp switches kernels at 64 query tokens
+        per sequence, and the logits move). Feeds take turns, one chunk each
+        per pass, until ``n_batch`` tokens or the output bound fill a pass.
 
         On failure, whatever this run put in the cache is removed again, so
         each sequence is left as it was."""
         ll, batch = self._ll, self._batch
         outputs: list[tuple[int, int, int]] = []  # (feed, token in feed, batch index)
+        in_pass: set[int] = set()
         n = 0
         passes = 0
 
@@ -625,15 +641,32 @@ class LlamaCppLM(LanguageModel):
                 pointer = ll.llama_get_logits_ith(self._ctx, batch_index)
                 sink(feed_index, token_index, np.ctypeslib.as_array(pointer, shape=(self.vocab_size,)))
             n, outputs = 0, []
+            in_pass.clear()
 
+        def chunk_size(feed: _Feed, start: int) -> int:
+            size = min(self.prefill_chunk, len(feed.tokens) - start, self.n_batch - n)
+            if feed.all_outputs:
+                size = min(size, self._max_outputs - len(outputs))
+            elif start + size == len(feed.tokens) and len(outputs) == self._max_outputs:
+                size = 0
+            return size
+
+        cursors = [0] * len(feeds)
+        turns = collections.deque(i for i, feed in enumerate(feeds) if feed.tokens)
         try:
-            for feed_index, feed in enumerate(feeds):
+            while turns:
+                feed_index = turns.popleft()
+                feed, start = feeds[feed_index], cursors[feed_index]
+                if feed_index in in_pass:
+                    flush()
+                size = chunk_size(feed, start)
+                if size <= 0 and n:
+                    flush()
+                    size = chunk_size(feed, start)
                 last = len(feed.tokens) - 1
-                for j, token in enumerate(feed.tokens):
+                for j in range(start, start + size):
                     wants_output = feed.all_outputs or j == last
-                    if n == self.n_batch or (wants_output and len(outputs) == self._max_outputs):
-                        flush()
-                    batch.token[n] = token
+                    batch.token[n] = feed.tokens[j]
                     batch.pos[n] = feed.pos + j
                     batch.n_seq_id[n] = 1
                     batch.seq_id[n][0] = feed.seq_id
@@ -641,6 +674,10 @@ class LlamaCppLM(LanguageModel):
                     if wants_output:
                         outputs.append((feed_index, j, n))
                     n += 1
+                in_pass.add(feed_index)
+                cursors[feed_index] = start + size
+                if cursors[feed_index] < len(feed.tokens):
+                    turns.append(feed_index)
             if n:
                 flush()
         except BaseException:
