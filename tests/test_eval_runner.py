@@ -275,3 +275,21 @@ def test_reward_identity_names_the_models_it_uses() -> None:
     assert pair["models"][0]["identity"] != pair["models"][1]["identity"]
     assert reward_identity("arith", "toy") == {"spec": "arith"}
     assert "identity_unavailable" in reward_identity("judge:./no/such/model", "toy")["models"][0]
+
+
+async def test_a_result_that_cannot_be_graded_is_a_recorded_failure(tmp_path: Path, task) -> None:
+    class NoUsage(ScriptedSearch):
+        async def __call__(self, *args, **kwargs):
+            results = await super().__call__(*args, **kwargs)
+            for result in results:
+                if result["question"].endswith("Q2"):
+                    del result["usage"]["generated_tokens"]
+            return results
+
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        evaluation = Evaluation(store, task, CONFIG, Grid.parse("bon", "1,2", "0"), identity={"spec": "toy"})
+        progress = await evaluation.run(None, None, run_id=evaluation.start_run(), solve_many=NoUsage())
+        assert (progress.searches_done, progress.failures) == (4, 1)
+        (failure,) = store.unresolved_failures()
+        assert failure["problem_id"] == "q-1" and "usage lacks generated_tokens" in failure["error"]
+        assert store.count("results") == 4 * 2 and store.count("searches") == 4

@@ -172,3 +172,14 @@ def test_equivalent_answers_vote_together() -> None:
     assert list(samples.groups) == [0, 0, 1]
     assert list(samples.group_correct) == [True, False]
     assert expected_accuracy("sc", samples, 3).accuracy == 1.0
+
+
+def test_samples_without_any_answer() -> None:
+    from piscale.eval.grade import samples_of
+
+    candidates = [{"answer": None, "score": 0.4}, {"answer": None, "score": None}]
+    samples = samples_of(candidates, "3", "probability")
+    assert list(samples.correct) == [False, False]
+    for selection in ("bon", "wbon", "sc"):
+        assert expected_accuracy(selection, samples, 1).accuracy == 0.0
+        assert expected_accuracy(selection, samples, 2).accuracy == 0.0

@@ -381,9 +381,18 @@ class Evaluation:
                 if not todo:
                     continue
                 for problem, outcome in await self._attempt(solve_many, lm, reward, job, todo, trace):
-                    cell = (problem.id, job.algorithm, job.variant, job.budget, job.seed)
+                    failure: Exception | None = None
                     if isinstance(outcome, Exception):
-                        message = f"{type(outcome).__name__}: {outcome}"
+                        failure, message = outcome, f"{type(outcome).__name__}: {outcome}"
+                    else:
+                        try:
+                            self._store(run_id, job, problem, outcome, reward_scale, progress)
+                        except Exception as error:  # grading one strange result must not end a long run
+                            failure, message = error, f"storing the result failed: {type(error).__name__}: {error}"
+                    if failure is None:
+                        in_a_row = 0
+                    else:
+                        cell = (problem.id, job.algorithm, job.variant, job.budget, job.seed)
                         self.store.record_failure(self.config_key, run_id, cell, message)
                         progress.failures += 1
                         in_a_row += 1
@@ -391,10 +400,7 @@ class Evaluation:
                             raise EvalError(
                                 f"{in_a_row} searches in a row failed, the last ({job.algorithm} at budget "
                                 f"{job.budget}, problem {problem.id}) with {message}"
-                            ) from outcome
-                    else:
-                        in_a_row = 0
-                        self._store(run_id, job, problem, outcome, reward_scale, progress)
+                            ) from failure
                     if on_progress:
                         on_progress(progress)
         return progress

@@ -83,6 +83,9 @@ class Samples:
 
     @property
     def correct(self) -> np.ndarray:
+        """Whether each sample's answer is correct (False without an answer)."""
+        if len(self.group_correct) == 0:
+            return np.zeros(self.size, dtype=bool)
         return np.where(self.groups >= 0, self.group_correct[np.maximum(self.groups, 0)], False)
 
     @classmethod
