@@ -226,31 +226,26 @@ async def test_scoring_falls_back_to_prompt_logprobs():
     assert lm.score_mode == "prompt_logprobs"
 
 
-# -- a transformers model ---------------------------------------------------------------
+# -- the default model -------------------------------------------------------------------
 
 
 @pytest.mark.slow
-async def test_greedy_search_on_a_transformers_model_loses_nothing_through_the_server(tmp_path):
-    """Particle filtering with greedy steps and a judge, run on the
-    transformers engine directly and through ``piscale serve`` in front of
-    the same model (random weights of a real architecture): the same text,
-    the same judge scores."""
-    from piscale.lm.hf import TransformersLM
+async def test_greedy_search_on_the_default_model_loses_nothing_through_the_server(default_model_path):
+    """Particle filtering with greedy steps and the model judging itself, run
+    on the default model's engine directly and through ``piscale serve`` in
+    front of the same model: the same text, the same judge scores."""
+    from piscale.models import DEFAULT_MODEL
     from piscale.rewards.judge import LLMJudge
-    from tiny_models import tiny_causal_lm
 
-    model, tokenizer = tiny_causal_lm("llama")
-    folder = tmp_path / "tiny-llama"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    options = dict(temperature=0.0, max_steps=3, max_step_tokens=10, max_tokens=30)
+    options = dict(temperature=0.0, max_steps=2, max_step_tokens=12, max_tokens=24)
     question = "What is 12 + 30?"
-    local_lm = TransformersLM(model, tokenizer)
+    local_lm = load(DEFAULT_MODEL)
     local = await search.run(local_lm, LLMJudge(local_lm), question, "pf", 3, seed=0, **options)
-    with serve_subprocess("--model", str(folder), "--engine", "hf", "--device", "cpu") as url:
-        remote = OpenAILM(str(folder), url + "/v1")
+    await local_lm.close()
+    with serve_subprocess("--model", DEFAULT_MODEL, startup_s=300) as url:
+        remote = OpenAILM(DEFAULT_MODEL, url + "/v1")
         through = await search.run(remote, LLMJudge(remote), question, "pf", 3, seed=0, **options)
         await remote.close()
-    assert through.text == local.text and len(through.text) >= 10
-    assert [c.score for c in through.candidates] == pytest.approx([c.score for c in local.candidates], abs=1e-4)
+    assert through.text == local.text and len(through.text) >= 20
+    assert [c.score for c in through.candidates] == pytest.approx([c.score for c in local.candidates], abs=1e-3)
     assert remote.failures == []

@@ -98,6 +98,18 @@ def test_token_id_prompts_echo_and_prompt_logprobs(client):
     assert response.usage.prompt_tokens == len(context) + len(answer)
 
 
+def test_continue_final_message_and_chat_echo(client):
+    messages = chat("What is 3 + 3?") + [{"role": "assistant", "content": "Add 2\n\n"}]
+    prompt = ToyLM().chat(messages, add_generation_prompt=False, continue_final_message=True)
+    expected = toy_plain(prompt, 4, max_tokens=30)
+    response = client.chat.completions.create(
+        model="toy", messages=messages, seed=4, max_tokens=30,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False, "echo": True},
+    )
+    assert response.choices[0].message.content == "Add 2\n\n" + expected.text
+    assert response.usage.prompt_tokens == len(prompt)
+
+
 def test_n_choices_use_derived_seeds(client):
     from piscale.serve.generation import derive_seed
 
@@ -312,8 +324,10 @@ def test_models_and_health(base, client):
 # -- authentication --------------------------------------------------------------------
 
 
-def test_api_key_is_required_when_set():
-    with serve_subprocess("--model", "toy", env={"PISCALE_API_KEY": "sesame"}) as url:
+def test_api_key_and_config_file(tmp_path):
+    config = tmp_path / "serve.toml"
+    config.write_text('model = "toy"\nmax_budget = 6\n[presets.wide]\nalgorithm = "bon"\nbudget = 6\nreward = "verify:6"\n')
+    with serve_subprocess("--config", str(config), env={"PISCALE_API_KEY": "sesame"}) as url:
         messages = chat("What is 2 + 3?")
         anonymous = httpx.post(url + "/v1/chat/completions", json={"model": "toy", "messages": messages})
         assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "missing_api_key"
@@ -323,6 +337,12 @@ def test_api_key_is_required_when_set():
             )
         allowed = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
         assert allowed.chat.completions.create(model="toy", messages=messages, seed=1).choices[0].message.content
+        assert [m.id for m in allowed.models.list().data] == ["toy", "toy:wide"]
+        wide = allowed.chat.completions.create(model="toy:wide", messages=messages, extra_body={"piscale": {"seed": 0}})
+        summary = wide.model_extra["piscale"]["searches"][0]
+        assert (summary["algorithm"], summary["budget"], summary["reward"]) == ("bon", 6, "verify:6")
+        with pytest.raises(openai.BadRequestError, match="maximum of 6"):
+            allowed.chat.completions.create(model="toy", messages=messages, extra_body={"budget": 7})
         assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/metrics").status_code == 200
         assert json.loads(httpx.post(url + "/tokenize", json={"prompt": "hi"}).text)["error"]["code"] == "missing_api_key"

@@ -172,7 +172,10 @@ async def _answer(request: Request, endpoint: str, planner: Callable[[Service, A
         _authorize(request, service.config)
         plan = planner(service, await _json(request))
         if plan.stream:
+            # From here the stream counts itself, once it starts (a stream
+            # the client abandons before its first byte never runs at all).
             streaming = True
+            service.metrics.in_flight -= 1
             return StreamingResponse(
                 _observed(service, endpoint, started, service.stream(plan)),
                 media_type="text/event-stream",
@@ -199,6 +202,7 @@ async def _answer(request: Request, endpoint: str, planner: Callable[[Service, A
 async def _observed(service: Service, endpoint: str, started: float, events: AsyncIterator[str]) -> AsyncIterator[str]:
     """The stream, with the request counted when it ends however it ends."""
     status = 200
+    service.metrics.in_flight += 1
     try:
         async for event in events:
             if status == 200 and event.startswith('data: {"error"'):

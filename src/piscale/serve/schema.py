@@ -7,7 +7,7 @@ Fields follow the OpenAI reference; unknown fields are accepted and ignored
   ``add_generation_prompt``, ``continue_final_message``,
   ``include_stop_str_in_output``, ``echo``, ``prompt_logprobs``,
   ``return_tokens_as_token_ids``, ``return_token_ids`` and token-id prompts
-  on /v1/completions;
+  on /v1/completions; SGLang's ``logprob_start_len``;
 * piscale's own: ``algorithm``, ``budget``, ``reward``, ``options`` at the
   top level, or the same inside a ``piscale`` object together with ``seed``,
   ``progress`` (stream progress events), ``timeout`` (seconds) and

@@ -152,6 +152,10 @@ class Service:
             if cap < 1:
                 raise bad_request(f"max_tokens must be at least 1, got {cap}", param="max_tokens")
             options.setdefault("max_tokens", cap)
+        for name in ("max_tokens", "max_step_tokens"):
+            value = options.get(name)
+            if isinstance(value, int) and value > config.max_tokens:
+                raise bad_request(f"{name} {value} is over this server's maximum of {config.max_tokens}", param=name)
         seed = asked.seed if asked.seed is not None else request.seed if request.seed is not None else secrets.randbits(31)
         if seed < 0:
             raise bad_request(f"seed must be non-negative, got {seed}", param="seed")
