@@ -3,14 +3,16 @@ against the transformers engine.
 
 1. ``throughput``: one prompt opened with ``n`` copies (``--batch-sizes``,
    default 1 and 8), each extended by ``--tokens`` tokens with no stop string
-   (temperature 0.8, seeded). Reports generated tokens per second over the
-   whole batch, forward passes, and what a fork costs (prefill tokens and
+   (temperature 0.8, seeded), once with per-sequence caches (the default)
+   and once with a unified cache. Reports generated tokens per second over
+   the whole batch, forward passes, and what a fork costs (prefill tokens and
    seconds for forking every sequence once).
 2. ``pf``: particle filtering (``piscale.search``, algorithm ``pf``) with
    ``--particles`` particles on the first ``--problems`` GSM8K test problems,
    one problem at a time, with the same policy model through each engine in
    ``--engines`` (default: llamacpp and hf). Reports wall time per problem,
-   generated tokens per second, prefill tokens, and accuracy. The reward is
+   generated tokens per second, prefill tokens, cache copies and accuracy.
+   The reward is
    ``--reward`` (a ``piscale.rewards`` spec); the default, an arithmetic step
    checker, costs no model calls, so the comparison measures the engines.
    Skipped, with the reason recorded, when the search package or an engine is
@@ -53,7 +55,7 @@ async def decode_throughput(lm: LanguageModel, batch_size: int, tokens: int) -> 
     lm.release(warm)
 
     before = lm.usage.snapshot()
-    start = time.perf_counter()
+    start_open = time.perf_counter()
     [handles] = await lm.open([prompt], copies=batch_size)
     opened = time.perf_counter()
     outputs = await lm.extend(handles, params, seeds=list(range(batch_size)))
@@ -61,24 +63,36 @@ async def decode_throughput(lm: LanguageModel, batch_size: int, tokens: int) -> 
     generated = sum(len(o.token_ids) for o in outputs)
     used = lm.usage.since(before)
 
+    # A resampling that draws one ancestor for every child: the fork itself
+    # is free, and the next pass first gives all children but one a copy of
+    # the ancestor's cache. Timed against a pass that copies nothing.
     fork_before = lm.usage.snapshot()
-    fork_start = time.perf_counter()
-    children = lm.fork(handles)
-    fork_seconds = time.perf_counter() - fork_start
+    copies_before = lm.cache_copies
+    children = lm.fork([handles[0]] * batch_size)
+    lm.release(handles)
+    one_token = StepParams(max_tokens=1, stop=(), temperature=0.8)
+    start = time.perf_counter()
+    await lm.extend(children, one_token, seeds=list(range(batch_size)))
+    pass_with_copies = time.perf_counter() - start
+    copies = lm.cache_copies - copies_before
     forked = lm.usage.since(fork_before)
-    lm.release(handles + children)
+    start = time.perf_counter()
+    await lm.extend(children, one_token, seeds=list(range(batch_size)))
+    plain_pass = time.perf_counter() - start
+    lm.release(children)
     return {
         "batch_size": batch_size,
         "prompt_tokens": len(prompt),
         "generated_tokens": generated,
-        "prefill_seconds": opened - start,
+        "prefill_seconds": opened - start_open,
         "decode_seconds": decoded - opened,
         "tokens_per_second": generated / (decoded - opened),
         "forward_passes": used.forward_passes,
         "prefill_tokens": used.prefill_tokens,
-        "fork_seconds": fork_seconds,
         "fork_prefill_tokens": forked.prefill_tokens,
-        "fork_forward_passes": forked.forward_passes,
+        "fork_cache_copies": copies,
+        "pass_after_fork_seconds": pass_with_copies,
+        "pass_without_copies_seconds": plain_pass,
     }
 
 
@@ -96,20 +110,19 @@ def gsm8k_problems(count: int) -> list[dict]:
 
 async def particle_filtering(lm: LanguageModel, args, problems: list[dict]) -> dict:
     """PF on each problem in turn through ``lm``; per-problem wall time."""
-    from piscale.api import asolve_many
     from piscale.grading import answers_equal
+    from piscale.rewards import from_spec
+    from piscale.search import run
 
     rows = []
     for index, problem in enumerate(problems):
-        reward = args.reward.format(answer=problem["answer"])
+        reward = from_spec(args.reward.format(answer=problem["answer"]), policy=lm, policy_spec=args.model)
         before = lm.usage.snapshot()
+        copies_before = getattr(lm, "cache_copies", 0)
         start = time.perf_counter()
-        [result] = await asolve_many(
-            [problem["question"]], model=lm, reward=reward, algorithm="pf", budget=args.particles, seed=index
-        )
+        result = await run(lm, reward, problem["question"], "pf", budget=args.particles, seed=index)
         wall = time.perf_counter() - start
         used = lm.usage.since(before)
-        answer = getattr(result, "answer", None)
         rows.append(
             {
                 "problem": index,
@@ -118,12 +131,14 @@ async def particle_filtering(lm: LanguageModel, args, problems: list[dict]) -> d
                 "prefill_tokens": used.prefill_tokens,
                 "scored_tokens": used.scored_tokens,
                 "forward_passes": used.forward_passes,
+                "cache_copies": getattr(lm, "cache_copies", 0) - copies_before,
                 "tokens_per_second": used.generated_tokens / wall,
-                "answer": answer,
-                "correct": bool(answer is not None and answers_equal(str(answer), problem["answer"])),
+                "answer": result.answer,
+                "reference": problem["answer"],
+                "correct": bool(result.answer is not None and answers_equal(result.answer, problem["answer"])),
             }
         )
-        print(f"  problem {index}: {wall:.1f} s, {used.generated_tokens} tokens, answer {answer!r}", flush=True)
+        print(f"  problem {index}: {wall:.1f} s, {used.generated_tokens} tokens, answer {result.answer!r}", flush=True)
     wall = sum(r["wall_seconds"] for r in rows)
     generated = sum(r["generated_tokens"] for r in rows)
     return {
@@ -172,23 +187,27 @@ async def main() -> None:
         raise SystemExit("llama-cpp-python is not installed: make setup EXTRAS=llamacpp")
 
     if args.part in ("throughput", "all"):
-        start = time.perf_counter()
-        lm = LlamaCppLM.from_spec(args.model, n_threads=args.threads)
-        load_seconds = time.perf_counter() - start
-        rows = []
-        for batch_size in args.batch_sizes:
-            row = await decode_throughput(lm, batch_size, args.tokens)
-            print(f"llamacpp batch {batch_size}: {row['tokens_per_second']:.1f} tokens/s", flush=True)
-            rows.append(row)
-        report["throughput"] = {"engine": "llamacpp", "threads": lm.n_threads, "load_seconds": load_seconds, "runs": rows}
-        await lm.close()
+        report["throughput"] = {}
+        for unified in (False, True):
+            cache = "unified" if unified else "per-sequence"
+            start = time.perf_counter()
+            lm = LlamaCppLM.from_spec(args.model, n_threads=args.threads, unified_cache=unified)
+            load_seconds = time.perf_counter() - start
+            rows = []
+            for batch_size in args.batch_sizes:
+                row = await decode_throughput(lm, batch_size, args.tokens)
+                print(f"llamacpp ({cache} cache) batch {batch_size}: {row['tokens_per_second']:.1f} tokens/s", flush=True)
+                rows.append(row)
+            report["throughput"][cache] = {
+                "engine": "llamacpp", "threads": lm.n_threads, "load_seconds": load_seconds, "runs": rows
+            }
+            await lm.close()
 
     if args.part in ("pf", "all"):
         problems = gsm8k_problems(args.problems)
         results: dict = {"particles": args.particles, "reward": args.reward, "engines": {}}
         try:
             import piscale.search  # noqa: F401
-            from piscale.api import asolve_many  # noqa: F401
         except ImportError as error:
             results["skipped"] = f"particle filtering is not available yet: {error}"
             print(results["skipped"])
