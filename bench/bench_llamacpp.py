@@ -10,7 +10,7 @@ against the transformers engine.
 2. ``pf``: particle filtering (``piscale.search``, algorithm ``pf``) with
    ``--particles`` particles on the first ``--problems`` GSM8K test problems,
    one problem at a time, with the same policy model through each engine in
-   ``--engines`` (default: llamacpp and hf). Reports wall time per problem,
+   ``--engines`` (default: llamacpp and hf), the engines taking turns. Reports wall time per problem,
    generated tokens per second, prefill tokens, cache copies and accuracy.
    The reward is
    ``--reward`` (a ``piscale.rewards`` spec); the default, an arithmetic step
@@ -19,7 +19,9 @@ against the transformers engine.
    not installed.
 
 Results go to ``bench/results/llamacpp.json`` (``--out``). Timing on a shared
-machine is noisy: the JSON records the thread count and the host.
+machine is noisy: besides wall time the JSON records process CPU time, which
+other processes' load does not inflate when each engine runs one thread
+(``--threads 1``; spinning worker threads would count as CPU time).
 
     python bench/bench_llamacpp.py                          # both parts
     python bench/bench_llamacpp.py --part throughput --model smollm2-135m-instruct
@@ -58,8 +60,10 @@ async def decode_throughput(lm: LanguageModel, batch_size: int, tokens: int) -> 
     start_open = time.perf_counter()
     [handles] = await lm.open([prompt], copies=batch_size)
     opened = time.perf_counter()
+    cpu_start = time.process_time()
     outputs = await lm.extend(handles, params, seeds=list(range(batch_size)))
     decoded = time.perf_counter()
+    decode_cpu = time.process_time() - cpu_start
     generated = sum(len(o.token_ids) for o in outputs)
     used = lm.usage.since(before)
 
@@ -87,6 +91,7 @@ async def decode_throughput(lm: LanguageModel, batch_size: int, tokens: int) -> 
         "prefill_seconds": opened - start_open,
         "decode_seconds": decoded - opened,
         "tokens_per_second": generated / (decoded - opened),
+        "tokens_per_cpu_second": generated / decode_cpu,
         "forward_passes": used.forward_passes,
         "prefill_tokens": used.prefill_tokens,
         "fork_prefill_tokens": forked.prefill_tokens,
@@ -108,43 +113,44 @@ def gsm8k_problems(count: int) -> list[dict]:
     return problems
 
 
-async def particle_filtering(lm: LanguageModel, args, problems: list[dict]) -> dict:
-    """PF on each problem in turn through ``lm``; per-problem wall time."""
+async def solve_one(lm: LanguageModel, args, index: int, problem: dict) -> dict:
+    """PF on one problem through ``lm``: wall time and the work done."""
     from piscale.grading import answers_equal
     from piscale.rewards import from_spec
     from piscale.search import run
 
-    rows = []
-    for index, problem in enumerate(problems):
-        reward = from_spec(args.reward.format(answer=problem["answer"]), policy=lm, policy_spec=args.model)
-        before = lm.usage.snapshot()
-        copies_before = getattr(lm, "cache_copies", 0)
-        start = time.perf_counter()
-        result = await run(lm, reward, problem["question"], "pf", budget=args.particles, seed=index)
-        wall = time.perf_counter() - start
-        used = lm.usage.since(before)
-        rows.append(
-            {
-                "problem": index,
-                "wall_seconds": wall,
-                "generated_tokens": used.generated_tokens,
-                "prefill_tokens": used.prefill_tokens,
-                "scored_tokens": used.scored_tokens,
-                "forward_passes": used.forward_passes,
-                "cache_copies": getattr(lm, "cache_copies", 0) - copies_before,
-                "tokens_per_second": used.generated_tokens / wall,
-                "answer": result.answer,
-                "reference": problem["answer"],
-                "correct": bool(result.answer is not None and answers_equal(result.answer, problem["answer"])),
-            }
-        )
-        print(f"  problem {index}: {wall:.1f} s, {used.generated_tokens} tokens, answer {result.answer!r}", flush=True)
+    reward = from_spec(args.reward.format(answer=problem["answer"]), policy=lm, policy_spec=args.model)
+    before = lm.usage.snapshot()
+    copies_before = getattr(lm, "cache_copies", 0)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result = await run(lm, reward, problem["question"], "pf", budget=args.particles, seed=index)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    used = lm.usage.since(before)
+    return {
+        "problem": index,
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "generated_tokens": used.generated_tokens,
+        "prefill_tokens": used.prefill_tokens,
+        "scored_tokens": used.scored_tokens,
+        "forward_passes": used.forward_passes,
+        "cache_copies": getattr(lm, "cache_copies", 0) - copies_before,
+        "tokens_per_second": used.generated_tokens / wall,
+        "answer": result.answer,
+        "reference": problem["answer"],
+        "correct": bool(result.answer is not None and answers_equal(result.answer, problem["answer"])),
+    }
+
+
+def summarise(rows: list[dict]) -> dict:
     wall = sum(r["wall_seconds"] for r in rows)
+    cpu = sum(r["cpu_seconds"] for r in rows)
     generated = sum(r["generated_tokens"] for r in rows)
     return {
         "problems": rows,
         "mean_wall_seconds_per_problem": wall / len(rows),
         "generated_tokens_per_second": generated / wall,
+        "generated_tokens_per_cpu_second": generated / cpu,
         "accuracy": sum(r["correct"] for r in rows) / len(rows),
     }
 
@@ -152,6 +158,10 @@ async def particle_filtering(lm: LanguageModel, args, problems: list[dict]) -> d
 def load_engine(spec: str, engine: str, threads: int | None) -> LanguageModel:
     from piscale.lm import load
 
+    if engine == "hf" and threads:
+        import torch
+
+        torch.set_num_threads(threads)
     options = {"n_threads": threads} if engine == "llamacpp" and threads else {}
     return load(spec, engine=engine, **options)
 
@@ -166,12 +176,15 @@ async def main() -> None:
     parser.add_argument("--problems", type=int, default=10)
     parser.add_argument("--engines", nargs="+", default=["llamacpp", "hf"])
     parser.add_argument("--reward", default="arith", help="reward spec; {answer} is replaced by the reference")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads for both engines (default: llama.cpp and torch defaults)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "llamacpp.json")
     args = parser.parse_args()
 
     report: dict = {
         "model": args.model,
+        "threads": args.threads,
         "host": platform.node(),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -212,28 +225,50 @@ async def main() -> None:
             results["skipped"] = f"particle filtering is not available yet: {error}"
             print(results["skipped"])
         else:
+            # Engines take turns problem by problem, so that a change of load
+            # on a shared machine hits both alike.
+            engines = {}
             for engine in args.engines:
-                print(f"{engine}: particle filtering, {args.particles} particles, {len(problems)} problems", flush=True)
                 start = time.perf_counter()
-                lm = load_engine(args.model, engine, args.threads)
-                load_seconds = time.perf_counter() - start
-                run = await particle_filtering(lm, args, problems)
-                run["load_seconds"] = load_seconds
-                results["engines"][engine] = run
+                engines[engine] = load_engine(args.model, engine, args.threads)
+                results["engines"][engine] = {"load_seconds": time.perf_counter() - start}
+            rows: dict[str, list[dict]] = {engine: [] for engine in engines}
+            for index, problem in enumerate(problems):
+                for engine, lm in engines.items():
+                    row = await solve_one(lm, args, index, problem)
+                    rows[engine].append(row)
+                    print(
+                        f"{engine} problem {index}: {row['wall_seconds']:.1f} s, {row['generated_tokens']} tokens, "
+                        f"answer {row['answer']!r} (reference {row['reference']})",
+                        flush=True,
+                    )
+                # a long run keeps what it has measured so far
+                report["particle_filtering"] = {**results, "partial_rows": rows}
+                save(args.out, report)
+            for engine, lm in engines.items():
+                results["engines"][engine].update(summarise(rows[engine]))
                 await lm.close()
-            engines = results["engines"]
-            if "llamacpp" in engines and "hf" in engines:
+            summary = results["engines"]
+            if "llamacpp" in summary and "hf" in summary:
                 results["speedup_tokens_per_second"] = (
-                    engines["llamacpp"]["generated_tokens_per_second"] / engines["hf"]["generated_tokens_per_second"]
+                    summary["llamacpp"]["generated_tokens_per_second"] / summary["hf"]["generated_tokens_per_second"]
                 )
                 results["speedup_wall_time"] = (
-                    engines["hf"]["mean_wall_seconds_per_problem"] / engines["llamacpp"]["mean_wall_seconds_per_problem"]
+                    summary["hf"]["mean_wall_seconds_per_problem"] / summary["llamacpp"]["mean_wall_seconds_per_problem"]
+                )
+                results["speedup_tokens_per_cpu_second"] = (
+                    summary["llamacpp"]["generated_tokens_per_cpu_second"]
+                    / summary["hf"]["generated_tokens_per_cpu_second"]
                 )
         report["particle_filtering"] = results
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    save(args.out, report)
     print(f"wrote {args.out}")
+
+
+def save(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

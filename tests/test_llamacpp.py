@@ -380,6 +380,8 @@ async def test_slots_are_reused_and_misuse_is_refused(model_path):
         assert capped.finish_reason in ("context", "eos")
         if capped.finish_reason == "context":
             assert len(small.token_ids(handle)) == small.context_length
+            [empty] = await small.extend([handle], StepParams(max_tokens=5, stop=(), temperature=0.0))
+            assert empty.finish_reason == "context" and empty.token_ids == []
     finally:
         await small.close()
     with pytest.raises(RuntimeError, match="closed"):

@@ -79,7 +79,7 @@ from piscale.lm.base import (
     find_stop,
 )
 
-__all__ = ["LlamaCppLM", "available", "sample_token", "render_chat_template"]
+__all__ = ["LlamaCppLM", "available", "render_chat_template", "resolve_model_path", "sample_token"]
 
 # Logits rows llama.cpp may hand back from one pass are bounded so that its
 # output buffer stays near 64 MiB even for 150k-token vocabularies (scoring
@@ -531,11 +531,14 @@ class LlamaCppLM(LanguageModel):
         return self._tokenize(text, parse_special=False)
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        for token in token_ids:
-            if not 0 <= int(token) < self.vocab_size:
-                raise ValueError(f"token id {token} is outside the vocabulary (size {self.vocab_size})")
-        pieces = b"".join(self._piece(int(t), not skip_special_tokens) for t in token_ids)
-        return pieces.decode("utf-8", errors="replace")
+        token_ids = [int(t) for t in token_ids]
+        self._check_tokens(token_ids, "decode input")
+        return self._text(token_ids, special=not skip_special_tokens)
+
+    def _text(self, token_ids: Sequence[int], special: bool = False) -> str:
+        # Pieces are bytes: a character split across tokens only decodes once
+        # all its bytes are there, so text is decoded from the joined bytes.
+        return b"".join(self._piece(t, special) for t in token_ids).decode("utf-8", errors="replace")
 
     def chat(self, messages, *, add_generation_prompt=True, continue_final_message=False) -> list[int]:
         if not self.chat_template:
@@ -789,7 +792,10 @@ class LlamaCppLM(LanguageModel):
             if params.temperature > 0:
                 seed = int(seeds[i]) if seeds is not None else int(self._seed_source.integers(2**63))
                 rng = np.random.default_rng(seed)
-            members.append(_Active(handle, params, rng))
+            member = _Active(handle, params, rng)
+            if len(self._sequences[handle].tokens) >= self.context_length:
+                member.finish_reason = "context"  # nothing more fits; the step is empty
+            members.append(member)
         if not members:
             return []
         for member in members:
@@ -881,7 +887,7 @@ class LlamaCppLM(LanguageModel):
         member.logprobs.append(logprob)
         self.usage.generated_tokens += 1
         previous = len(member.text)
-        member.text = self.decode(member.new_tokens)
+        member.text = self._text(member.new_tokens)
         if token in self.eos_token_ids:
             member.finish_reason = "eos"
         elif find_stop(member.text, member.params.stop, previous) is not None:
