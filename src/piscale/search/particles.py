@@ -161,6 +161,10 @@ class Driver:
         if not nodes:
             return []
         s = self.settings
+        # One call means one step cap for all: near the whole-answer cap,
+        # the particle with the least room left shortens everyone's step
+        # (the others just continue at the next step), so no answer ever
+        # exceeds max_tokens.
         room = min(s.max_tokens - node.total_tokens for node in nodes)
         params = StepParams(
             max_tokens=max(1, min(s.max_step_tokens, room)),

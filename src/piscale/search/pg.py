@@ -9,7 +9,9 @@
             conditional resampling never removes it (other slots may copy it)
     answer: chosen from the last iteration's particles
 
-Conditional SMC leaves the target invariant, so the iterations form a Markov
+Resampling is conditional multinomial (``piscale.smc.conditional_multinomial``),
+the scheme for which conditional SMC is exact, so ``resampler`` is not an
+option here. Conditional SMC leaves the target invariant, so the iterations form a Markov
 chain whose reference trajectories are (with incremental potentials) samples
 from p(x | c) · r(x); each iteration can only improve on the reference it was
 given, because the reference competes in every resampling step.
