@@ -596,8 +596,10 @@ def _sample(probabilities: np.ndarray, temperature: np.ndarray, top_p: np.ndarra
     sampled = temperature > 0
     if not sampled.any():
         return greedy
-    p = probabilities[sampled]
-    p = p ** (1.0 / temperature[sampled])[:, None]
+    with np.errstate(divide="ignore"):
+        logits = np.log(probabilities[sampled]) / temperature[sampled][:, None]
+    # Subtracting the row maximum keeps p^(1/T) representable at tiny T.
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     nucleus = top_p[sampled] < 1.0
     if nucleus.any():
