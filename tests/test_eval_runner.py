@@ -246,7 +246,7 @@ async def test_a_failing_problem_is_recorded_and_retried_later(tmp_path: Path, t
         assert [(j.budget, [p.id for p in j.problems]) for j in evaluation.pending()] == [(1, ["q-2"]), (2, ["q-2"])]
     (group,) = summarize(db)
     assert len(group.failures) == 2
-    assert "2 searches failed and are missing" in markdown([group])
+    assert "2 search(es) failed and are missing" in markdown([group])
     await run_grid(db, task, ScriptedSearch(), grid=grid)
     with ResultStore(db) as store:
         assert store.unresolved_failures() == [] and store.count("failures") == 2

@@ -148,7 +148,7 @@ def evaluate(
     )
     if progress.failures:
         console.print(
-            f"[yellow]{progress.failures} searches failed; their errors are in the failures table of {db}. "
+            f"[yellow]{progress.failures} search(es) failed; their errors are in the failures table of {db}. "
             "Running the same command again retries them.[/yellow]"
         )
 

@@ -215,11 +215,11 @@ def _counts_note(group: Group) -> str:
     else:
         note = "Cells differ in problems x seeds (a run is incomplete): " + ", ".join(
             f"{c.algorithm}@{c.budget}: {c.problems}x{c.seeds}" for c in group.cells
-        )
+        ) + "."
     if group.failures:
         first = group.failures[0]
         note += (
-            f" {len(group.failures)} searches failed and are missing; the first: {first['algorithm']} at budget "
+            f" {len(group.failures)} search(es) failed and are missing; the first: {first['algorithm']} at budget "
             f"{first['budget']}, seed {first['seed']}, problem {first['problem_id']}: {first['error']}"
         )
     return note
