@@ -53,7 +53,9 @@ def _in_main_thread() -> bool:
 
 @lru_cache(maxsize=65536)
 def _parse(expression: str, main: bool) -> tuple:
-    wrapped = expression if "$" in expression or "\\boxed" in expression else f"${expression}$"
+    # An escaped dollar (``\$18``) is a currency sign, not math mode.
+    has_math_mode = re.search(r"(?<!\\)\$", expression) is not None
+    wrapped = expression if has_math_mode or "\\boxed" in expression else f"${expression}$"
     parsed = parse(wrapped, parsing_timeout=5 if main else None)
     if not parsed:
         parsed = parse(expression, parsing_timeout=5 if main else None)
