@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?=
-PIP_EXTRAS := test$(if $(EXTRAS),$(comma)$(EXTRAS))
 comma := ,
+PIP_EXTRAS := test$(if $(EXTRAS),$(comma)$(EXTRAS))
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(PIP_EXTRAS))
 
 .PHONY: setup demo test bench clean
