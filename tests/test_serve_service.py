@@ -14,6 +14,7 @@ import pytest
 
 from piscale.lm.toy import ToyLM
 from piscale.serve import Preset, ServerConfig, create_app, load_config
+from piscale.serve.gate import SequenceGate
 from piscale.serve.schema import ChatRequest, CompletionRequest
 from piscale.serve.service import Service
 from test_serve_support import metrics, serve_in_thread
@@ -187,3 +188,71 @@ def test_a_client_that_goes_away_cancels_its_request():
         assert after["piscale_requests_in_flight"] == 0
         quick = httpx.post(base + "/v1/chat/completions", json={"model": "toy", "messages": body["messages"], "seed": 1}, timeout=30)
         assert quick.status_code == 200
+
+
+# -- engine capacity ------------------------------------------------------------------------
+
+
+async def test_the_gate_admits_in_arrival_order_within_the_limit():
+    gate = SequenceGate(5)
+    order: list[str] = []
+
+    async def hold(name: str, need: int, seconds: float) -> None:
+        async with gate.admitted(need):
+            order.append(f"+{name}")
+            assert gate.in_use <= 5
+            await asyncio.sleep(seconds)
+        order.append(f"-{name}")
+
+    big = asyncio.ensure_future(hold("big", 4, 0.05))
+    await asyncio.sleep(0)
+    waiting = [asyncio.ensure_future(hold("wide", 5, 0.01)), asyncio.ensure_future(hold("small", 1, 0.01))]
+    await asyncio.sleep(0)
+    assert gate.waiting == 2  # "small" would fit now, but waits its turn behind "wide"
+    abandoned = asyncio.ensure_future(hold("abandoned", 2, 0.01))
+    await asyncio.sleep(0)
+    abandoned.cancel()
+    await asyncio.gather(big, *waiting)
+    assert order == ["+big", "-big", "+wide", "-wide", "+small", "-small"]
+    assert gate.in_use == 0 and gate.waiting == 0
+    with pytest.raises(ValueError, match="more than the 5"):
+        async with gate.admitted(6):
+            pass
+
+
+class SlottedToy(ToyLM):
+    """The toy model declaring a fixed number of cache slots, as llama.cpp
+    does, and remembering how many sequences it ever held at once."""
+
+    max_sequences = 16
+
+    def __init__(self):
+        super().__init__()
+        self.peak = 0
+
+    async def extend(self, handles, params, seeds=None):
+        self.peak = max(self.peak, self.live_sequences)
+        return await super().extend(handles, params, seeds)
+
+
+async def test_requests_wait_for_engine_capacity():
+    requests = [
+        chat_request(f"What is {i} + 3?", piscale={"algorithm": "pf", "budget": 4, "reward": "judge", "seed": i})
+        for i in range(5)
+    ]
+    alone = []
+    for request in requests:
+        solo = Service(ServerConfig(model="toy"), ToyLM())
+        alone.append((await solo.complete(solo.plan_chat(request)))["choices"][0]["message"]["content"])
+    toy = SlottedToy()
+    service = Service(ServerConfig(model="toy"), toy)
+    assert service.gate.limit == 16 - 4 - 2 and service.kept.capacity == 4
+    bodies = await asyncio.gather(*(service.complete(service.plan_chat(r)) for r in requests))
+    assert [b["choices"][0]["message"]["content"] for b in bodies] == alone
+    # Two requests of 4 particles fit under the limit of 10; five at once
+    # would have held at least 20 sequences at their first step.
+    assert toy.peak <= 2 * (2 * 4 - 1)
+    from piscale.serve.errors import APIError
+
+    with pytest.raises(APIError, match="more than the 10"):
+        service.plan_chat(chat_request("What is 1?", piscale={"budget": 12, "reward": "judge"}))

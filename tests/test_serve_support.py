@@ -14,9 +14,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from typing import IO
 
 import httpx
 
@@ -30,11 +32,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(base: str, deadline_s: float, process: subprocess.Popen | None = None) -> None:
+def wait_healthy(base: str, deadline_s: float, process: subprocess.Popen | None = None, log: IO[str] | None = None) -> None:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode}: {process.stderr.read() if process.stderr else ''}")
+            output = ""
+            if log is not None:
+                log.seek(0)
+                output = log.read()[-4000:]
+            raise RuntimeError(f"the server exited with status {process.returncode}:\n{output}")
         try:
             if httpx.get(base + "/health", timeout=1.0).status_code == 200:
                 return
@@ -49,12 +55,13 @@ def serve_subprocess(*args: str, env: dict[str, str] | None = None, startup_s: f
     """``piscale serve ARGS --port P``; yields ``http://127.0.0.1:P``."""
     port = free_port()
     command = [sys.executable, "-c", "from piscale.cli import app; app()", "serve", *args, "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(
-        command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    # The log goes to a file, not a pipe: a pipe nobody reads fills up and
+    # blocks the server.
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base, startup_s, process)
+        wait_healthy(base, startup_s, process, log)
         yield base
     finally:
         process.terminate()
@@ -63,8 +70,7 @@ def serve_subprocess(*args: str, env: dict[str, str] | None = None, startup_s: f
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
+        log.close()
 
 
 @contextlib.contextmanager

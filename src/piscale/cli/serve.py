@@ -42,6 +42,9 @@ def register(app: typer.Typer) -> None:
         reward: str = typer.Option(None, help="Reward of a scaled request that names none (default judge)."),
         allow_reward: list[str] = typer.Option([], "--allow-reward", help="Another reward spec requests may name (repeatable)."),
         option: list[str] = typer.Option([], "--option", "-o", help="Default algorithm option KEY=VALUE (repeatable)."),
+        engine_option: list[str] = typer.Option(
+            [], "--engine-option", help="Engine argument KEY=VALUE, e.g. max_sequences=64 for llama.cpp (repeatable)."
+        ),
         max_budget: int = typer.Option(None, help="Largest budget a request may ask for (default 64)."),
         max_tokens: int = typer.Option(None, help="Largest max_tokens a request may ask for (default 4096)."),
         timeout: float = typer.Option(None, "--timeout", help="Per-request timeout in seconds (default 600)."),
@@ -72,14 +75,15 @@ def register(app: typer.Typer) -> None:
                 sequence_cache=sequence_cache,
                 rewards=(*base.rewards, *allow_reward) if allow_reward else None,
                 options={**base.options, **_options(option)} if option else None,
+                engine_options={**base.engine_options, **_options(engine_option)} if engine_option else None,
             )
         except ValueError as error:
             _fail(str(error))
         from piscale.lm import load
 
         try:
-            lm = load(settings.model, engine=settings.engine, device=settings.device)
-        except (ValueError, FileNotFoundError, OSError, ImportError) as error:
+            lm = load(settings.model, engine=settings.engine, device=settings.device, **settings.engine_options)
+        except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as error:
             _fail(f"cannot load the model {settings.model!r}: {error}")
         typer.secho(
             f"piscale serve: {settings.model} as {settings.model_name!r} on http://{settings.host}:{settings.port}/v1"

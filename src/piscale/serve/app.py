@@ -52,7 +52,7 @@ def create_app(config: ServerConfig, lm: LanguageModel | None = None) -> FastAPI
         if lm is None:
             from piscale.lm import load
 
-            backend = load(config.model, engine=config.engine, device=config.device)
+            backend = load(config.model, engine=config.engine, device=config.device, **config.engine_options)
         else:
             backend = lm
         service = Service(config, backend)
@@ -155,7 +155,7 @@ def create_app(config: ServerConfig, lm: LanguageModel | None = None) -> FastAPI
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         service: Service = request.app.state.service
-        text = service.metrics.render(service.lm, len(service.kept), service.kept.hits, service.kept.misses)
+        text = service.metrics.render(service.lm, service.gauges())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     return app

@@ -71,6 +71,9 @@ class ServerConfig:
     """the name clients use (default: ``model``)."""
     engine: str = "auto"
     device: str | None = None
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+    """keyword arguments of the engine (``piscale.lm.load``), e.g. llama.cpp's
+    ``max_sequences`` and ``context_length``."""
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -112,6 +115,8 @@ class ServerConfig:
             raise ValueError(f"request_timeout must be a positive number of seconds, got {self.request_timeout!r}")
         if not isinstance(self.options, Mapping):
             raise ValueError("options must be a mapping of option name to value")
+        if not isinstance(self.engine_options, Mapping):
+            raise ValueError("engine_options must be a mapping of option name to value")
         for name, preset in self.presets.items():
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
                 raise ValueError(f"preset name {name!r} may only hold letters, digits, '.', '_' and '-'")

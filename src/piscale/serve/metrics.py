@@ -49,7 +49,8 @@ class Metrics:
         self.completion_tokens += int(usage.get("completion_tokens", 0))
         self.reward_tokens += int(usage.get("reward_tokens", 0))
 
-    def render(self, lm: LanguageModel, kept_sequences: int, kept_hits: int, kept_misses: int) -> str:
+    def render(self, lm: LanguageModel, extra: list[tuple[str, str, str, float]] = ()) -> str:  # type: ignore[assignment]
+        """The page; ``extra`` adds (name, type, help, value) samples."""
         lines: list[str] = []
 
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -94,9 +95,8 @@ class Metrics:
         live = getattr(lm, "live_sequences", None)
         if isinstance(live, int):
             metric("piscale_engine_live_sequences", "gauge", "Sequences the engine holds (kept ones included).", [("", live)])
-        metric("piscale_kept_sequences", "gauge", "Sequences kept for continuation.", [("", kept_sequences)])
-        metric("piscale_kept_sequence_hits_total", "counter", "Requests that forked a kept sequence.", [("", kept_hits)])
-        metric("piscale_kept_sequence_misses_total", "counter", "Requests that prefilled their prompt.", [("", kept_misses)])
+        for name, kind, help_text, value in extra:
+            metric(name, kind, help_text, [("", value)])
         return "\n".join(lines) + "\n"
 
 

@@ -41,10 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from piscale.lm.base import LanguageModel
-from piscale.search import ALGORITHMS
+from piscale.search import ALGORITHMS, prepare
 from piscale.serve import generation
 from piscale.serve.config import Preset, ServerConfig
 from piscale.serve.errors import APIError, bad_request
+from piscale.serve.gate import SequenceGate
 from piscale.serve.generation import Choice, Delta, Sampling, SearchChoice, SearchOutput, derive_seed
 from piscale.serve.kept import KeptSequences
 from piscale.serve.metered import MeteredLM
@@ -92,6 +93,8 @@ class Plan:
     """prompt log-probabilities are computed from this position on."""
     tokens_as_ids: bool = False
     return_token_ids: bool = False
+    need: int = 1
+    """sequences the request may hold at once (for the capacity gate)."""
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -104,7 +107,17 @@ class Service:
     def __init__(self, config: ServerConfig, lm: LanguageModel):
         self.config = config
         self.lm = lm
-        self.kept = KeptSequences(lm, config.sequence_cache)
+        capacity = getattr(lm, "max_sequences", None)
+        if isinstance(capacity, int) and not isinstance(capacity, bool):
+            # A fixed number of cache slots: a quarter at most for kept
+            # sequences, two for scoring (llama.cpp borrows them), the rest
+            # for requests, admitted by the gate.
+            kept = min(config.sequence_cache, capacity // 4)
+            self.gate = SequenceGate(max(1, capacity - kept - 2))
+        else:
+            kept = config.sequence_cache
+            self.gate = SequenceGate(None)
+        self.kept = KeptSequences(lm, kept)
         self.metrics = Metrics()
         self.rewards = RewardPool(config, lm)
         self.vocabulary_size = _vocabulary_size(lm)
@@ -162,7 +175,7 @@ class Service:
         reward = self.rewards.check(named_reward if named_reward is not None else config.reward)
         choice = SearchChoice(algorithm, budget, None if reward == "none" else reward, options, seed)
         try:
-            spec, _, shape = generation.prepare(algorithm, budget, seed, options)
+            spec, _, shape = prepare(algorithm, budget, seed, options)
         except ValueError as error:
             raise bad_request(str(error), param="options") from None
         if named_reward is None and spec.reward_optional(shape):
@@ -314,7 +327,16 @@ class Service:
         )
 
     def _plan(self, endpoint, request, prompts, samplings, search, reward, logprobs, **extra) -> Plan:
+        need = len(prompts) * (search.budget if search is not None else request.n)
+        if self.gate.limit is not None and need > self.gate.limit:
+            raise bad_request(
+                f"this request may hold {need} sequences at once, more than the {self.gate.limit} this engine "
+                "serves together; lower the budget or n, or start the server with more engine capacity "
+                "(e.g. --engine-option max_sequences=...)",
+                param="budget" if search is not None else "n",
+            )
         return Plan(
+            need=need,
             endpoint=endpoint,
             model=request.model,
             prompts=prompts,
@@ -358,6 +380,10 @@ class Service:
         raise APIError(408, f"the request did not finish within its timeout of {plan.timeout:g} s", code="timeout")
 
     async def _complete(self, plan: Plan) -> dict[str, Any]:
+        async with self.gate.admitted(plan.need):
+            return await self._complete_admitted(plan)
+
+    async def _complete_admitted(self, plan: Plan) -> dict[str, Any]:
         policy = MeteredLM(self.lm)
         reward = self._reward(plan)
         try:
@@ -567,25 +593,9 @@ class Service:
         policy = MeteredLM(self.lm)
         reward: RequestReward | None = None
         try:
-            reward = self._reward(plan)
-            if plan.endpoint == "chat" and plan.search is None:
-                for index in range(plan.n * len(plan.prompts)):
-                    queue.put_nowait(self._chunk(plan, [{"index": index, "delta": {"role": "assistant", "content": plan.echo_text}, "logprobs": None, "finish_reason": None}]))
-            await all_of(
-                [
-                    self._stream_search(policy, reward, prompt, p, plan, queue)
-                    if plan.search is not None
-                    else self._stream_plain(policy, prompt, p, plan, queue)
-                    for p, prompt in enumerate(plan.prompts)
-                ]
-            )
-            if plan.include_usage:
-                usage = self._usage(policy, reward)
-                self.metrics.count_usage(usage)
-                queue.put_nowait(self._chunk(plan, [], usage=usage))
-            else:
-                self.metrics.count_usage(self._usage(policy, reward))
-            queue.put_nowait(None)
+            async with self.gate.admitted(plan.need):
+                reward = self._reward(plan)
+                await self._produce_admitted(plan, queue, policy, reward)
         except ValueError as error:
             queue.put_nowait(bad_request(str(error)))
         except APIError as error:
@@ -595,6 +605,25 @@ class Service:
             queue.put_nowait(APIError(500, f"internal error: {type(error).__name__}: {error}"))
         finally:
             self._release(policy, reward or RequestReward(None))
+
+    async def _produce_admitted(self, plan: Plan, queue: asyncio.Queue, policy: MeteredLM, reward: RequestReward) -> None:
+        if plan.endpoint == "chat" and plan.search is None:
+            for index in range(plan.n * len(plan.prompts)):
+                opening = {"index": index, "delta": {"role": "assistant", "content": plan.echo_text}, "logprobs": None, "finish_reason": None}
+                queue.put_nowait(self._chunk(plan, [opening]))
+        await all_of(
+            [
+                self._stream_search(policy, reward, prompt, p, plan, queue)
+                if plan.search is not None
+                else self._stream_plain(policy, prompt, p, plan, queue)
+                for p, prompt in enumerate(plan.prompts)
+            ]
+        )
+        usage = self._usage(policy, reward)
+        self.metrics.count_usage(usage)
+        if plan.include_usage:
+            queue.put_nowait(self._chunk(plan, [], usage=usage))
+        queue.put_nowait(None)
 
     async def _stream_plain(self, policy: MeteredLM, prompt: PromptInput, p: int, plan: Plan, queue: asyncio.Queue) -> None:
         sampling = plan.samplings[p]
@@ -672,6 +701,19 @@ class Service:
             chunk["piscale_progress"] = progress
         chunk.update(extra)
         return chunk
+
+    def gauges(self) -> list[tuple[str, str, str, float]]:
+        """The service's own numbers for /metrics."""
+        gauges = [
+            ("piscale_kept_sequences", "gauge", "Sequences kept for continuation.", len(self.kept)),
+            ("piscale_kept_sequence_hits_total", "counter", "Requests that forked a kept sequence.", self.kept.hits),
+            ("piscale_kept_sequence_misses_total", "counter", "Requests that prefilled their prompt.", self.kept.misses),
+            ("piscale_requests_waiting", "gauge", "Requests waiting for engine capacity.", self.gate.waiting),
+        ]
+        if self.gate.limit is not None:
+            gauges.append(("piscale_sequences_admitted", "gauge", "Sequences the admitted requests may hold.", self.gate.in_use))
+            gauges.append(("piscale_sequences_limit", "gauge", "Sequences requests may hold together.", self.gate.limit))
+        return gauges
 
     async def close(self) -> None:
         for task in list(self._background):
