@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/piscale models pull smollm2-135m-instruct
 	$(BIN)/piscale solve "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?" \
-		--algorithm pf --budget 4 --seed 0 --trace demo-trace.json
+		--algorithm pf --budget 4 --seed 0 --option max_tokens=256 --option max_step_tokens=96 --trace demo-trace.json
 	$(BIN)/piscale trace demo-trace.json -o demo-trace.html
 
 test: setup
