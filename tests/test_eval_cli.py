@@ -102,9 +102,13 @@ def assert_consistent(db: Path) -> None:
         ).fetchone()
     assert keys[0] == keys[1]
     for algorithm, budget, n_rows in per_search:
-        # A subsampled search at budget N stores rows for each grid budget up to N.
-        expected = sum(1 for b in (1, 2, 4, 8) if b <= budget) if algorithm in ("bon", "wbon", "sc") else 1
+        # One best-of-N style search at budget N stores rows for bon, wbon and
+        # sc (they share samples) at each grid budget up to N.
+        expected = 3 * sum(1 for b in (1, 2, 4, 8) if b <= budget) if algorithm in ("bon", "wbon", "sc") else 1
         assert n_rows == expected, (algorithm, budget, n_rows)
+    with sqlite3.connect(db) as connection:
+        searched = {a for (a,) in connection.execute("SELECT DISTINCT algorithm FROM searches")}
+    assert not searched & {"wbon", "sc"}, "wbon and sc should reuse the samples of bon"
 
 
 def test_the_reference_run_fills_the_grid(reference: Path) -> None:
@@ -168,15 +172,41 @@ def test_stored_baselines_match_the_searchs_own_choice(reference: Path) -> None:
     """At b = N the first-b rule must pick what the search picked, so the
     subsampled rows use the search's selection, not a look-alike."""
     with sqlite3.connect(reference) as connection:
-        searches = connection.execute(
-            "SELECT algorithm, result FROM searches WHERE algorithm IN ('bon', 'wbon', 'sc')"
-        ).fetchall()
-    assert len(searches) == 3 * 12 * 2
+        searches = connection.execute("SELECT algorithm, result FROM searches WHERE algorithm = 'bon'").fetchall()
+    assert len(searches) == 12 * 2
     for algorithm, payload in searches:
         result = json.loads(payload)
         samples = samples_of(result["candidates"], "0", "probability")
         chosen = result["candidates"][first_subset_choice(algorithm, samples, result["budget"])]
         assert (chosen["answer"], chosen["text"]) == (result["answer"], result["text"])
+
+
+def test_shared_samples_give_what_separate_searches_give(questions: Path, reference: Path, tmp_path: Path) -> None:
+    """wbon and sc rows derived from bon's samples equal the rows of wbon and
+    sc searched on their own with the same seed: sharing changes no answer."""
+
+    def full_budget_rows(db: Path, algorithm: str) -> dict:
+        with sqlite3.connect(db) as connection:
+            return {
+                (problem, seed): (answer, correct)
+                for problem, seed, answer, correct in connection.execute(
+                    "SELECT problem_id, seed, answer, correct FROM results WHERE algorithm = ? AND budget = 8",
+                    (algorithm,),
+                )
+            }
+
+    for algorithm in ("wbon", "sc"):
+        db = tmp_path / f"{algorithm}.sqlite"
+        command = eval_command(questions, db)
+        command[command.index("pf,bon,wbon,sc,dvts")] = algorithm
+        command.remove("--option")
+        command.remove("dvts.beam_width=2")
+        run(command)
+        alone = full_budget_rows(db, algorithm)
+        assert len(alone) == 12 * 2
+        assert full_budget_rows(reference, algorithm) == alone
+    # and the selections do differ somewhere, or this would test nothing
+    assert full_budget_rows(reference, "sc") != full_budget_rows(reference, "bon")
 
 
 @pytest.mark.parametrize(

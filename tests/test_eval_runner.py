@@ -96,18 +96,19 @@ async def test_plan_runs_subsampled_baselines_once_at_the_largest_budget(tmp_pat
     plan = sorted((j.algorithm, j.budget, j.seed, j.stores, len(j.problems)) for j in jobs)
     assert all(j.variant == "" and j.options == {} for j in jobs)
     assert plan == sorted(
-        [("pf", b, s, (b,), 5) for b in (1, 2, 4) for s in (0, 1)]
-        + [(a, 4, s, (1, 2, 4), 5) for a in ("bon", "sc") for s in (0, 1)]
+        [("pf", b, s, (b,), 5) for b in (1, 2, 4) for s in (0, 1)] + [("bon", 4, s, (1, 2, 4), 5) for s in (0, 1)]
     )
+    # sc takes the same options as bon, so it is read off bon's samples
+    assert [j.shared for j in jobs if j.algorithm == "bon"] == [(("sc", (1, 2, 4)),)] * 2
     search = ScriptedSearch()
     await run_grid(tmp_path / "r.sqlite", task, search, chunk_size=2)
-    # 6 pf jobs + 4 subsampled jobs, each of 5 problems in chunks of 2 -> 3 calls each.
-    assert len(search.calls) == 30
+    # 6 pf jobs + 2 shared sample jobs, each of 5 problems in chunks of 2 -> 3 calls each.
+    assert len(search.calls) == 24
     assert all(len(questions) <= 2 for questions, *_ in search.calls)
     assert search.calls[0][0] == ["Solve Q1", "Solve Q2"]  # the prompt template is applied
     with ResultStore(tmp_path / "r.sqlite") as store:
         assert store.count("results") == 5 * 3 * 3 * 2
-        assert store.count("searches") == 5 * (3 + 1 + 1) * 2
+        assert store.count("searches") == 5 * (3 + 1) * 2
         assert Evaluation(store, task, CONFIG, GRID, identity={"spec": "toy"}).pending() == []
 
 
@@ -117,12 +118,15 @@ async def test_interrupted_run_resumes_to_the_same_table(tmp_path: Path, task) -
         await run_grid(tmp_path / "cut.sqlite", task, ScriptedSearch(fail_after_calls=7), chunk_size=2)
     with ResultStore(tmp_path / "cut.sqlite") as store:
         stored_searches = store.count("searches")
-    # Seed 0 runs pf@1 (3 calls, 5 problems), pf@2 (3 calls, 5), then pf@4's first chunk of 2.
-    assert stored_searches == 12
+        stored_problems = {row["problem_id"] for row in store.results()}
+    # Problems go through the grid two at a time (8 searches each: bon and
+    # pf@1,2,4 for two seeds); the kill came during the 8th call of the first pair.
+    assert stored_searches == 7 * 2
+    assert stored_problems == {"q-0", "q-1"}
     resumed = ScriptedSearch()
     await run_grid(tmp_path / "cut.sqlite", task, resumed, chunk_size=3)
     # Nothing stored is asked for again.
-    assert sum(len(q) for q, *_ in resumed.calls) == 50 - 12
+    assert sum(len(q) for q, *_ in resumed.calls) == 40 - 14
     assert table(tmp_path / "cut.sqlite") == table(tmp_path / "whole.sqlite")
 
 

@@ -11,7 +11,7 @@ loaded models. Pass ``lm=`` / ``reward=`` objects to bypass the specs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
 from piscale.lm.base import LanguageModel, StepParams
@@ -23,15 +23,19 @@ DEFAULT_REWARD = "judge"
 
 
 @lru_cache(maxsize=8)
-def _backend(spec: str, engine: str, device: str | None) -> LanguageModel:
+def _backend(spec: str, engine: str, device: str | None, options: tuple = ()) -> LanguageModel:
     from piscale.lm import load
 
-    return load(spec, engine=engine, device=device)
+    return load(spec, engine=engine, device=device, **dict(options))
 
 
-def load_lm(spec: str = DEFAULT_MODEL, *, engine: str = "auto", device: str | None = None) -> LanguageModel:
-    """A backend for ``spec``, loaded once per process."""
-    return _backend(spec, engine, device)
+def load_lm(
+    spec: str = DEFAULT_MODEL, *, engine: str = "auto", device: str | None = None, options: Mapping | None = None
+) -> LanguageModel:
+    """A backend for ``spec``, loaded once per process and set of engine
+    ``options`` (keyword arguments of the engine's class, e.g.
+    ``{"max_sequences": 64}`` for llama.cpp)."""
+    return _backend(spec, engine, device, tuple(sorted((options or {}).items())))
 
 
 def load_reward(

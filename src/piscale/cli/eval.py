@@ -9,12 +9,13 @@ confidence intervals and plots.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+
+from piscale.cli.common import fail, parse_pairs
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -26,23 +27,6 @@ LOG_EVERY_S = 30.0
 """When stderr is not a terminal, how often a progress line is written."""
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _parse_options(pairs: list[str]) -> dict:
-    """``--option KEY=VALUE`` pairs; a value is read as JSON when it parses."""
-    options: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            _fail(f"--option expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return options
 
 
 def register(app: typer.Typer) -> None:
@@ -64,6 +48,9 @@ def evaluate(
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
     db: Path = typer.Option(Path("results.sqlite"), "--db", help="SQLite results database (created if missing)."),
     engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | openai"),
+    engine_option: list[str] = typer.Option(
+        [], "--engine-option", help="Engine argument KEY=VALUE, e.g. max_sequences=64 for llama.cpp (repeatable)."
+    ),
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)"),
     system: str = typer.Option(
         None, "--system", help="System prompt (default: the paper's: reason step by step, box the final answer)."
@@ -91,9 +78,9 @@ def evaluate(
 
     console = Console(stderr=True)
     if chunk_size < 1:
-        _fail(f"--chunk-size must be >= 1, got {chunk_size}")
+        fail(f"--chunk-size must be >= 1, got {chunk_size}")
     if max_failures_in_a_row < 1:
-        _fail(f"--max-failures-in-a-row must be >= 1, got {max_failures_in_a_row}")
+        fail(f"--max-failures-in-a-row must be >= 1, got {max_failures_in_a_row}")
     try:
         from piscale.api import DEFAULT_MODEL, DEFAULT_REWARD
 
@@ -105,16 +92,17 @@ def evaluate(
             engine=engine,
             system=DEFAULT_SYSTEM_PROMPT if system is None else system,
             prompt_template=DEFAULT_PROMPT_TEMPLATE if prompt is None else prompt,
-            options=_parse_options(option),
+            options=parse_pairs(option),
         )
+        engine_options = parse_pairs(engine_option, "--engine-option")
         store = ResultStore(db)
     except (EvalError, TaskError, StoreError) as error:
-        _fail(str(error))
+        fail(str(error))
     with store:
         try:
             evaluation = Evaluation(store, task, config, grid, limit=limit)
         except (EvalError, TaskError) as error:
-            _fail(str(error))
+            fail(str(error))
         for (algorithm, budget), reason in evaluation.unsupported.items():
             console.print(f"[yellow]skipping {algorithm} at budget {budget}: {reason}[/yellow]")
         jobs = evaluation.pending()
@@ -128,9 +116,15 @@ def evaluate(
             f"{task.name}: {len(evaluation.problems)} problems; {cells} cells, {searches} searches to run "
             f"(config {evaluation.config_key}, database {db})"
         )
-        lm, reward_model = _load(config, device, console, evaluation)
+        lm, reward_model = _load(config, device, engine_options, console, evaluation)
         run_id = evaluation.start_run(
-            {"lm": _describe(lm), "reward": _describe(reward_model), "device": device, "limit": limit}
+            {
+                "lm": _describe(lm),
+                "reward": _describe(reward_model),
+                "device": device,
+                "engine_options": engine_options,
+                "limit": limit,
+            }
         )
         try:
             progress = _run_with_progress(
@@ -140,7 +134,7 @@ def evaluate(
             console.print(f"Interrupted. Finished results are stored in {db}; run the same command to resume.")
             raise typer.Exit(130)
         except EvalError as error:
-            _fail(f"{error}\nFinished results are stored in {db}; run the same command to resume.")
+            fail(f"{error}\nFinished results are stored in {db}; run the same command to resume.")
     accuracy = "n/a" if progress.accuracy is None else f"{100 * progress.accuracy:.1f}%"
     console.print(
         f"Ran {progress.searches_done} searches, stored {progress.rows_stored} results; accuracy of these searches "
@@ -153,21 +147,23 @@ def evaluate(
         )
 
 
-def _load(config: EvalConfig, device: str | None, console: Console, evaluation: Evaluation) -> tuple[object, object]:
+def _load(
+    config: EvalConfig, device: str | None, engine_options: dict, console: Console, evaluation: Evaluation
+) -> tuple[object, object]:
     from piscale.api import load_lm, load_reward
     from piscale.eval.runner import ORACLE_REWARD, oracle_reward
 
     with console.status(f"loading {config.model} and reward {config.reward}"):
         try:
-            lm = load_lm(config.model, engine=config.engine, device=device)
+            lm = load_lm(config.model, engine=config.engine, device=device, options=engine_options)
             if config.reward == ORACLE_REWARD:
                 reward = oracle_reward(evaluation.problems, config.prompt_template)
             else:
                 reward = load_reward(
                     config.reward, policy=lm, policy_spec=config.model, engine=config.engine, device=device
                 )
-        except (ValueError, FileNotFoundError, OSError, ImportError) as error:
-            _fail(f"could not load the model or reward: {error}")
+        except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as error:
+            fail(f"could not load the model or reward: {error}")
     return lm, reward
 
 
@@ -268,9 +264,9 @@ def report(
     try:
         groups = summarize(db, estimator=estimator)
     except (FileNotFoundError, ValueError, StoreError) as error:
-        _fail(str(error))
+        fail(str(error))
     if not groups:
-        _fail(f"{db} holds no results yet")
+        fail(f"{db} holds no results yet")
     text = markdown(groups, estimator=estimator)
     if as_markdown:
         typer.echo(text)

@@ -9,27 +9,12 @@ from pathlib import Path
 
 import typer
 
+from piscale.cli.common import fail, parse_pairs
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALGORITHM_NAMES = "pf|pg|pt|bon|wbon|sc|beam|dvts"
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _parse_options(pairs: list[str]) -> dict:
-    """``--option key=value`` pairs; values are read as JSON when they parse."""
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            _fail(f"--option expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return options
 
 
 def register(app: typer.Typer) -> None:
@@ -53,13 +38,13 @@ def register(app: typer.Typer) -> None:
         from piscale.api import load_lm, sample
 
         if n < 1:
-            _fail("--n must be at least 1")
+            fail("--n must be at least 1")
         console = Console(stderr=True)
         start = time.perf_counter()
         try:
             lm = load_lm(model, engine=engine, device=device)
         except (ValueError, FileNotFoundError, OSError) as error:
-            _fail(str(error))
+            fail(str(error))
         loaded = time.perf_counter()
         console.print(f"[dim]{model} loaded ({type(lm).__name__}, engine={engine}) in {loaded - start:.1f}s[/dim]")
         before = lm.usage.snapshot()
@@ -115,7 +100,7 @@ def register(app: typer.Typer) -> None:
 
         from piscale.api import asolve
 
-        options = _parse_options(option)
+        options = parse_pairs(option)
         console = Console(stderr=True)
         try:
             result = asyncio.run(
@@ -133,7 +118,7 @@ def register(app: typer.Typer) -> None:
                 )
             )
         except (ValueError, KeyError, FileNotFoundError) as error:
-            _fail(str(error).strip("'\""))
+            fail(str(error).strip("'\""))
         data = result.to_dict()
         if trace is not None:
             trace.write_text(json.dumps(data, indent=1))

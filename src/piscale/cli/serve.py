@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            _fail(f"--option expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return options
+from piscale.cli.common import fail, parse_pairs
 
 
 def register(app: typer.Typer) -> None:
@@ -74,17 +57,17 @@ def register(app: typer.Typer) -> None:
                 request_timeout=timeout,
                 sequence_cache=sequence_cache,
                 rewards=(*base.rewards, *allow_reward) if allow_reward else None,
-                options={**base.options, **_options(option)} if option else None,
-                engine_options={**base.engine_options, **_options(engine_option)} if engine_option else None,
+                options={**base.options, **parse_pairs(option)} if option else None,
+                engine_options={**base.engine_options, **parse_pairs(engine_option, "--engine-option")} if engine_option else None,
             )
         except ValueError as error:
-            _fail(str(error))
+            fail(str(error))
         from piscale.lm import load
 
         try:
             lm = load(settings.model, engine=settings.engine, device=settings.device, **settings.engine_options)
         except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as error:
-            _fail(f"cannot load the model {settings.model!r}: {error}")
+            fail(f"cannot load the model {settings.model!r}: {error}")
         typer.secho(
             f"piscale serve: {settings.model} as {settings.model_name!r} on http://{settings.host}:{settings.port}/v1"
             + (" (API key required)" if settings.api_key else ""),

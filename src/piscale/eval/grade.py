@@ -43,14 +43,20 @@ def rows_from_result(
     budgets: Sequence[int],
     reward_scale: str = "probability",
     variant: str = "",
+    selection: str | None = None,
 ) -> list[ResultRow]:
     """Graded rows for ``budgets`` from one search result (a
     ``SearchResult.to_dict()``). Budgets other than the search's own are only
     allowed for the subsampled algorithms, and must not exceed it.
     ``reward_scale`` is the reward's ``scale``, which weighted best-of-N needs
     to pool rewards the way the search did; ``variant`` labels the options
-    the search ran with."""
-    algorithm, run_budget, seed = str(result["algorithm"]), int(result["budget"]), int(result["seed"])
+    the search ran with. ``selection`` gives the rows of another of the
+    subsampled algorithms, chosen from this search's samples (they all draw N
+    independent samples and differ only in the pick)."""
+    searched, run_budget, seed = str(result["algorithm"]), int(result["budget"]), int(result["seed"])
+    algorithm = selection or searched
+    if algorithm != searched and not {algorithm, searched} <= SUBSAMPLED_ALGORITHMS:
+        raise ValueError(f"the samples of {searched} cannot give rows for {algorithm}")
     usage = _usage(result)
     answer = result.get("answer")
     if algorithm not in SUBSAMPLED_ALGORITHMS:
@@ -86,7 +92,7 @@ def rows_from_result(
         if not 1 <= budget <= run_budget:
             raise ValueError(f"budget {budget} is outside 1..{run_budget}, the samples of this search")
         estimate = expected_accuracy(algorithm, samples, budget, seed=subset_seed(problem_id, seed, budget))
-        if budget == run_budget:
+        if budget == run_budget and algorithm == searched:
             chosen = answer
         else:
             chosen = candidates[first_subset_choice(algorithm, samples, budget)].get("answer")

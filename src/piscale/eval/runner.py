@@ -10,9 +10,12 @@ most one chunk. Before each chunk the database is read again, so a second
 process working on the same grid does not redo what the first has stored
 meanwhile.
 
-Best-of-N, weighted best-of-N and self-consistency run once per problem and
-seed at the largest missing budget; the smaller budgets are subsampled from
-those samples (``piscale.eval.subsample``).
+Best-of-N, weighted best-of-N and self-consistency differ only in how they
+pick from N independent samples, so the ones in a grid that take the same
+options share their samples: one search per problem and seed, at the largest
+missing budget, yields the rows of all three, and the smaller budgets are
+subsampled from those samples (``piscale.eval.subsample``). Comparisons
+between them are then paired, as search-and-learn's are.
 
 Search options (``--option KEY=VALUE``) go to every algorithm of the grid that
 takes them; ``ALGORITHM.KEY=VALUE`` targets one algorithm. The options an
@@ -124,9 +127,15 @@ class Job:
     stores: tuple[int, ...]
     """The budgets whose rows each search yields (just ``budget`` unless subsampled)."""
     problems: tuple[Problem, ...]
+    shared: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Other selections whose rows come from the same samples, with their budgets."""
 
     def cells(self, problem: Problem) -> list[CellKey]:
-        return [(problem.id, self.algorithm, self.variant, b, self.seed) for b in self.stores]
+        return [
+            (problem.id, algorithm, self.variant, b, self.seed)
+            for algorithm, budgets in ((self.algorithm, self.stores), *self.shared)
+            for b in budgets
+        ]
 
 
 @dataclass
@@ -303,19 +312,33 @@ class Evaluation:
         """The jobs that would fill every missing cell of the grid."""
         stored = self.store.stored_cells(self.config_key)
         jobs: list[Job] = []
+        # selections that take the same options share one set of samples
+        sharing: dict[str, list[str]] = {}
+        for algorithm in self.grid.algorithms:
+            if algorithm in SUBSAMPLED_ALGORITHMS:
+                sharing.setdefault(self.variants[algorithm], []).append(algorithm)
         for seed in self.grid.seeds:
+            for variant, selections in sharing.items():
+                by_need: dict[tuple, list[Problem]] = {}
+                for problem in self.problems:
+                    need = []
+                    for algorithm in selections:
+                        budgets = self.budgets_for(algorithm)
+                        missing = tuple(b for b in budgets if (problem.id, algorithm, variant, b, seed) not in stored)
+                        if missing:
+                            need.append((algorithm, missing))
+                    if need:
+                        by_need.setdefault(tuple(need), []).append(problem)
+                for need, todo in by_need.items():
+                    (algorithm, missing), *shared = need
+                    budget = max(b for _, budgets in need for b in budgets)
+                    options = self.options[algorithm]
+                    jobs.append(Job(algorithm, variant, options, budget, seed, missing, tuple(todo), tuple(shared)))
             for algorithm in self.grid.algorithms:
+                if algorithm in SUBSAMPLED_ALGORITHMS:
+                    continue
                 variant, options = self.variants[algorithm], self.options[algorithm]
                 budgets = self.budgets_for(algorithm)
-                if algorithm in SUBSAMPLED_ALGORITHMS:
-                    by_need: dict[tuple[int, ...], list[Problem]] = {}
-                    for problem in self.problems:
-                        need = tuple(b for b in budgets if (problem.id, algorithm, variant, b, seed) not in stored)
-                        if need:
-                            by_need.setdefault(need, []).append(problem)
-                    for need, todo in by_need.items():
-                        jobs.append(Job(algorithm, variant, options, max(need), seed, need, tuple(todo)))
-                    continue
                 for budget in budgets:
                     todo = tuple(p for p in self.problems if (p.id, algorithm, variant, budget, seed) not in stored)
                     if todo:
@@ -372,37 +395,35 @@ class Evaluation:
         if on_progress:
             on_progress(progress)
         in_a_row = 0
-        for job in jobs:
-            for start in range(0, len(job.problems), chunk_size):
-                chunk = job.problems[start : start + chunk_size]
-                stored = self.store.stored_cells(self.config_key, [p.id for p in chunk])
-                todo = [p for p in chunk if not all(cell in stored for cell in job.cells(p))]
-                progress.searches_total -= len(chunk) - len(todo)
-                if not todo:
-                    continue
-                for problem, outcome in await self._attempt(solve_many, lm, reward, job, todo, trace):
-                    failure: Exception | None = None
-                    if isinstance(outcome, Exception):
-                        failure, message = outcome, f"{type(outcome).__name__}: {outcome}"
-                    else:
-                        try:
-                            self._store(run_id, job, problem, outcome, reward_scale, progress)
-                        except Exception as error:  # grading one strange result must not end a long run
-                            failure, message = error, f"storing the result failed: {type(error).__name__}: {error}"
-                    if failure is None:
-                        in_a_row = 0
-                    else:
-                        cell = (problem.id, job.algorithm, job.variant, job.budget, job.seed)
-                        self.store.record_failure(self.config_key, run_id, cell, message)
-                        progress.failures += 1
-                        in_a_row += 1
-                        if in_a_row >= max_failures_in_a_row:
-                            raise EvalError(
-                                f"{in_a_row} searches in a row failed, the last ({job.algorithm} at budget "
-                                f"{job.budget}, problem {problem.id}) with {message}"
-                            ) from failure
-                    if on_progress:
-                        on_progress(progress)
+        for job, chunk in _problem_major(jobs, self.problems, chunk_size):
+            stored = self.store.stored_cells(self.config_key, [p.id for p in chunk])
+            todo = [p for p in chunk if not all(cell in stored for cell in job.cells(p))]
+            progress.searches_total -= len(chunk) - len(todo)
+            if not todo:
+                continue
+            for problem, outcome in await self._attempt(solve_many, lm, reward, job, todo, trace):
+                failure: Exception | None = None
+                if isinstance(outcome, Exception):
+                    failure, message = outcome, f"{type(outcome).__name__}: {outcome}"
+                else:
+                    try:
+                        self._store(run_id, job, problem, outcome, reward_scale, progress)
+                    except Exception as error:  # grading one strange result must not end a long run
+                        failure, message = error, f"storing the result failed: {type(error).__name__}: {error}"
+                if failure is None:
+                    in_a_row = 0
+                else:
+                    cell = (problem.id, job.algorithm, job.variant, job.budget, job.seed)
+                    self.store.record_failure(self.config_key, run_id, cell, message)
+                    progress.failures += 1
+                    in_a_row += 1
+                    if in_a_row >= max_failures_in_a_row:
+                        raise EvalError(
+                            f"{in_a_row} searches in a row failed, the last ({job.algorithm} at budget "
+                            f"{job.budget}, problem {problem.id}) with {message}"
+                        ) from failure
+                if on_progress:
+                    on_progress(progress)
         return progress
 
     async def _attempt(
@@ -439,9 +460,13 @@ class Evaluation:
         produced: list[ResultRow] = []
 
         def derive(stored_result: Mapping) -> list[ResultRow]:
-            produced[:] = rows_from_result(
-                stored_result, problem.id, problem.reference, job.stores, reward_scale, job.variant
-            )
+            produced[:] = [
+                row
+                for algorithm, budgets in ((job.algorithm, job.stores), *job.shared)
+                for row in rows_from_result(
+                    stored_result, problem.id, problem.reference, budgets, reward_scale, job.variant, algorithm
+                )
+            ]
             return produced
 
         cell = (problem.id, job.algorithm, job.variant, job.budget, job.seed)
@@ -473,6 +498,24 @@ def oracle_reward(problems: Sequence[Problem], template: str):
                 f"problem {problem.id} repeats a question with a different reference; the oracle cannot tell them apart"
             )
     return VerifierReward(references)
+
+
+def _problem_major(
+    jobs: Sequence[Job], problems: Sequence[Problem], chunk_size: int
+) -> list[tuple[Job, tuple[Problem, ...]]]:
+    """Each job's problems in chunks, ordered so that a block of
+    ``chunk_size`` problems goes through every job before the next block
+    starts: an interrupted run leaves whole problems done (every cell of the
+    grid), not whole algorithms, so a partial table compares like with like."""
+    position = {problem.id: index for index, problem in enumerate(problems)}
+    work = []
+    for job_index, job in enumerate(jobs):
+        blocks: dict[int, list[Problem]] = {}
+        for problem in job.problems:
+            blocks.setdefault(position.get(problem.id, 0) // chunk_size, []).append(problem)
+        work += [(block, job_index, job, tuple(chunk)) for block, chunk in blocks.items()]
+    work.sort(key=lambda item: (item[0], item[1]))
+    return [(job, chunk) for _, _, job, chunk in work]
 
 
 def _as_dict(result: object) -> dict:
