@@ -15,6 +15,8 @@ against the transformers engine.
    The reward is
    ``--reward`` (a ``piscale.rewards`` spec); the default, an arithmetic step
    checker, costs no model calls, so the comparison measures the engines.
+   With ``--together`` each engine then also solves all the problems at once
+   (``run_many``), so that the particles of all problems share each pass.
    Skipped, with the reason recorded, when the search package or an engine is
    not installed.
 
@@ -155,14 +157,49 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def load_engine(spec: str, engine: str, threads: int | None) -> LanguageModel:
+async def solve_together(lm: LanguageModel, args, problems: list[dict]) -> dict:
+    """PF on all problems at once (``run_many``): their particles share passes."""
+    from piscale.grading import answers_equal
+    from piscale.rewards import from_spec
+    from piscale.search import run_many
+
+    reward = from_spec(args.reward, policy=lm, policy_spec=args.model)
+    before = lm.usage.snapshot()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    results = await run_many(lm, reward, [p["question"] for p in problems], "pf", budget=args.particles, seed=0)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    used = lm.usage.since(before)
+    correct = [
+        bool(r.answer is not None and answers_equal(r.answer, p["answer"])) for r, p in zip(results, problems)
+    ]
+    return {
+        "problems": len(problems),
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "wall_seconds_per_problem": wall / len(problems),
+        "generated_tokens": used.generated_tokens,
+        "forward_passes": used.forward_passes,
+        "generated_tokens_per_second": used.generated_tokens / wall,
+        "generated_tokens_per_cpu_second": used.generated_tokens / cpu,
+        "accuracy": sum(correct) / len(problems),
+    }
+
+
+def load_engine(spec: str, engine: str, threads: int | None, sequences: int = 16) -> LanguageModel:
     from piscale.lm import load
 
     if engine == "hf" and threads:
         import torch
 
         torch.set_num_threads(threads)
-    options = {"n_threads": threads} if engine == "llamacpp" and threads else {}
+    options: dict = {}
+    if engine.startswith("llamacpp"):
+        # every particle of every problem in flight holds a slot; 1024 tokens
+        # per sequence are plenty for GSM8K (a longer one ends with "context")
+        options = {"max_sequences": sequences, "context_length": 1024, "unified_cache": engine == "llamacpp-unified"}
+        if threads:
+            options["n_threads"] = threads
+        engine = "llamacpp"
     return load(spec, engine=engine, **options)
 
 
@@ -174,13 +211,20 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence in the throughput part")
     parser.add_argument("--particles", type=int, default=8)
     parser.add_argument("--problems", type=int, default=10)
-    parser.add_argument("--engines", nargs="+", default=["llamacpp", "hf"])
+    parser.add_argument(
+        "--engines", nargs="+", default=["llamacpp", "hf"], help="llamacpp, llamacpp-unified (a unified cache) or hf"
+    )
     parser.add_argument("--reward", default="arith", help="reward spec; {answer} is replaced by the reference")
+    parser.add_argument(
+        "--together", action="store_true", help="also solve all problems at once per engine (run_many)"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="threads for both engines (default: llama.cpp and torch defaults)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "llamacpp.json")
     args = parser.parse_args()
+    if args.together and "{answer}" in args.reward:
+        parser.error("--together solves all problems with one reward; it cannot use a per-problem {answer}")
 
     report: dict = {
         "model": args.model,
@@ -230,7 +274,7 @@ async def main() -> None:
             engines = {}
             for engine in args.engines:
                 start = time.perf_counter()
-                engines[engine] = load_engine(args.model, engine, args.threads)
+                engines[engine] = load_engine(args.model, engine, args.threads, 2 * args.particles)
                 results["engines"][engine] = {"load_seconds": time.perf_counter() - start}
             rows: dict[str, list[dict]] = {engine: [] for engine in engines}
             for index, problem in enumerate(problems):
@@ -248,6 +292,18 @@ async def main() -> None:
             for engine, lm in engines.items():
                 results["engines"][engine].update(summarise(rows[engine]))
                 await lm.close()
+            save(args.out, report)
+            if args.together:
+                for engine in args.engines:
+                    lm = load_engine(args.model, engine, args.threads, args.particles * len(problems) + 8)
+                    run_all = await solve_together(lm, args, problems)
+                    results["engines"][engine]["all_problems_at_once"] = run_all
+                    print(
+                        f"{engine} all {len(problems)} problems at once: {run_all['wall_seconds']:.1f} s, "
+                        f"{run_all['generated_tokens_per_second']:.1f} tokens/s",
+                        flush=True,
+                    )
+                    await lm.close()
             summary = results["engines"]
             if "llamacpp" in summary and "hf" in summary:
                 results["speedup_tokens_per_second"] = (

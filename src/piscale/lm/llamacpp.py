@@ -460,8 +460,13 @@ class LlamaCppLM(LanguageModel):
         self._sequences: dict[Handle, _Sequence] = {}
         self._next_handle = itertools.count()
         self._free_ids = list(range(max_sequences))
-        # Held by whoever touches the llama.cpp context or the slot table.
+        # The context lock is held by whoever calls into llama.cpp, for as long
+        # as a pass or a scoring wave takes. The table lock guards the slot
+        # table (handles, holders, free ids) and is only held for bookkeeping,
+        # so fork and release, which run on the event loop, never wait for a
+        # pass: a freed id's cells are cleared when the id is taken again.
         self._context_lock = threading.Lock()
+        self._table_lock = threading.Lock()
         self._waiting: list[_Request] = []
         self._loop_running = False
 
@@ -556,7 +561,7 @@ class LlamaCppLM(LanguageModel):
         )
         return self._tokenize(text, parse_special=True)
 
-    # -- slots and handles (slot table changes hold the context lock) -----------
+    # -- slots and handles (slot table changes hold the table lock) -------------
     def _check_open(self) -> None:
         if not self._finalizer.alive:
             raise RuntimeError(f"the llama.cpp engine for {self.name} is closed")
@@ -569,37 +574,48 @@ class LlamaCppLM(LanguageModel):
             raise KeyError(f"unknown or released sequence handle {handle}") from None
 
     def _take_ids(self, count: int, what: str) -> list[int]:
-        if count > len(self._free_ids):
-            raise RuntimeError(
-                f"{what} needs {count} cache slots but only {len(self._free_ids)} of {self.max_sequences} "
-                "are free: release finished handles, or construct LlamaCppLM with a larger max_sequences"
-            )
-        self._free_ids.sort()
-        taken, self._free_ids = self._free_ids[:count], self._free_ids[count:]
+        """Free sequence ids, their caches cleared (context lock held)."""
+        with self._table_lock:
+            if count > len(self._free_ids):
+                raise RuntimeError(
+                    f"{what} needs {count} cache slots but only {len(self._free_ids)} of {self.max_sequences} "
+                    "are free: release finished handles, or construct LlamaCppLM with a larger max_sequences"
+                )
+            self._free_ids.sort()
+            taken, self._free_ids = self._free_ids[:count], self._free_ids[count:]
         for seq_id in taken:
             self._seq_remove(seq_id)
         return taken
 
     def _give_back_ids(self, seq_ids: Sequence[int]) -> None:
+        """Return ids taken by ``_take_ids`` (context lock held)."""
         for seq_id in seq_ids:
             self._seq_remove(seq_id)
-            self._free_ids.append(seq_id)
+        with self._table_lock:
+            self._free_ids.extend(seq_ids)
 
     def _drop_holder(self, slot: _Slot) -> None:
+        """One handle less on ``slot`` (table lock held). The last one frees
+        the id; its cells stay until the id is taken again, which bounds them
+        by ``context_length`` per id as before."""
         slot.holders -= 1
         if slot.holders == 0:
-            self._give_back_ids([slot.seq_id])
+            self._free_ids.append(slot.seq_id)
 
     def _own_slot(self, sequence: _Sequence) -> None:
         """Give ``sequence`` a slot no other handle holds, copying the cache
-        if it was shared, so that decoding it changes no other handle."""
-        if sequence.slot.holders == 1:
-            return
+        if it was shared, so that decoding it changes no other handle
+        (context lock held). The shared slot keeps this hold until the copy
+        is made, so a release meanwhile cannot free it."""
+        with self._table_lock:
+            if sequence.slot.holders == 1:
+                return
         [seq_id] = self._take_ids(1, "decoding a forked sequence")
         self._seq_copy(sequence.slot.seq_id, seq_id)
         self.cache_copies += 1
-        sequence.slot.holders -= 1
-        sequence.slot = _Slot(seq_id)
+        with self._table_lock:
+            self._drop_holder(sequence.slot)
+            sequence.slot = _Slot(seq_id)
 
     def token_ids(self, handle: Handle) -> list[int]:
         return list(self._get(handle).tokens)
@@ -618,7 +634,7 @@ class LlamaCppLM(LanguageModel):
             if parent.busy:
                 raise RuntimeError(f"cannot fork sequence {handle} while it is being extended")
         children = []
-        with self._context_lock:
+        with self._table_lock:
             for parent in parents:
                 parent.slot.holders += 1
                 handle = next(self._next_handle)
@@ -633,7 +649,7 @@ class LlamaCppLM(LanguageModel):
         for handle in handles:
             if self._get(handle).busy:
                 raise RuntimeError(f"cannot release sequence {handle} while it is being extended")
-        with self._context_lock:
+        with self._table_lock:
             for handle in handles:
                 self._drop_holder(self._sequences.pop(handle).slot)
 
@@ -741,14 +757,15 @@ class LlamaCppLM(LanguageModel):
         self.usage.calls += 1
         slots, last_logits = await asyncio.to_thread(self._prefill, prompts)
         result: list[list[Handle]] = []
-        for prompt, count, slot, logits in zip(prompts, counts, slots, last_logits):
-            slot.holders = count
-            group = []
-            for _ in range(count):
-                handle = next(self._next_handle)
-                self._sequences[handle] = _Sequence(slot, list(prompt), len(prompt), logits)
-                group.append(handle)
-            result.append(group)
+        with self._table_lock:
+            for prompt, count, slot, logits in zip(prompts, counts, slots, last_logits):
+                slot.holders = count
+                group = []
+                for _ in range(count):
+                    handle = next(self._next_handle)
+                    self._sequences[handle] = _Sequence(slot, list(prompt), len(prompt), logits)
+                    group.append(handle)
+                result.append(group)
         return result
 
     def _prefill(self, prompts: list[list[int]]) -> tuple[list[_Slot], list[np.ndarray]]:
