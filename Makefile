@@ -7,7 +7,7 @@ comma := ,
 PIP_EXTRAS := test$(if $(EXTRAS),$(comma)$(EXTRAS))
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(PIP_EXTRAS))
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-integration bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The OpenAI backend against third-party servers (a llama.cpp server on the
+# default model). The llama-cpp-python extra compiles llama.cpp on first install.
+test-integration:
+	$(MAKE) setup EXTRAS=llamacpp-server
+	$(BIN)/python -m pytest -q -m integration --run-integration
 
 clean:
 	rm -rf $(VENV)

@@ -14,3 +14,20 @@ def default_model_path() -> Path:
     from piscale.models import DEFAULT_MODEL, pull
 
     return pull(DEFAULT_MODEL)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-integration",
+        action="store_true",
+        help="also run the tests marked integration (third-party servers; see make test-integration)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-integration"):
+        return
+    skip = pytest.mark.skip(reason="an integration test: run it with make test-integration (or --run-integration)")
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip)

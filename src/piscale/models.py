@@ -631,6 +631,21 @@ def gguf_path(
     return resolved.gguf_file
 
 
+def load_tokenizer(
+    spec: str | os.PathLike[str], *, home: str | os.PathLike[str] | None = None
+) -> PreTrainedTokenizerBase:
+    """The transformers tokenizer of any spec, with its chat template: read
+    from the GGUF metadata for a GGUF model (no weights are loaded)."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve(spec, home=home)
+    if resolved.kind == "hub":
+        return AutoTokenizer.from_pretrained(resolved.hub_id or resolved.spec, revision=resolved.revision)
+    if resolved.gguf_file is None:
+        return AutoTokenizer.from_pretrained(resolved.path)
+    return AutoTokenizer.from_pretrained(resolved.gguf_file.parent, gguf_file=resolved.gguf_file.name)
+
+
 # --------------------------------------------------------------------------
 # loading with transformers
 

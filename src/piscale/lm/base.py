@@ -25,7 +25,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 Handle = int

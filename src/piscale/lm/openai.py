@@ -22,8 +22,13 @@ How the protocol maps onto HTTP:
   ``prompt_logprobs``; ``logprob_start_len`` (SGLang's name) tells servers
   that support it to score only the continuation;
 * ``encode``/``decode``/``chat`` use a local transformers tokenizer when one
-  is given (fast, no round trip), else the server's ``/tokenize`` and
-  ``/detokenize`` (vLLM and ``piscale serve`` offer them).
+  is given (fast, no round trip; a catalog name or ``.gguf`` path reads the
+  tokenizer from the GGUF file), else the server's ``/tokenize`` and
+  ``/detokenize`` (vLLM, SGLang, llama.cpp's server, ``piscale serve``) or
+  ``/extras/tokenize`` (llama-cpp-python's server);
+* requests switch off the sampling changes servers make by default
+  (``NEUTRAL_SAMPLING``: top-k, min-p, repetition penalties), so a step is a
+  draw from the model itself, as the importance weights assume.
 
 Requests run at most ``max_concurrency`` at a time; transient failures
 (connection errors, 408, 429, 5xx) are retried with exponential backoff. A
@@ -61,6 +66,9 @@ API_KEY_ENV = "PISCALE_OPENAI_API_KEY"
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _SPEC = re.compile(r"^openai:(?P<model>[^@]+?)(?:@(?P<url>https?://\S+))?$")
 _TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
+NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "repetition_penalty": 1.0}
+"""Request fields that leave sampling untouched on llama.cpp, vLLM and SGLang
+(top_k 0 means no top-k on all three; vLLM before 0.8 wanted -1)."""
 LOGPROB_FLOOR = -9999.0
 """Servers write an impossible token's log-probability (-inf, which JSON
 cannot hold) as this number (vLLM, ``piscale serve``); read back as -inf."""
@@ -177,9 +185,9 @@ class OpenAILM(LanguageModel):
         self.retries = 0
         """transient failures that were retried."""
         if isinstance(tokenizer, str):
-            from transformers import AutoTokenizer
+            from piscale.models import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = tokenizer
         self._context_length = context_length
         self._transport = transport
@@ -191,6 +199,8 @@ class OpenAILM(LanguageModel):
         self._sync: httpx.Client | None = None
         self._encoded = _LRU()
         self._decoded = _LRU()
+        self._tokenizer_route: str | None = None
+        self._echo_max_tokens = 0
         self._jitter = random.Random(0)
 
     @classmethod
@@ -308,7 +318,11 @@ class OpenAILM(LanguageModel):
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         cached = self._encoded.get(text)
         if cached is None:
-            cached = tuple(self._sync_post("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False})["tokens"])
+            if self._extras_tokenizer:
+                cached = tuple(self._sync_post("/extras/tokenize", {"model": self.model, "input": text})["tokens"])
+            else:
+                body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+                cached = tuple(self._sync_post("/tokenize", body)["tokens"])
             self._encoded.put(text, cached)
         return list(cached)
 
@@ -320,9 +334,28 @@ class OpenAILM(LanguageModel):
             return self.tokenizer.decode(list(key), skip_special_tokens=True)
         cached = self._decoded.get(key)
         if cached is None:
-            cached = self._sync_post("/detokenize", {"model": self.model, "tokens": list(key)})["prompt"]
+            if self._extras_tokenizer:
+                cached = self._sync_post("/extras/detokenize", {"model": self.model, "tokens": list(key)})["text"]
+            else:
+                cached = self._sync_post("/detokenize", {"model": self.model, "tokens": list(key)})["prompt"]
             self._decoded.put(key, cached)
         return cached
+
+    @property
+    def _extras_tokenizer(self) -> bool:
+        """Whether the server tokenizes at ``/extras/tokenize`` (llama-cpp-python's
+        server) rather than ``/tokenize`` (vLLM, SGLang, llama.cpp's own server,
+        ``piscale serve``): asked once, by which of the two exists."""
+        if self._tokenizer_route is None:
+            if self._sync is None:
+                self._sync = httpx.Client(headers=self._headers(), timeout=self.timeout)
+            try:
+                probe = self._sync.post(self.root_url + "/tokenize", json={"model": self.model, "prompt": "a"})
+                missing = probe.status_code in (404, 405)
+            except httpx.HTTPError:
+                missing = False  # unreachable: the real call reports it, with retries
+            self._tokenizer_route = "/extras/tokenize" if missing else "/tokenize"
+        return self._tokenizer_route == "/extras/tokenize"
 
     def chat(self, messages, *, add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
         messages = [dict(m) for m in messages]
@@ -443,7 +476,14 @@ class OpenAILM(LanguageModel):
         return outputs
 
     def _prompt(self, tokens: list[int]) -> list[int] | str:
-        return tokens if self.prompt_format == "ids" else self.decode(tokens)
+        """What a request sends for ``tokens``: the ids, or their text with
+        the special tokens written out (a chat prompt's markup is made of
+        them, and the server reads them back as the same special tokens)."""
+        if self.prompt_format == "ids":
+            return tokens
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(tokens, skip_special_tokens=False)
+        return self.decode(tokens)
 
     async def _step(self, sequence: _Sequence, params: StepParams, seed: int | None) -> StepOutput:
         tokens = list(sequence.tokens)
@@ -456,6 +496,11 @@ class OpenAILM(LanguageModel):
             "max_tokens": min(params.max_tokens, room),
             "temperature": params.temperature,
             "top_p": params.top_p,
+            # The proposal must be the model's own distribution: switch off
+            # the truncations and penalties that servers apply by default
+            # (llama.cpp: top_k 40, min_p 0.05, repeat_penalty 1.1), each
+            # under the names the servers use.
+            **NEUTRAL_SAMPLING,
             "n": 1,
             "stream": False,
             "logprobs": 1,
@@ -571,10 +616,18 @@ class OpenAILM(LanguageModel):
             "return_tokens_as_token_ids": True,
         }
         if mode == "echo":
-            body.update(echo=True, max_tokens=0, logprobs=1)
+            body.update(echo=True, max_tokens=self._echo_max_tokens, logprobs=1)
         else:
             body.update(max_tokens=1, prompt_logprobs=0)
-        data = await self._post(self.base_url + "/completions", body)
+        try:
+            data = await self._post(self.base_url + "/completions", body)
+        except ServerError as error:
+            if mode != "echo" or body["max_tokens"] != 0 or error.status not in (400, 422):
+                raise
+            # Some servers (llama-cpp-python's) want max_tokens >= 1; the one
+            # generated token's entry is past the continuation and ignored.
+            self._echo_max_tokens = body["max_tokens"] = 1
+            data = await self._post(self.base_url + "/completions", body)
         choice = _first_choice(data)
         start, end = len(prompt), len(ids)
         if mode == "echo":
