@@ -262,3 +262,46 @@ def test_trace_cli(tmp_path):
     untraced.write_text(json.dumps({**result.to_dict(), "trace": None}))
     outcome = runner.invoke(app, ["trace", str(untraced)])
     assert outcome.exit_code == 2 and "holds no trace" in outcome.output
+
+
+class FailingLM(ToyLM):
+    """A toy whose backend fails to write chosen steps: the ``fail_at``-th
+    sequence of the ``on_call``-th extend call (None: every sequence), as a
+    remote backend reports a request that failed after its retries."""
+
+    def __init__(self, on_call: int, fail_at: int | None):
+        super().__init__()
+        self.on_call, self.fail_at, self.extend_calls = on_call, fail_at, 0
+
+    async def extend(self, handles, params, seeds=None):
+        from piscale.lm.base import StepOutput
+
+        outputs = await super().extend(handles, params, seeds)
+        self.extend_calls += 1
+        if self.extend_calls == self.on_call:
+            for i in range(len(outputs)) if self.fail_at is None else [self.fail_at]:
+                outputs[i] = StepOutput([], "", [], "error", error=f"HTTP 503 for sequence {i}")
+        return outputs
+
+
+@pytest.mark.parametrize("name", ["pf", "bon", "dvts"])
+def test_a_failed_step_drops_its_particle_and_is_recorded(name):
+    lm = FailingLM(on_call=2 if name in ("pf", "dvts") else 1, fail_at=1)
+    result = asyncio.run(run(lm, BoxReward(), QUESTION, name, budget=8, seed=3, beam_width=4) if name == "dvts"
+                         else run(lm, BoxReward(), QUESTION, name, budget=8, seed=3))
+    assert result.failures == [{"depth": 2 if name in ("pf", "dvts") else 1, "reason": "HTTP 503 for sequence 1"}]
+    # the failed particle has zero weight: it is never the answer
+    assert result.answer is not None and result.text
+    healthy = asyncio.run(run(ToyLM(), BoxReward(), QUESTION, name, budget=8, seed=3, beam_width=4) if name == "dvts"
+                          else run(ToyLM(), BoxReward(), QUESTION, name, budget=8, seed=3))
+    assert healthy.failures == []
+    if name == "bon":  # the other seven samples are the healthy run's, so is the pick unless it was sample 1
+        assert result.candidates[1].text == "" and result.candidates[1].log_weight is None
+        kept = [c for i, c in enumerate(healthy.candidates) if i != 1]
+        assert result.answer == max(kept, key=lambda c: c.score).answer
+
+
+def test_a_search_whose_every_particle_failed_raises_with_the_reasons():
+    lm = FailingLM(on_call=1, fail_at=None)
+    with pytest.raises(RuntimeError, match="every particle failed.*HTTP 503"):
+        asyncio.run(run(lm, BoxReward(), QUESTION, "pf", budget=4, seed=0))

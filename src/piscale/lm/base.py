@@ -31,7 +31,10 @@ from typing import Literal
 Handle = int
 """An opaque sequence handle, issued by ``open`` or ``fork``."""
 
-FinishReason = Literal["stop", "eos", "length", "context"]
+FinishReason = Literal["stop", "eos", "length", "context", "error"]
+"""Why a step ended: a stop string, end of sequence, the step's token cap, the
+context window, or a failure of the backend for this sequence alone (a remote
+request that failed after its retries; ``StepOutput.error`` says why)."""
 """Why a step ended: a stop string, an end-of-sequence token, the per-step
 token cap, or the model's context window."""
 
@@ -72,6 +75,8 @@ class StepOutput:
     """log p(token | everything before it) under the model at temperature 1,
     for each new token (the sampling temperature does not change them)."""
     finish_reason: FinishReason
+    error: str | None = None
+    """Why the step failed, when ``finish_reason == "error"``."""
 
 
 @dataclass

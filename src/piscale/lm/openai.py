@@ -33,11 +33,11 @@ How the protocol maps onto HTTP:
 Requests run at most ``max_concurrency`` at a time; transient failures
 (connection errors, 408, 429, 5xx) are retried with exponential backoff. A
 sequence whose request still fails is not fatal: its step comes back empty
-with ``finish_reason == "error"`` (a ``FailedStep`` holding the reason, also
-listed in ``failures``), and only when every sequence of a call fails does
-``extend`` raise ``ServerError``. (The search driver does not yet treat
-"error" specially: such a particle makes no progress that step and is
-extended again at the next one.)
+with ``finish_reason == "error"`` and the reason in ``error`` (also listed in
+``failures``), and only when every sequence of a call fails does ``extend``
+raise ``ServerError``. The search driver drops such a particle: its weight
+becomes zero, so resampling replaces it and it is never the answer, and the
+search result records why.
 
     lm = OpenAILM.from_spec("openai:Qwen/Qwen2.5-Math-1.5B-Instruct@http://gpu-box:8000/v1")
 """
@@ -92,8 +92,6 @@ class ServerError(RuntimeError):
 @dataclass
 class FailedStep(StepOutput):
     """The step of a sequence whose request failed: no tokens, and why."""
-
-    error: str = ""
 
 
 @dataclass(frozen=True)

@@ -123,20 +123,32 @@ async def run(
     *,
     system: str | None = DEFAULT_SYSTEM_PROMPT,
     trace: bool = False,
+    prompt_ids: Sequence[int] | None = None,
+    recorder: TraceRecorder | None = None,
     **options: Any,
 ) -> SearchResult:
     """Answer ``question`` with ``algorithm`` at ``budget``; see the module doc.
-    ``options`` are the algorithm's settings (``piscale.search.Settings``)."""
+    ``options`` are the algorithm's settings (``piscale.search.Settings``).
+    ``prompt_ids`` replaces the chat prompt built from ``question`` and
+    ``system`` (a server passes the prompt its client sent; the reward still
+    reads ``question``). ``recorder`` watches the search instead of the
+    trace that ``trace=True`` keeps (a server reports progress with one)."""
     spec, settings, shape = prepare(algorithm, budget, seed, options)
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question must be a non-empty string")
     if reward is None and not spec.reward_optional(shape):
         raise ValueError(f"{spec.title} ({spec.name}) needs a reward; only sc and bon at budget 1 run without one")
-    recorder = TraceRecorder(spec.name, question) if trace else None
-    driver = Driver(lm, reward, question, lm.prompt_ids(question, system), settings, recorder)
+    if recorder is None and trace:
+        recorder = TraceRecorder(spec.name, question)
+    prompt = list(prompt_ids) if prompt_ids is not None else lm.prompt_ids(question, system)
+    driver = Driver(lm, reward, question, prompt, settings, recorder)
     started = time.perf_counter()
     outcome = await spec.search(driver, shape, settings, np.random.default_rng(int(seed)))
     wall_time = time.perf_counter() - started
+    driver.check_survivors(outcome.nodes)
+    if outcome.nodes[outcome.chosen].failed:
+        # every survivor tied at zero weight with the failed ones; take a survivor
+        outcome.chosen = next(i for i, node in enumerate(outcome.nodes) if not node.failed)
 
     candidates = [_candidate(node, weight) for node, weight in zip(outcome.nodes, outcome.log_weights)]
     chosen = candidates[outcome.chosen]
@@ -148,8 +160,10 @@ async def run(
         settings={**{name: _setting(settings, name) for name in spec.options}, **shape},
         answer=chosen.answer,
         text=chosen.text,
+        chosen=outcome.chosen,
         candidates=candidates,
         usage=driver.usage.to_dict(wall_time),
+        failures=driver.failures,
         trace=recorder.finish(outcome.nodes[outcome.chosen], chosen.answer) if recorder is not None else None,
     )
 

@@ -18,7 +18,11 @@ for every algorithm:
 * ``sample`` draws complete answers in one ``lm.extend`` call (best-of-N and
   its relatives);
 * it counts the work: tokens generated and prefilled, reward calls and the
-  step strings they read, backend calls.
+  step strings they read, backend calls;
+* a step the backend could not produce (``finish_reason == "error"``: a
+  remote request that failed for good) ends its particle with zero weight:
+  resampling replaces it, no selection picks it, and ``failures`` keeps the
+  reason. Only a search whose every particle failed raises.
 
 Randomness comes from the ``numpy.random.Generator`` an algorithm passes in:
 per-sequence seeds for ``lm.extend`` are drawn from it, so a search depends
@@ -60,7 +64,8 @@ class Node:
     done: bool = False
     """no longer extended (it ended, or hit a cap); stays in the pool."""
     ended: str | None = None
-    """why it is done: eos, answer, max_steps, max_tokens or context."""
+    """why it is done: eos, answer, max_steps, max_tokens, context, or error
+    (the backend failed to write this step)."""
     score: float | None = None
     """aggregated reward of the partial answer up to here; None = unscored."""
 
@@ -80,6 +85,10 @@ class Node:
 
     def all_token_ids(self) -> list[int]:
         return [token for node in self.lineage() for token in node.token_ids]
+
+    @property
+    def failed(self) -> bool:
+        return self.ended == "error"
 
     @property
     def complete(self) -> bool:
@@ -120,6 +129,8 @@ class Driver:
     settings: Settings
     trace: TraceRecorder | None = None
     usage: SearchUsage = field(default_factory=SearchUsage)
+    failures: list[dict] = field(default_factory=list)
+    """{"depth", "reason"} of every particle dropped because its step failed."""
 
     def __post_init__(self) -> None:
         self.root = Node(parent=None, text="", token_ids=(), depth=0, total_tokens=0)
@@ -127,13 +138,15 @@ class Driver:
     # -- weights ------------------------------------------------------------
     def potentials(self, nodes: Sequence[Node], kind: str | None = None) -> np.ndarray:
         """Φ of each node's score (``settings.potential`` unless ``kind``),
-        over the softmax temperature; an unscored node is neutral (Φ = 0)."""
+        over the softmax temperature; an unscored node is neutral (Φ = 0)
+        and a failed one impossible (Φ = -inf)."""
         scores = np.array([np.nan if n.score is None else n.score for n in nodes], dtype=float)
         scored = ~np.isnan(scores)
         values = np.zeros(len(nodes))
         if scored.any():
             scale = self.reward.scale if self.reward is not None else "probability"
             values[scored] = log_potential(scores[scored], scale, kind or self.settings.potential)
+        values[[n.failed for n in nodes]] = -np.inf
         return values / self.settings.softmax_temperature
 
     # -- backend ------------------------------------------------------------
@@ -188,7 +201,10 @@ class Driver:
             depth=parent.depth + 1,
             total_tokens=parent.total_tokens + len(output.token_ids),
         )
-        if output.finish_reason in ("eos", "context"):
+        if output.finish_reason == "error":
+            child.ended = "error"
+            self._failed(child, output)
+        elif output.finish_reason in ("eos", "context"):
             child.ended = output.finish_reason
         elif extract_boxed(output.text) is not None:
             child.ended = "answer"
@@ -259,7 +275,10 @@ class Driver:
                 tokens = tuple(output.token_ids) if last else ()
                 node = Node(node, piece, tokens, node.depth + 1, node.total_tokens + len(tokens))
             node.done = True
-            if output.finish_reason == "eos":
+            if output.finish_reason == "error":
+                node.ended = "error"
+                self._failed(node, output)
+            elif output.finish_reason == "eos":
                 node.ended = "eos"
             elif extract_boxed(output.text) is not None:
                 node.ended = "answer"
@@ -270,13 +289,24 @@ class Driver:
             await self.score(answers)
         return answers
 
+    def _failed(self, node: Node, output: StepOutput) -> None:
+        self.failures.append({"depth": node.depth, "reason": output.error or "the backend gave no reason"})
+
+    def check_survivors(self, nodes: Sequence[Node]) -> None:
+        """Raise when every one of the final ``nodes`` failed: then there is
+        no answer to give, only the backend's reasons."""
+        if nodes and all(node.failed for node in nodes):
+            reasons = sorted({f["reason"] for f in self.failures})
+            raise RuntimeError(f"every particle failed ({len(self.failures)} failed steps): " + "; ".join(reasons[:3]))
+
     # -- reward -------------------------------------------------------------
     async def score(self, nodes: Sequence[Node]) -> None:
         """Set ``score`` on the nodes in one reward call. An outcome-only
-        reward (a verifier) scores finished nodes only."""
+        reward (a verifier) scores finished nodes only; failed nodes have
+        nothing to score."""
         if self.reward is None:
             return
-        todo = [n for n in nodes if n.done or not self.reward.outcome_only]
+        todo = [n for n in nodes if not n.failed and (n.done or not self.reward.outcome_only)]
         if not todo:
             return
         trajectories = [node.steps() for node in todo]

@@ -90,8 +90,10 @@ async def smc_sweep(
                 log_weights = incremental_log_weights(log_weights, current, previous, temperature)
             if not np.isfinite(log_weights).any():
                 # The reward ruled out every particle: nothing to prefer, so
-                # start again from equal weights rather than fail.
-                log_weights = np.zeros(particles)
+                # start again from equal weights rather than fail (but a
+                # particle whose step failed stays out).
+                driver.check_survivors(nodes)
+                log_weights = np.where([node.failed for node in nodes], -np.inf, 0.0)
             weights = normalize(log_weights)
             ess = effective_sample_size(weights)
             finished = all(node.done for node in nodes)

@@ -36,11 +36,16 @@ class SearchResult:
     settings: dict[str, Any]
     answer: str | None
     text: str
+    chosen: int
+    """the index of the chosen candidate."""
     candidates: list[Candidate]
     usage: dict[str, float]
     """generated_tokens, prompt_tokens (tokens prefilled), reward_calls,
     reward_steps (step strings sent to the reward), extend_calls, wall_time
     (seconds)."""
+    failures: list[dict] = field(default_factory=list)
+    """{"depth", "reason"} of each particle dropped because the backend failed
+    to write its step (a remote request that failed after its retries)."""
     trace: dict | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:

@@ -24,13 +24,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
-from piscale.grading import extract_answer
 from piscale.lm.base import StepOutput, StepParams, find_stop
 from piscale.rewards.base import Reward
-from piscale.search import prepare
-from piscale.search.particles import Driver, Node, split_steps
+from piscale.search import run
+from piscale.search.particles import split_steps
+from piscale.search.settings import Settings
 from piscale.search.trace import TraceRecorder
 from piscale.serve.kept import KeptSequences
 from piscale.serve.metered import MeteredLM
@@ -229,6 +228,8 @@ class SearchOutput:
     steps: list[str]
     """the chosen text cut at the step delimiter (how it streams)."""
     search_usage: dict[str, Any]
+    failures: list[dict[str, Any]]
+    """particles dropped because the backend failed to write their step."""
 
 
 class ProgressRecorder(TraceRecorder):
@@ -265,36 +266,25 @@ async def search(
     choice: SearchChoice,
     report: Callable[[dict[str, Any]], None] | None = None,
 ) -> SearchOutput:
-    """Run the chosen algorithm on ``prompt``, as ``piscale.search.run`` does
-    for a question, with the reward reading ``question``."""
-    spec, settings, shape = prepare(choice.algorithm, choice.budget, choice.seed, dict(choice.options))
-    if reward is None and not spec.reward_optional(shape):
-        raise ValueError(f"{spec.title} ({spec.name}) needs a reward; name one, or use sc (no reward needed)")
-    recorder = ProgressRecorder(spec.name, question, report) if report is not None else None
-    driver = Driver(view, reward, question, list(prompt), settings, recorder)
-    outcome = await spec.search(driver, shape, settings, np.random.default_rng(choice.seed))
-    chosen: Node = outcome.nodes[outcome.chosen]
-    candidates = []
-    for node, weight in zip(outcome.nodes, outcome.log_weights):
-        text = node.response()
-        candidates.append(
-            {
-                "text": text,
-                "answer": extract_answer(text),
-                "score": node.score,
-                "log_weight": float(weight) if weight is not None and np.isfinite(weight) else None,
-                "finished": node.complete,
-            }
-        )
-    text = chosen.response()
-    settings_used = {name: getattr(settings, name) for name in spec.options if hasattr(settings, name)}
+    """Run the chosen algorithm on ``prompt`` (``piscale.search.run``), with
+    the reward reading ``question``."""
+    recorder = ProgressRecorder(choice.algorithm, question, report) if report is not None else None
+    result = await run(
+        view, reward, question, choice.algorithm, choice.budget, choice.seed,
+        prompt_ids=prompt, recorder=recorder, **dict(choice.options),
+    )
+    chosen = result.candidates[result.chosen]
+    data = result.to_dict()
     return SearchOutput(
-        text=text,
-        answer=extract_answer(text),
-        finish_reason="stop" if chosen.complete else "length",
+        text=result.text,
+        answer=result.answer,
+        finish_reason="stop" if chosen.finished else "length",
         score=chosen.score,
-        candidates=candidates,
-        settings={**{k: list(v) if isinstance(v, tuple) else v for k, v in settings_used.items()}, **shape},
-        steps=split_steps(text, settings.step_delimiter) if text else [],
-        search_usage=driver.usage.to_dict(0.0),
+        candidates=data["candidates"],
+        settings=result.settings,
+        steps=split_steps(result.text, result.settings.get("step_delimiter", Settings.step_delimiter))
+        if result.text
+        else [],
+        search_usage=dict(result.usage),
+        failures=result.failures,
     )

@@ -553,6 +553,7 @@ class Service:
             "settings": output.settings,
             "steps": len(output.steps),
             "search_usage": output.search_usage,
+            "failures": output.failures,
         }
         if plan.candidates:
             summary["candidates"] = output.candidates
