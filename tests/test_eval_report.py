@@ -107,3 +107,44 @@ def test_report_command(db: Path, tmp_path: Path) -> None:
     assert len(list(out.glob("*.svg"))) == 2
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope.sqlite")])
     assert missing.exit_code == 2 and "no results database" in missing.output
+
+
+def test_paired_difference_known_values() -> None:
+    from piscale.eval.report import paired_difference
+
+    # differences 1, 0, 0, -1, 1: mean 0.2, sample sd sqrt(0.7), se sqrt(0.7 / 5)
+    mean, low, high = paired_difference([1, 1, 0, 0, 1], [0, 1, 0, 1, 0])
+    half = 1.959963984540054 * (0.7 / 5) ** 0.5
+    assert (mean, low, high) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
+    assert paired_difference([0.5, 0.5], [0.5, 0.5]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        paired_difference([1.0], [])
+
+
+def test_comparisons_pair_problems_and_common_problems_drop_partial_ones(tmp_path: Path) -> None:
+    path = tmp_path / "partial.sqlite"
+    rows = [
+        # pf and bon at budget 2 on p1..p3; dvts reached only p1 and p2
+        stored_row("p1", "pf", 2, 0, 1.0, True, 10), stored_row("p2", "pf", 2, 0, 1.0, True, 10),
+        stored_row("p3", "pf", 2, 0, 0.0, False, 10),
+        stored_row("p1", "bon", 2, 0, 0.5, True, 10), stored_row("p2", "bon", 2, 0, 0.0, False, 10),
+        stored_row("p3", "bon", 2, 0, 0.0, False, 10),
+        stored_row("p1", "dvts", 2, 0, 0.0, False, 10), stored_row("p2", "dvts", 2, 0, 1.0, True, 10),
+    ]
+    with ResultStore(path) as store:
+        store.ensure_config("cfg", "gsm8k", "toy", "arith", {"model": {"spec": "toy"}})
+        run = store.start_run("cfg", {})
+        for r in rows:
+            store.save_search("cfg", run, r.key, {"stub": r.key}, lambda result, r=r: [r])
+    (common,) = summarize(path)
+    assert common.left_out == 1 and {c.problems for c in common.cells} == {2}
+    assert common.cell("pf", 2).accuracy == 1.0 and common.cell("bon", 2).accuracy == 0.25
+    versus_bon = common.comparison("bon", 2)
+    assert (versus_bon.problems, versus_bon.difference) == (2, pytest.approx(0.75))
+    assert common.comparison("dvts", 2).difference == pytest.approx(0.5)
+    assert "1 problem(s) that some cells lack are left out" in markdown([common])
+    (everything,) = summarize(path, common=False)
+    assert everything.left_out == 0 and everything.cell("pf", 2).accuracy == pytest.approx(2 / 3)
+    assert everything.comparison("bon", 2).problems == 3 and everything.comparison("dvts", 2).problems == 2
+    (versus_bon_reference,) = summarize(path, reference="bon")
+    assert versus_bon_reference.comparison("pf", 2).difference == pytest.approx(-0.75)

@@ -254,6 +254,10 @@ def report(
         "expected", "--estimator", help="Subsampled cells: expected (mean over subsets) | first (first b samples)."
     ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the plots."),
+    common: bool = typer.Option(
+        True, "--common-problems/--all-problems", help="Count only the problems every cell has (default), or all."
+    ),
+    reference: str = typer.Option("pf", "--versus", help="Compare this algorithm with each other one, paired."),
 ) -> None:
     """Accuracy (95% CI) and tokens per problem by algorithm x budget, and plots of the scaling curves."""
     from rich.console import Console
@@ -262,7 +266,7 @@ def report(
     from piscale.eval.store import StoreError
 
     try:
-        groups = summarize(db, estimator=estimator)
+        groups = summarize(db, estimator=estimator, common=common, reference=reference)
     except (FileNotFoundError, ValueError, StoreError) as error:
         fail(str(error))
     if not groups:

@@ -12,9 +12,19 @@ the report gives, per algorithm (with its search options, if any) and budget:
 * generated tokens per problem (mean over problems and seeds);
 * the number of problems and seeds behind the cell, and the searches that
   failed and are missing;
+* paired differences at equal budget between a reference algorithm (``pf``
+  by default) and each other one: the mean over problems of the difference
+  in their scores, with a 95% normal interval from the spread of the
+  per-problem differences. Pairing by problem removes the variation between
+  problems that separate intervals carry, so it tells two algorithms apart
+  on far fewer problems;
 
 and plots of accuracy against budget and against generated tokens, one line
 per algorithm, with the interval as a band (PNG and SVG).
+
+By default only the problems present in every cell of a configuration are
+counted (``common=True``), so all cells, and the pairs, compare the same
+problems while a run is still filling its grid.
 
 The score of a row is ``expected_accuracy`` by default. For algorithms that
 run at each budget it is the 0/1 grade; for the subsampled baselines
@@ -86,6 +96,32 @@ class Cell:
     subsampled: bool
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """``reference`` minus ``other`` at one budget, paired over problems."""
+
+    reference: str
+    other: str
+    budget: int
+    difference: float
+    low: float
+    high: float
+    problems: int
+
+
+def paired_difference(reference: Sequence[float], other: Sequence[float], z: float = Z_95) -> tuple[float, float, float]:
+    """Mean of ``reference[i] - other[i]`` and its normal 95% interval
+    (z times the standard error of the mean difference)."""
+    if len(reference) != len(other) or not reference:
+        raise ValueError("paired scores need the same, non-zero number of problems on both sides")
+    differences = [a - b for a, b in zip(reference, other)]
+    n = len(differences)
+    mean = sum(differences) / n
+    variance = sum((d - mean) ** 2 for d in differences) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(variance / n)
+    return mean, mean - half, mean + half
+
+
 @dataclass
 class Group:
     """All cells of one configuration."""
@@ -102,6 +138,10 @@ class Group:
     runs: list[dict] = field(default_factory=list)
     """The invocations that stored searches: command, machine, versions,
     start, last stored search and count."""
+    comparisons: list[Comparison] = field(default_factory=list)
+    """The reference algorithm against each other one, at each shared budget."""
+    left_out: int = 0
+    """Problems left out because some cell lacks them (``common=True``)."""
 
     @property
     def algorithms(self) -> list[str]:
@@ -114,6 +154,9 @@ class Group:
     def cell(self, algorithm: str, budget: int) -> Cell | None:
         return next((c for c in self.cells if c.algorithm == algorithm and c.budget == budget), None)
 
+    def comparison(self, other: str, budget: int) -> Comparison | None:
+        return next((c for c in self.comparisons if c.other == other and c.budget == budget), None)
+
     @property
     def title(self) -> str:
         return f"{self.dataset} · model {self.model} · reward {self.reward} · config {self.config_key}"
@@ -124,9 +167,13 @@ class Group:
         return f"{safe}-{self.config_key[:8]}"
 
 
-def summarize(db: str | Path, *, estimator: str = "expected") -> list[Group]:
+def summarize(
+    db: str | Path, *, estimator: str = "expected", common: bool = True, reference: str = "pf"
+) -> list[Group]:
     """One group per configuration in the database, cells sorted by algorithm
-    (in the order first stored) and budget."""
+    (in the order first stored) and budget. ``common`` keeps only the
+    problems every cell has; ``reference`` is the algorithm the others are
+    compared with (skipped where a configuration does not have it)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if not Path(db).is_file():
@@ -157,10 +204,43 @@ def summarize(db: str | Path, *, estimator: str = "expected") -> list[Group]:
         cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
         for row in config_rows:
             cells[(_label(row), row["budget"])].append(row)
+        if common:
+            every = set.intersection(*({r["problem_id"] for r in rows} for rows in cells.values()))
+            group.left_out = len({r["problem_id"] for r in config_rows} - every)
+            cells = {key: [r for r in rows if r["problem_id"] in every] for key, rows in cells.items()}
+            cells = {key: rows for key, rows in cells.items() if rows}
         for (algorithm, budget), cell_rows in sorted(cells.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
             group.cells.append(_cell(algorithm, budget, cell_rows, estimator))
+        group.comparisons = _comparisons(cells, reference, estimator)
         groups.append(group)
     return groups
+
+
+def _problem_scores(rows: Sequence[dict], estimator: str) -> dict[str, float]:
+    """Each problem's score, averaged over its seeds."""
+    column = "expected_accuracy" if estimator == "expected" else "correct"
+    per_problem: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        per_problem[row["problem_id"]].append(float(row[column]))
+    return {problem: sum(v) / len(v) for problem, v in per_problem.items()}
+
+
+def _comparisons(cells: dict[tuple[str, int], list[dict]], reference: str, estimator: str) -> list[Comparison]:
+    found = []
+    for (algorithm, budget), rows in cells.items():
+        if reference not in (algorithm, algorithm.split("[")[0]):
+            continue
+        mine = _problem_scores(rows, estimator)
+        for (other, other_budget), other_rows in cells.items():
+            if other == algorithm or other_budget != budget:
+                continue
+            theirs = _problem_scores(other_rows, estimator)
+            shared = sorted(set(mine) & set(theirs))
+            if not shared:
+                continue
+            mean, low, high = paired_difference([mine[p] for p in shared], [theirs[p] for p in shared])
+            found.append(Comparison(reference, other, budget, mean, low, high, len(shared)))
+    return sorted(found, key=lambda c: (c.other, c.budget))
 
 
 def _label(row: dict) -> str:
@@ -169,13 +249,9 @@ def _label(row: dict) -> str:
 
 
 def _cell(algorithm: str, budget: int, rows: Sequence[dict], estimator: str) -> Cell:
-    column = "expected_accuracy" if estimator == "expected" else "correct"
-    per_problem: dict[str, list[float]] = defaultdict(list)
-    seeds = set()
-    for row in rows:
-        per_problem[row["problem_id"]].append(float(row[column]))
-        seeds.add(row["seed"])
-    problem_means = [sum(v) / len(v) for v in per_problem.values()]
+    per_problem = _problem_scores(rows, estimator)
+    seeds = {row["seed"] for row in rows}
+    problem_means = list(per_problem.values())
     accuracy = sum(problem_means) / len(problem_means)
     low, high = wilson_interval(accuracy, len(problem_means))
     return Cell(
@@ -203,6 +279,13 @@ def _accuracy_text(cell: Cell | None) -> str:
     return f"{100 * cell.accuracy:.1f}{mark} [{100 * cell.low:.1f}, {100 * cell.high:.1f}]"
 
 
+def _comparison_text(comparison: Comparison | None) -> str:
+    if comparison is None:
+        return "–"
+    c = comparison
+    return f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}]"
+
+
 def _tokens_text(cell: Cell | None) -> str:
     return "–" if cell is None else f"{cell.generated_tokens:,.0f}"
 
@@ -216,6 +299,11 @@ def _counts_note(group: Group) -> str:
         note = "Cells differ in problems x seeds (a run is incomplete): " + ", ".join(
             f"{c.algorithm}@{c.budget}: {c.problems}x{c.seeds}" for c in group.cells
         ) + "."
+    if group.left_out:
+        note += (
+            f" {group.left_out} problem(s) that some cells lack are left out of every cell "
+            "(see all stored problems with --all-problems)."
+        )
     if group.failures:
         first = group.failures[0]
         note += (
@@ -241,6 +329,21 @@ def markdown(groups: Sequence[Group], *, estimator: str = "expected") -> str:
         for algorithm in group.algorithms:
             row = " | ".join(_tokens_text(group.cell(algorithm, b)) for b in budgets)
             lines.append(f"| {algorithm} | {row} |")
+        if group.comparisons:
+            reference = group.comparisons[0].reference
+            shown = [b for b in budgets if any(c.budget == b for c in group.comparisons)]
+            others = list(dict.fromkeys(c.other for c in group.comparisons))
+            lines += [
+                "",
+                f"{reference} minus each other algorithm at equal budget, percentage points [95% CI, paired over "
+                "problems]:",
+                "",
+                "| versus | " + " | ".join(str(b) for b in shown) + " |",
+                "|---|" + "---|" * len(shown),
+            ]
+            for other in others:
+                row = " | ".join(_comparison_text(group.comparison(other, b)) for b in shown)
+                lines.append(f"| {other} | {row} |")
         lines += ["", _counts_note(group), ""]
         if group.runs:
             lines += [_provenance(group), ""]
@@ -312,6 +415,8 @@ def write_json(groups: Sequence[Group], path: str | Path, *, estimator: str = "e
                 "reward": g.reward,
                 "description": g.description,
                 "cells": [asdict(c) for c in g.cells],
+                "comparisons": [asdict(c) for c in g.comparisons],
+                "problems_left_out": g.left_out,
                 "failures": g.failures,
             }
             for g in groups
