@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import asyncio
 import json
 from pathlib import Path
 
@@ -70,12 +71,42 @@ def table(db: Path) -> dict:
     return {(c.algorithm, c.budget): (c.accuracy, c.problems, c.seeds, c.generated_tokens) for c in group.cells}
 
 
-async def run_grid(db: Path, task, search: ScriptedSearch, grid: Grid = GRID, chunk_size: int = 2, limit=None) -> Evaluation:
+async def run_grid(
+    db: Path, task, search: ScriptedSearch, grid: Grid = GRID, chunk_size: int = 2, limit=None, parallel: int = 1
+) -> Evaluation:
     with ResultStore(db) as store:
         evaluation = Evaluation(store, task, CONFIG, grid, limit=limit, identity={"spec": "toy"})
         run_id = evaluation.start_run()
-        await evaluation.run(None, None, run_id=run_id, solve_many=search, chunk_size=chunk_size)
+        await evaluation.run(None, None, run_id=run_id, solve_many=search, chunk_size=chunk_size, parallel=parallel)
         return evaluation
+
+
+class OverlapSearch(ScriptedSearch):
+    """Yields to the event loop inside each call and counts the calls in
+    flight at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_flight = self.most_in_flight = 0
+
+    async def __call__(self, *args, **kwargs):
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await asyncio.sleep(0.001 * (len(self.calls) % 3))  # return out of order
+        try:
+            return await super().__call__(*args, **kwargs)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_parallel_searches_fill_the_same_table(tmp_path: Path, task) -> None:
+    await run_grid(tmp_path / "serial.sqlite", task, ScriptedSearch(), chunk_size=2)
+    overlapping = OverlapSearch()
+    await run_grid(tmp_path / "parallel.sqlite", task, overlapping, chunk_size=2, parallel=3)
+    assert overlapping.most_in_flight == 3
+    assert table(tmp_path / "parallel.sqlite") == table(tmp_path / "serial.sqlite")
+    with ResultStore(tmp_path / "parallel.sqlite") as store:
+        assert store.count("searches") == 5 * (3 + 1) * 2
 
 
 def test_grid_parsing_and_validation() -> None:

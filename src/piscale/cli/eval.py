@@ -65,6 +65,9 @@ def evaluate(
         8, "--chunk-size", help="Problems per run_many call; a kill loses at most one chunk."
     ),
     trace: bool = typer.Option(False, "--trace", help="Store each search's trace (genealogy, weights) too."),
+    parallel: int = typer.Option(
+        1, "--parallel", help="Searches of one block of problems run at once, sharing the engine's batches."
+    ),
     max_failures_in_a_row: int = typer.Option(
         10, "--max-failures-in-a-row", help="Stop after this many failed searches with no success between them."
     ),
@@ -81,6 +84,8 @@ def evaluate(
         fail(f"--chunk-size must be >= 1, got {chunk_size}")
     if max_failures_in_a_row < 1:
         fail(f"--max-failures-in-a-row must be >= 1, got {max_failures_in_a_row}")
+    if parallel < 1:
+        fail(f"--parallel must be >= 1, got {parallel}")
     try:
         from piscale.api import DEFAULT_MODEL, DEFAULT_REWARD
 
@@ -128,7 +133,7 @@ def evaluate(
         )
         try:
             progress = _run_with_progress(
-                evaluation, lm, reward_model, run_id, chunk_size, trace, max_failures_in_a_row, console
+                evaluation, lm, reward_model, run_id, chunk_size, trace, max_failures_in_a_row, parallel, console
             )
         except KeyboardInterrupt:
             console.print(f"Interrupted. Finished results are stored in {db}; run the same command to resume.")
@@ -188,6 +193,7 @@ def _run_with_progress(
     chunk_size: int,
     trace: bool,
     max_failures_in_a_row: int,
+    parallel: int,
     console: Console,
 ) -> Progress:
     from rich.progress import Progress as ProgressBar
@@ -242,6 +248,7 @@ def _run_with_progress(
                 trace=trace,
                 on_progress=show,
                 max_failures_in_a_row=max_failures_in_a_row,
+                parallel=parallel,
             )
         )
 

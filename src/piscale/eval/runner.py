@@ -27,6 +27,7 @@ skipped, not run.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import hashlib
 import json
@@ -374,6 +375,7 @@ class Evaluation:
         on_progress: Callable[[Progress], None] | None = None,
         jobs: Sequence[Job] | None = None,
         max_failures_in_a_row: int = 10,
+        parallel: int = 1,
     ) -> Progress:
         """Run the pending jobs (or ``jobs``), storing every result at once.
 
@@ -382,9 +384,16 @@ class Evaluation:
         a chunk that raises is retried one problem at a time, so one bad
         problem does not cost its neighbours. ``max_failures_in_a_row``
         failures with no success between them stop the run with an
-        ``EvalError``: the cause is then not one problem but the setup."""
+        ``EvalError``: the cause is then not one problem but the setup.
+
+        ``parallel`` searches of one block of problems (different algorithms
+        or budgets) run at once, so their particles share the backend's
+        passes: a batch stays full while one search waits for its slowest
+        particle. Results are stored as each search returns."""
         if chunk_size < 1:
             raise EvalError(f"chunk_size must be >= 1, got {chunk_size}")
+        if parallel < 1:
+            raise EvalError(f"parallel must be >= 1, got {parallel}")
         if max_failures_in_a_row < 1:
             raise EvalError(f"max_failures_in_a_row must be >= 1, got {max_failures_in_a_row}")
         if solve_many is None:
@@ -395,36 +404,68 @@ class Evaluation:
         if on_progress:
             on_progress(progress)
         in_a_row = 0
-        for job, chunk in _problem_major(jobs, self.problems, chunk_size):
-            stored = self.store.stored_cells(self.config_key, [p.id for p in chunk])
-            todo = [p for p in chunk if not all(cell in stored for cell in job.cells(p))]
-            progress.searches_total -= len(chunk) - len(todo)
-            if not todo:
-                continue
-            for problem, outcome in await self._attempt(solve_many, lm, reward, job, todo, trace):
-                failure: Exception | None = None
-                if isinstance(outcome, Exception):
-                    failure, message = outcome, f"{type(outcome).__name__}: {outcome}"
-                else:
-                    try:
-                        self._store(run_id, job, problem, outcome, reward_scale, progress)
-                    except Exception as error:  # grading one strange result must not end a long run
-                        failure, message = error, f"storing the result failed: {type(error).__name__}: {error}"
-                if failure is None:
-                    in_a_row = 0
-                else:
-                    cell = (problem.id, job.algorithm, job.variant, job.budget, job.seed)
-                    self.store.record_failure(self.config_key, run_id, cell, message)
-                    progress.failures += 1
-                    in_a_row += 1
-                    if in_a_row >= max_failures_in_a_row:
-                        raise EvalError(
-                            f"{in_a_row} searches in a row failed, the last ({job.algorithm} at budget "
-                            f"{job.budget}, problem {problem.id}) with {message}"
-                        ) from failure
+        work = _problem_major(jobs, self.problems, chunk_size)
+        waves = [work[i : i + parallel] for i in range(0, len(work), parallel)]
+        for wave in waves:
+            attempts = []
+            for job, chunk in wave:
+                stored = self.store.stored_cells(self.config_key, [p.id for p in chunk])
+                todo = [p for p in chunk if not all(cell in stored for cell in job.cells(p))]
+                progress.searches_total -= len(chunk) - len(todo)
+                if todo:
+                    attempts.append((job, todo))
+            async for job, outcomes in self._attempt_all(solve_many, lm, reward, attempts, trace):
+                in_a_row = self._record(run_id, job, outcomes, reward_scale, progress, in_a_row, max_failures_in_a_row)
                 if on_progress:
                     on_progress(progress)
         return progress
+
+    async def _attempt_all(self, solve_many, lm, reward, attempts, trace):
+        """Each (job, outcomes) as its searches return; one attempt is simply
+        awaited, several run as tasks (cancelled if this generator is left)."""
+        if len(attempts) == 1:
+            job, todo = attempts[0]
+            yield job, await self._attempt(solve_many, lm, reward, job, todo, trace)
+            return
+
+        async def attempt(job: Job, todo: list[Problem]):
+            return job, await self._attempt(solve_many, lm, reward, job, todo, trace)
+
+        tasks = [asyncio.ensure_future(attempt(job, todo)) for job, todo in attempts]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                yield await finished
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _record(
+        self, run_id: int, job: Job, outcomes, reward_scale: str, progress: Progress, in_a_row: int, limit: int
+    ) -> int:
+        """Store a job's outcomes, or record its failures; returns the count
+        of failures in a row, raising ``EvalError`` when it reaches ``limit``."""
+        for problem, outcome in outcomes:
+            failure: Exception | None = None
+            if isinstance(outcome, Exception):
+                failure, message = outcome, f"{type(outcome).__name__}: {outcome}"
+            else:
+                try:
+                    self._store(run_id, job, problem, outcome, reward_scale, progress)
+                except Exception as error:  # grading one strange result must not end a long run
+                    failure, message = error, f"storing the result failed: {type(error).__name__}: {error}"
+            if failure is None:
+                in_a_row = 0
+                continue
+            cell = (problem.id, job.algorithm, job.variant, job.budget, job.seed)
+            self.store.record_failure(self.config_key, run_id, cell, message)
+            progress.failures += 1
+            in_a_row += 1
+            if in_a_row >= limit:
+                raise EvalError(
+                    f"{in_a_row} searches in a row failed, the last ({job.algorithm} at budget "
+                    f"{job.budget}, problem {problem.id}) with {message}"
+                ) from failure
+        return in_a_row
 
     async def _attempt(
         self, solve_many: SolveMany, lm: object, reward: object, job: Job, problems: Sequence[Problem], trace: bool
