@@ -305,3 +305,19 @@ def test_a_search_whose_every_particle_failed_raises_with_the_reasons():
     lm = FailingLM(on_call=1, fail_at=None)
     with pytest.raises(RuntimeError, match="every particle failed.*HTTP 503"):
         asyncio.run(run(lm, BoxReward(), QUESTION, "pf", budget=4, seed=0))
+
+
+def test_solve_command_on_the_toy_model_and_a_bad_engine_option():
+    from piscale.cli import app
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["solve", QUESTION, "--model", "toy", "--reward", "none", "--algorithm", "sc",
+                               "--budget", "4", "--seed", "2", "--json"])
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.stdout[done.stdout.index("{"):])
+    assert data["algorithm"] == "sc" and len(data["candidates"]) == 4
+    expected = asyncio.run(run(ToyLM(), None, QUESTION, "sc", budget=4, seed=2))
+    assert data["answer"] == expected.answer
+    bad = runner.invoke(app, ["solve", QUESTION, "--model", "toy", "--reward", "none", "--algorithm", "sc",
+                              "--engine-option", "no_such_option=1"])
+    assert bad.exit_code == 2 and "no_such_option" in bad.output

@@ -58,8 +58,11 @@ def load_reward(
     )
 
 
-def _resolve(model, reward, engine, device):
-    lm = model if isinstance(model, LanguageModel) else load_lm(model, engine=engine, device=device)
+def _resolve(model, reward, engine, device, engine_options=None):
+    if isinstance(model, LanguageModel):
+        lm = model
+    else:
+        lm = load_lm(model, engine=engine, device=device, options=engine_options)
     model_spec = model if isinstance(model, str) else lm.name
     if isinstance(reward, Reward) or reward is None:
         return lm, reward
@@ -76,12 +79,15 @@ async def asolve_many(
     seed: int = 0,
     engine: str = "auto",
     device: str | None = None,
+    engine_options: Mapping | None = None,
     **options,
 ):
-    """Search every question at once; the backend batches them together."""
+    """Search every question at once; the backend batches them together.
+    ``engine_options`` go to the engine's constructor (e.g. llama.cpp's
+    ``max_sequences``); ``options`` to the algorithm."""
     from piscale.search import run_many
 
-    lm, reward_model = _resolve(model, reward, engine, device)
+    lm, reward_model = _resolve(model, reward, engine, device, engine_options)
     if algorithm == "sc" and reward == DEFAULT_REWARD:
         reward_model = None  # self-consistency votes; it needs no reward
     return await run_many(lm, reward_model, list(questions), algorithm=algorithm, budget=budget, seed=seed, **options)
@@ -97,7 +103,7 @@ def solve(question: str, **kwargs):
 
     Keyword arguments: ``model`` (spec or backend), ``reward`` (spec or
     reward), ``algorithm`` (pf, pg, pt, bon, wbon, sc, beam, dvts), ``budget``,
-    ``seed``, ``engine``, ``device``, and algorithm options
+    ``seed``, ``engine``, ``device``, ``engine_options``, and algorithm options
     (see ``piscale.search``). Returns a ``SearchResult``."""
     return asyncio.run(asolve(question, **kwargs))
 

@@ -25,6 +25,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(DEFAULT_MODEL, help="Catalog name, .gguf file, folder or hub id."),
         engine: str = typer.Option("auto", help="auto | hf | llamacpp | openai"),
         device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
+        engine_option: list[str] = typer.Option(
+            [], "--engine-option", help="Engine argument KEY=VALUE, e.g. n_threads=2 for llama.cpp (repeatable)."
+        ),
         max_tokens: int = typer.Option(256, help="Token cap per answer."),
         temperature: float = typer.Option(0.8),
         top_p: float = typer.Option(1.0),
@@ -42,8 +45,8 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         start = time.perf_counter()
         try:
-            lm = load_lm(model, engine=engine, device=device)
-        except (ValueError, FileNotFoundError, OSError) as error:
+            lm = load_lm(model, engine=engine, device=device, options=parse_pairs(engine_option, "--engine-option"))
+        except (ValueError, TypeError, FileNotFoundError, OSError) as error:
             fail(str(error))
         loaded = time.perf_counter()
         console.print(f"[dim]{model} loaded ({type(lm).__name__}, engine={engine}) in {loaded - start:.1f}s[/dim]")
@@ -90,6 +93,9 @@ def register(app: typer.Typer) -> None:
         ),
         engine: str = typer.Option("auto", help="auto | hf | llamacpp | openai"),
         device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda if present)"),
+        engine_option: list[str] = typer.Option(
+            [], "--engine-option", help="Engine argument KEY=VALUE, e.g. max_sequences=64 for llama.cpp (repeatable)."
+        ),
         option: list[str] = typer.Option([], "--option", "-o", help="Algorithm option KEY=VALUE (repeatable)."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
         trace: Path = typer.Option(None, help="Write the run's trace (genealogy) to this JSON file."),
@@ -113,11 +119,12 @@ def register(app: typer.Typer) -> None:
                     seed=seed,
                     engine=engine,
                     device=device,
+                    engine_options=parse_pairs(engine_option, "--engine-option"),
                     trace=trace is not None,
                     **options,
                 )
             )
-        except (ValueError, KeyError, FileNotFoundError) as error:
+        except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
             fail(str(error).strip("'\""))
         data = result.to_dict()
         if trace is not None:
