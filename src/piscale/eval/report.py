@@ -58,7 +58,8 @@ INTERVAL_NOTE = (
 
 SUBSAMPLING_NOTE = (
     "Best-of-N (bon), weighted best-of-N (wbon) and self-consistency (sc) ran once per problem and seed at "
-    "the largest budget N; a smaller budget b reuses those N samples. Its accuracy is the mean correctness "
+    "the largest budget N, from one shared set of N samples (they differ only in how they pick one); a "
+    "smaller budget b reuses those N samples. Its accuracy is the mean correctness "
     "of the selection over all C(N, b) subsets of b samples (or over 2,000 uniformly random subsets when "
     "there are more than 5,000), ties split evenly; this has the same expectation as a fresh run at budget "
     "b with a smaller variance. The answer stored for budget b is the one picked from the first b samples "
