@@ -79,3 +79,21 @@ async def test_judge_over_transformers_backend_matches_logits():
     expected = 1 / (1 + math.exp(float(log_probs[no] - log_probs[yes])))
     assert score == pytest.approx(expected, abs=1e-5)
     assert abs(expected - 0.5) > 1e-3
+
+
+async def test_a_long_solution_loses_middle_steps_to_fit_the_judge_context():
+    steps = ["Tom has 3 apples."] + [f"Filler step number {i} restates the count." for i in range(12)] + ["Then 3 + 4 = 8."]
+    full = len(LLMJudge(toy_judge_lm())._render("How many apples?", steps))
+    lm = ToyLM(verdict_rule, words=("Yes", "No", "Maybe"), context_length=full - 20)
+    judge = LLMJudge(lm)
+    ids = judge.prompt_ids("How many apples?", steps)
+    assert len(ids) < lm.context_length
+    text = lm.decode(ids)
+    assert "Tom has 3 apples." in text and "Then 3 + 4 = 8." in text and "steps omitted]" in text
+    assert "Filler step number 11" in text and "Filler step number 0 " not in text
+    # the judge still reads the latest step, which holds the error
+    [[*_, last]] = await judge.score(["How many apples?"], [steps])
+    assert last == pytest.approx(0.1 / 0.7)
+    tiny = LLMJudge(ToyLM(verdict_rule, words=("Yes", "No", "Maybe"), context_length=8))
+    with pytest.raises(ValueError, match="even with only the latest step"):
+        tiny.prompt_ids("How many apples?", steps)

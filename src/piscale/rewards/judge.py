@@ -62,6 +62,28 @@ class LLMJudge(PrefixReward):
         self.name = f"judge:{lm.name}"
 
     def prompt_ids(self, problem: str, steps: Sequence[str]) -> list[int]:
+        """The judge prompt for ``steps``. When it does not fit the judge's
+        context window, middle steps give way to an "[N steps omitted]" line:
+        the first step (how the solution set out) and as many of the latest
+        steps as fit stay, since the latest step is the one being judged."""
+        ids = self._render(problem, steps)
+        room = self.lm.context_length - max(len(self.yes_ids), len(self.no_ids))
+        if len(ids) <= room:
+            return ids
+        for kept in range(len(steps) - 2, -1, -1):
+            omitted = len(steps) - 1 - kept
+            shown = [steps[0], f"[{omitted} steps omitted]", *steps[len(steps) - kept :]] if kept else [
+                f"[{len(steps) - 1} steps omitted]", steps[-1]
+            ]
+            ids = self._render(problem, shown)
+            if len(ids) <= room:
+                return ids
+        raise ValueError(
+            f"the judge prompt takes {len(ids)} tokens even with only the latest step, more than the "
+            f"{room} that the judge's context window leaves; use a judge with a longer context"
+        )
+
+    def _render(self, problem: str, steps: Sequence[str]) -> list[int]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": fill(self.template, problem=problem, solution=join_steps(steps))})
         return self.lm.chat(messages)
