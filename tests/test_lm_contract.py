@@ -276,6 +276,22 @@ async def test_score_matches_a_full_forward_pass(case: EngineCase):
         assert scored.total == pytest.approx(sum(reference), abs=len(reference) * case.logprob_tolerance)
 
 
+async def test_one_token_continuations_of_one_prompt_read_it_once(case: EngineCase):
+    """A judge asks for P(Yes) and P(No) after the same prompt: one read of
+    the prompt answers both, and mixing in a longer continuation changes
+    no value."""
+    lm = case.lm
+    prompt = prompts_for(lm)[0]
+    yes, no, longer = lm.encode(" Yes")[:1], lm.encode(" No")[:1], lm.encode(" Yes, it is.")
+    before = lm.usage.snapshot()
+    both = await lm.score([prompt, prompt], [yes, no])
+    assert lm.usage.since(before).scored_tokens == len(prompt)
+    reference = [case.reference_logprobs(prompt + c, len(prompt)) for c in (yes, no, longer)]
+    mixed = await lm.score([prompt, prompt, prompt], [yes, longer, no])
+    for scored, expected in zip([*both, mixed[0], mixed[2], mixed[1]], [reference[0], reference[1], *reference]):
+        assert max(abs(a - b) for a, b in zip(scored.logprobs, expected)) < case.logprob_tolerance
+
+
 async def test_bad_handles_and_inputs_are_rejected(case: EngineCase):
     lm = case.lm
     with pytest.raises(KeyError, match="unknown"):

@@ -462,38 +462,58 @@ class TransformersLM(LanguageModel):
                     f"prompt and continuation ({len(prompt) + len(continuation)} tokens) exceed the "
                     f"context window of {self.context_length}"
                 )
+        # Rows to evaluate: one per continuation of two or more tokens, and
+        # one per distinct prompt for all its one-token continuations (the
+        # prompt's last position predicts them all: a judge's Yes and No).
+        rows: list[list[int]] = []
+        wanted: list[list[tuple[int, int, list[int]]]] = []  # per row: (pair, start, continuation)
+        prompt_rows: dict[tuple[int, ...], int] = {}
+        results: list[ScoreOutput] = [ScoreOutput([], []) for _ in pairs]
+        for index, (prompt, continuation) in enumerate(pairs):
+            if not continuation:
+                continue
+            if len(continuation) == 1 and tuple(prompt) in prompt_rows:
+                wanted[prompt_rows[tuple(prompt)]].append((index, len(prompt), continuation))
+                continue
+            if len(continuation) == 1:
+                prompt_rows[tuple(prompt)] = len(rows)
+                rows.append(prompt)
+            else:
+                rows.append(prompt + continuation[:-1])  # the last token is predicted, never read
+            wanted.append([(index, len(prompt), continuation)])
+        if not rows:
+            return results
         async with self._lock():
             self.usage.calls += 1
             with Stopwatch(self.usage):
-                results: list[ScoreOutput] = []
-                for chunk in _chunks_by_tokens(pairs, self.max_batch_tokens, size=lambda pc: len(pc[0]) + len(pc[1])):
-                    results.extend(self._score_batch(chunk))
+                order = _chunks_by_tokens(list(range(len(rows))), self.max_batch_tokens, size=lambda r: len(rows[r]))
+                for chunk in order:
+                    for index, output in self._score_rows([rows[r] for r in chunk], [wanted[r] for r in chunk]):
+                        results[index] = output
                 return results
 
     @torch.inference_mode()
-    def _score_batch(self, pairs) -> list[ScoreOutput]:
-        width = max(len(p) + len(c) for p, c in pairs)
-        ids = torch.full((len(pairs), width), self.pad_token_id, dtype=torch.long)
+    def _score_rows(self, rows: list[list[int]], wanted) -> list[tuple[int, ScoreOutput]]:
+        """One forward pass over ``rows``; for each row, the log-probability
+        of each wanted continuation starting at its position."""
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, (prompt, continuation) in enumerate(pairs):
-            full = prompt + continuation
-            ids[i, : len(full)] = torch.tensor(full)
-            mask[i, : len(full)] = 1
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
         with self._attention_kernels():
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         self.usage.forward_passes += 1
         self.usage.scored_tokens += int(mask.sum())
         outputs = []
-        for i, (prompt, continuation) in enumerate(pairs):
-            if not continuation:
-                outputs.append(ScoreOutput([], []))
-                continue
-            # The token at position j is predicted by the logits at j - 1.
-            start = len(prompt)
-            targets = torch.tensor(continuation, device=logprobs.device)
-            picked = logprobs[i, start - 1 : start - 1 + len(continuation)].gather(1, targets[:, None])[:, 0]
-            outputs.append(ScoreOutput(list(continuation), picked.tolist()))
+        for i, requests in enumerate(wanted):
+            for index, start, continuation in requests:
+                # The token at position j is predicted by the logits at j - 1.
+                targets = torch.tensor(continuation, device=logprobs.device)
+                picked = logprobs[i, start - 1 : start - 1 + len(continuation)].gather(1, targets[:, None])[:, 0]
+                outputs.append((index, ScoreOutput(list(continuation), picked.tolist())))
         return outputs
 
     async def close(self) -> None:
