@@ -292,6 +292,32 @@ async def test_one_token_continuations_of_one_prompt_read_it_once(case: EngineCa
         assert max(abs(a - b) for a, b in zip(scored.logprobs, expected)) < case.logprob_tolerance
 
 
+async def test_a_cancelled_extend_stops_costing_passes(case: EngineCase):
+    """A search that is cancelled (a client that went away) must not keep
+    the engine decoding its sequences to the end of the step."""
+    lm = case.lm
+    [[first, second]] = await lm.open([prompts_for(lm)[0]], copies=2)
+    before = lm.usage.snapshot()
+    task = asyncio.create_task(lm.extend([first, second], StepParams(max_tokens=200, stop=(), temperature=0.0)))
+    for _ in range(1000):
+        if lm.usage.since(before).generated_tokens >= 4:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)  # a pass under way when the call was cancelled may finish
+    passes = lm.usage.forward_passes
+    await asyncio.sleep(0.5)
+    assert lm.usage.forward_passes == passes
+    assert lm.usage.since(before).generated_tokens < 2 * 200
+    lm.release([first, second])  # no longer busy
+    [[handle]] = await lm.open([prompts_for(lm)[1]])
+    [step] = await lm.extend([handle], GREEDY)
+    assert step.token_ids
+    lm.release([handle])
+
+
 async def test_bad_handles_and_inputs_are_rejected(case: EngineCase):
     lm = case.lm
     with pytest.raises(KeyError, match="unknown"):

@@ -337,6 +337,16 @@ class TransformersLM(LanguageModel):
             while self._waiting or active:
                 active.extend(self._waiting)
                 self._waiting.clear()
+                # A caller that went away (a cancelled search, a client that
+                # disconnected) stops costing passes: its sequences are freed
+                # for release and left out of the batch.
+                for request in [r for r in active if r.future.done()]:
+                    for m in request.members:
+                        if m.handle in self._sequences:
+                            self._sequences[m.handle].busy = False
+                active = [r for r in active if not r.future.done()]
+                if not active:
+                    break
                 async with self._lock():
                     with Stopwatch(self.usage):
                         try:
