@@ -66,7 +66,7 @@ def evaluate(
     ),
     trace: bool = typer.Option(False, "--trace", help="Store each search's trace (genealogy, weights) too."),
     parallel: int = typer.Option(
-        1, "--parallel", help="Searches of one block of problems run at once, sharing the engine's batches."
+        1, "--parallel", help="Searches run at once (the algorithms and budgets of a block of problems), sharing the engine's batches."
     ),
     max_failures_in_a_row: int = typer.Option(
         10, "--max-failures-in-a-row", help="Stop after this many failed searches with no success between them."

@@ -386,10 +386,11 @@ class Evaluation:
         failures with no success between them stop the run with an
         ``EvalError``: the cause is then not one problem but the setup.
 
-        ``parallel`` searches of one block of problems (different algorithms
-        or budgets) run at once, so their particles share the backend's
-        passes: a batch stays full while one search waits for its slowest
-        particle. Results are stored as each search returns."""
+        ``parallel`` consecutive searches of that order (the algorithms and
+        budgets of one block of problems, mostly) run at once, so their
+        particles share the backend's passes: a batch stays full while one
+        search waits for its slowest particle. Results are stored as each
+        search returns."""
         if chunk_size < 1:
             raise EvalError(f"chunk_size must be >= 1, got {chunk_size}")
         if parallel < 1:
