@@ -217,6 +217,16 @@ def _run_with_progress(
         TimeRemainingColumn(),
     )
     last_line = [time.monotonic()]
+    # The engine's own counter includes the searches still running, so the
+    # speed is right from the first pass, not only once searches finish.
+    usage = getattr(lm, "usage", None)
+    tokens_at_start, started = (usage.generated_tokens if usage is not None else 0), time.monotonic()
+
+    def tokens_per_second(progress: Progress) -> float:
+        if usage is None:
+            return progress.tokens_per_second
+        return (usage.generated_tokens - tokens_at_start) / max(time.monotonic() - started, 1e-9)
+
     with ProgressBar(*columns, console=console) as bar:
         task_id = bar.add_task("eval", total=None, accuracy="–", speed="–", failed="")
 
@@ -228,14 +238,14 @@ def _run_with_progress(
                 last_line[0] = time.monotonic()
                 console.print(
                     f"{finished}/{progress.searches_total} searches, accuracy {accuracy}, "
-                    f"{progress.tokens_per_second:.1f} tokens/s, {progress.failures} failed"
+                    f"{tokens_per_second(progress):.1f} tokens/s, {progress.failures} failed"
                 )
             bar.update(
                 task_id,
                 completed=finished,
                 total=progress.searches_total,
                 accuracy=accuracy,
-                speed=f"{progress.tokens_per_second:.1f}",
+                speed=f"{tokens_per_second(progress):.1f}",
                 failed=f"{progress.failures} failed" if progress.failures else "",
             )
 
