@@ -18,17 +18,13 @@ import asyncio
 import contextlib
 import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from piscale.lm.base import StepParams
-from test_serve_support import free_port
+from test_serve_support import free_port, server_subprocess
 
 pytestmark = [
     pytest.mark.integration,
@@ -48,33 +44,10 @@ def llama_cpp_server(model_path: str, alias: str, startup_s: float = 180.0) -> I
     command = [
         sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--model_alias", alias,
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--logits_all", "true",
-        "--flash_attn", "true",
-        "--n_threads", str(min(2, os.cpu_count() or 1)),
+        "--flash_attn", "true", "--n_threads", str(min(2, os.cpu_count() or 1)),
     ]
-    log = tempfile.TemporaryFile(mode="w+")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"the llama.cpp server exited with {process.returncode}:\n{log.read()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/models", timeout=1.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the llama.cpp server did not answer within {startup_s} s")
-            time.sleep(0.2)
+    with server_subprocess(command, f"http://127.0.0.1:{port}/v1", probe="/models", startup_s=startup_s) as base:
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(base: str, deadline_s: float, process: subprocess.Popen | None = None, log: IO[str] | None = None) -> None:
+def wait_healthy(base: str, deadline_s: float, process: subprocess.Popen | None = None, log: IO[str] | None = None,
+                 probe: str = "/health") -> None:
+    """Until ``base + probe`` answers 200; fails with the server's log if it exits first."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -42,7 +44,7 @@ def wait_healthy(base: str, deadline_s: float, process: subprocess.Popen | None 
                 output = log.read()[-4000:]
             raise RuntimeError(f"the server exited with status {process.returncode}:\n{output}")
         try:
-            if httpx.get(base + "/health", timeout=1.0).status_code == 200:
+            if httpx.get(base + probe, timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -51,17 +53,16 @@ def wait_healthy(base: str, deadline_s: float, process: subprocess.Popen | None 
 
 
 @contextlib.contextmanager
-def serve_subprocess(*args: str, env: dict[str, str] | None = None, startup_s: float = 120.0) -> Iterator[str]:
-    """``piscale serve ARGS --port P``; yields ``http://127.0.0.1:P``."""
-    port = free_port()
-    command = [sys.executable, "-c", "from piscale.cli import app; app()", "serve", *args, "--port", str(port), "--log-level", "warning"]
+def server_subprocess(command: list[str], base: str, *, probe: str = "/health", startup_s: float = 120.0,
+                      env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run a server ``command`` until ``base + probe`` answers; yields ``base``
+    and stops the server afterwards."""
     # The log goes to a file, not a pipe: a pipe nobody reads fills up and
     # blocks the server.
     log = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base, startup_s, process, log)
+        wait_healthy(base, startup_s, process, log, probe)
         yield base
     finally:
         process.terminate()
@@ -71,6 +72,15 @@ def serve_subprocess(*args: str, env: dict[str, str] | None = None, startup_s: f
             process.kill()
             process.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def serve_subprocess(*args: str, env: dict[str, str] | None = None, startup_s: float = 120.0) -> Iterator[str]:
+    """``piscale serve ARGS --port P``; yields ``http://127.0.0.1:P``."""
+    port = free_port()
+    command = [sys.executable, "-c", "from piscale.cli import app; app()", "serve", *args, "--port", str(port), "--log-level", "warning"]
+    with server_subprocess(command, f"http://127.0.0.1:{port}", startup_s=startup_s, env=env) as base:
+        yield base
 
 
 @contextlib.contextmanager
