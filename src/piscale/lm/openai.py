@@ -316,7 +316,7 @@ class OpenAILM(LanguageModel):
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         cached = self._encoded.get(text)
         if cached is None:
-            if self._extras_tokenizer:
+            if self._extras_tokenizer():
                 cached = tuple(self._sync_post("/extras/tokenize", {"model": self.model, "input": text})["tokens"])
             else:
                 body = {"model": self.model, "prompt": text, "add_special_tokens": False}
@@ -332,14 +332,13 @@ class OpenAILM(LanguageModel):
             return self.tokenizer.decode(list(key), skip_special_tokens=True)
         cached = self._decoded.get(key)
         if cached is None:
-            if self._extras_tokenizer:
+            if self._extras_tokenizer():
                 cached = self._sync_post("/extras/detokenize", {"model": self.model, "tokens": list(key)})["text"]
             else:
                 cached = self._sync_post("/detokenize", {"model": self.model, "tokens": list(key)})["prompt"]
             self._decoded.put(key, cached)
         return cached
 
-    @property
     def _extras_tokenizer(self) -> bool:
         """Whether the server tokenizes at ``/extras/tokenize`` (llama-cpp-python's
         server) rather than ``/tokenize`` (vLLM, SGLang, llama.cpp's own server,

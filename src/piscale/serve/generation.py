@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from piscale.lm.base import StepOutput, StepParams, find_stop
 from piscale.rewards.base import Reward
 from piscale.search import run
