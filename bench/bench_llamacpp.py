@@ -248,7 +248,13 @@ async def main() -> None:
         for unified in (False, True):
             cache = "unified" if unified else "per-sequence"
             start = time.perf_counter()
-            lm = LlamaCppLM.from_spec(args.model, n_threads=args.threads, unified_cache=unified)
+            lm = LlamaCppLM.from_spec(
+                args.model,
+                n_threads=args.threads,
+                unified_cache=unified,
+                max_sequences=max(args.batch_sizes) + 1,
+                context_length=512 + args.tokens,
+            )
             load_seconds = time.perf_counter() - start
             rows = []
             for batch_size in args.batch_sizes:
