@@ -226,6 +226,27 @@ async def test_scoring_falls_back_to_prompt_logprobs():
     assert lm.score_mode == "prompt_logprobs"
 
 
+async def test_echo_scoring_retries_with_one_token_where_zero_is_refused():
+    bodies = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        if body["max_tokens"] < 1:
+            return httpx.Response(422, json={"detail": [{"msg": "max_tokens: Input should be greater than or equal to 1"}]})
+        ids = body["prompt"]
+        values = [None] + [-0.5 * i for i in range(1, len(ids))] + [-9.0]  # the generated token's entry comes last
+        return httpx.Response(200, json={"choices": [{"index": 0, "text": "", "finish_reason": "length",
+                                                      "logprobs": {"token_logprobs": values}}]})
+
+    lm = scripted(handler)
+    [scored] = await lm.score([[5, 6]], [[7, 8]])
+    assert scored.logprobs == [-1.0, -1.5]
+    assert lm.score_mode == "echo" and [b["max_tokens"] for b in bodies] == [0, 1]
+    await lm.score([[5]], [[9]])  # remembered: no second refusal
+    assert [b["max_tokens"] for b in bodies] == [0, 1, 1]
+
+
 # -- the default model -------------------------------------------------------------------
 
 
