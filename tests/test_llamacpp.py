@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from piscale.lm.base import StepParams
-from piscale.lm.llamacpp import available, render_chat_template, sample_token
+from piscale.lm.llamacpp import available, plan_gather, render_chat_template, sample_token
 
 needs_llama_cpp = pytest.mark.skipif(not available(), reason="llama-cpp-python is not installed")
 
@@ -117,6 +117,65 @@ def test_chat_template_continuing_the_final_message():
 
 
 # -- the engine on a real model ---------------------------------------------------
+
+
+# -- moving a pass's slots onto consecutive ids, no model needed ----------------
+
+
+def _apply(plan, contents: dict[int, str]) -> dict[int, str]:
+    """Run the copies in order, as llama.cpp does at the next pass: each
+    reads its source as it is at that moment."""
+    contents = dict(contents)
+    for source, destination in plan:
+        contents[destination] = contents.pop(source)
+    return contents
+
+
+def test_consecutive_members_need_no_move():
+    assert plan_gather([4, 5, 6, 7], free_ids=[0, 1, 9], n_ids=10) == []
+    assert plan_gather([3], free_ids=[], n_ids=10) == []
+
+
+def test_gather_evicts_other_slots_then_fills_the_window():
+    # members 0, 2, 4; id 1 and 3 hold idle slots; 5..7 are free
+    plan = plan_gather([0, 2, 4], free_ids=[5, 6, 7], n_ids=8)
+    # best window [0, 3): evict 1 (to free id 5), bring 4 into 1: two moves
+    assert plan == [(1, 5), (4, 1)]
+    after = _apply(plan, {0: "m0", 1: "idle1", 2: "m2", 3: "idle3", 4: "m4"})
+    assert {after[i] for i in (0, 1, 2)} == {"m0", "m2", "m4"}
+    assert sorted(v for v in after.values() if v.startswith("idle")) == ["idle1", "idle3"]
+
+
+def test_gather_is_skipped_when_no_free_id_can_take_an_evicted_slot():
+    # every id is taken; any window would have to evict without room
+    assert plan_gather([0, 2], free_ids=[], n_ids=4) == []
+    # one free id inside the only gap: the member moves in, nothing is evicted
+    assert plan_gather([0, 3], free_ids=[1], n_ids=4) == [(3, 1)]
+
+
+def test_random_tables_end_with_members_consecutive_and_every_slot_kept():
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(2, 40))
+        states = rng.choice(["member", "idle", "free"], size=n, p=[0.4, 0.3, 0.3])
+        members = [i for i in range(n) if states[i] == "member"]
+        free = [i for i in range(n) if states[i] == "free"]
+        contents = {i: f"{states[i]}{i}" for i in range(n) if states[i] != "free"}
+        plan = plan_gather(members, free, n)
+        after = _apply(plan, contents)
+        assert sorted(after.values()) == sorted(contents.values())  # nothing lost or duplicated
+        assert len(after) == len(contents)
+        if plan:
+            ids = sorted(i for i, v in after.items() if v.startswith("member"))
+            assert ids == list(range(ids[0], ids[0] + len(members)))
+            assert all(source in contents for source, _ in plan[:1])
+        elif len(members) > 1 and members[-1] - members[0] != len(members) - 1:
+            # skipped only when every window would evict more slots than fit
+            for start in range(n - len(members) + 1):
+                window = range(start, start + len(members))
+                evicted = sum(1 for i in window if states[i] == "idle")
+                room = sum(1 for i in free if i not in window)
+                assert evicted > room
 
 
 @pytest.fixture(scope="module")
@@ -390,6 +449,36 @@ async def test_slots_are_reused_and_misuse_is_refused(model_path):
         await small.close()
     with pytest.raises(RuntimeError, match="closed"):
         await small.open([prompts[0]])
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+async def test_scattered_sequences_are_gathered_and_decode_as_before(model_path):
+    """Particles that finish a step early leave the others' ids scattered.
+    Gathering moves the decoded ones onto consecutive ids; the idle ones,
+    moved out of the way, must continue exactly as they would have."""
+    from piscale.lm.llamacpp import LlamaCppLM
+
+    results = {}
+    for gather in (True, False):
+        engine = LlamaCppLM(model_path, context_length=256, max_sequences=12, gather_slots=gather)
+        try:
+            [handles] = await engine.open([engine.prompt_ids(QUESTION)], copies=6)
+            warm = StepParams(max_tokens=3, stop=(), temperature=0.9)
+            await engine.extend(handles, warm, seeds=list(range(6)))  # each gets a slot of its own
+            greedy = StepParams(max_tokens=8, stop=(), temperature=0.0)
+            first = await engine.extend(handles[::2], greedy)
+            ids = sorted(engine._sequences[h].slot.seq_id for h in handles[::2])
+            second = await engine.extend(handles[1::2], greedy)
+            results[gather] = (first + second, ids, engine.cache_moves)
+        finally:
+            await engine.close()
+    (gathered, ids, moves), (plain, plain_ids, plain_moves) = results[True], results[False]
+    assert ids == list(range(ids[0], ids[0] + 3)) and moves > 0
+    assert plain_ids != list(range(plain_ids[0], plain_ids[0] + 3)) and plain_moves == 0
+    for a, b in zip(gathered, plain):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
 @needs_llama_cpp
