@@ -7,7 +7,12 @@ against the transformers engine.
    and once with a unified cache. Reports generated tokens per second over
    the whole batch, forward passes, and what a fork costs (prefill tokens and
    seconds for forking every sequence once).
-2. ``pf``: particle filtering (``piscale.search``, algorithm ``pf``) with
+2. ``scatter``: 64 sequences each given a cache slot, then only every other
+   one decoded (``--tokens`` tokens), as when half the particles of a search
+   have finished their step: tokens/s with the engine moving the decoded
+   sequences onto consecutive ids (``gather_slots``, the default) and
+   without. llama.cpp runs one micro-batch per run of consecutive ids.
+3. ``pf``: particle filtering (``piscale.search``, algorithm ``pf``) with
    ``--particles`` particles on the first ``--problems`` GSM8K test problems,
    one problem at a time, with the same policy model through each engine in
    ``--engines`` (default: llamacpp and hf), the engines taking turns. Reports wall time per problem,
@@ -16,7 +21,9 @@ against the transformers engine.
    ``--reward`` (a ``piscale.rewards`` spec); the default, an arithmetic step
    checker, costs no model calls, so the comparison measures the engines.
    With ``--together`` each engine then also solves all the problems at once
-   (``run_many``), so that the particles of all problems share each pass.
+   (``run_many``), so that the particles of all problems share each pass;
+   ``--skip-one-at-a-time`` measures only that. The engine
+   ``llamacpp-ungathered`` is llama.cpp with ``gather_slots=False``.
    Skipped, with the reason recorded, when the search package or an engine is
    not installed.
 
@@ -27,6 +34,7 @@ other processes' load does not inflate when each engine runs one thread
 
     python bench/bench_llamacpp.py                          # both parts
     python bench/bench_llamacpp.py --part throughput --model smollm2-135m-instruct
+    python bench/bench_llamacpp.py --part pf --together --skip-one-at-a-time --engines llamacpp llamacpp-ungathered hf
 """
 
 from __future__ import annotations
@@ -100,6 +108,34 @@ async def decode_throughput(lm: LanguageModel, batch_size: int, tokens: int) -> 
         "fork_cache_copies": copies,
         "pass_after_fork_seconds": pass_with_copies,
         "pass_without_copies_seconds": plain_pass,
+    }
+
+
+async def scattered_throughput(lm, tokens: int, copies: int = 64) -> dict:
+    """Tokens/s decoding every other one of ``copies`` sequences that each
+    hold a cache slot of their own, so that their ids are not consecutive."""
+    prompt = lm.prompt_ids(QUESTION)
+    [handles] = await lm.open([prompt], copies=copies)
+    # two tokens: the first comes from the prompt's logits, the second needs
+    # a pass, which gives every copy a slot of its own
+    await lm.extend(handles, StepParams(max_tokens=2, stop=(), temperature=0.8), seeds=list(range(copies)))
+    decoded = handles[::2]
+    moves_before = getattr(lm, "cache_moves", 0)
+    before = lm.usage.snapshot()
+    start = time.perf_counter()
+    outputs = await lm.extend(decoded, StepParams(max_tokens=tokens, stop=(), temperature=0.8), seeds=list(range(len(decoded))))
+    seconds = time.perf_counter() - start
+    used = lm.usage.since(before)
+    lm.release(handles)
+    generated = sum(len(o.token_ids) for o in outputs)
+    return {
+        "sequences_held": copies,
+        "sequences_decoded": len(decoded),
+        "generated_tokens": generated,
+        "decode_seconds": seconds,
+        "tokens_per_second": generated / seconds,
+        "forward_passes": used.forward_passes,
+        "cache_moves": getattr(lm, "cache_moves", 0) - moves_before,
     }
 
 
@@ -196,7 +232,12 @@ def load_engine(spec: str, engine: str, threads: int | None, sequences: int = 16
     if engine.startswith("llamacpp"):
         # every particle of every problem in flight holds a slot; 1024 tokens
         # per sequence are plenty for GSM8K (a longer one ends with "context")
-        options = {"max_sequences": sequences, "context_length": 1024, "unified_cache": engine == "llamacpp-unified"}
+        options = {
+            "max_sequences": sequences,
+            "context_length": 1024,
+            "unified_cache": engine == "llamacpp-unified",
+            "gather_slots": engine != "llamacpp-ungathered",
+        }
         if threads:
             options["n_threads"] = threads
         engine = "llamacpp"
@@ -205,24 +246,32 @@ def load_engine(spec: str, engine: str, threads: int | None, sequences: int = 16
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("throughput", "pf", "all"), default="all")
+    parser.add_argument("--part", choices=("throughput", "scatter", "pf", "all"), default="all")
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="catalog name or .gguf path")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence in the throughput part")
     parser.add_argument("--particles", type=int, default=8)
     parser.add_argument("--problems", type=int, default=10)
     parser.add_argument(
-        "--engines", nargs="+", default=["llamacpp", "hf"], help="llamacpp, llamacpp-unified (a unified cache) or hf"
+        "--engines",
+        nargs="+",
+        default=["llamacpp", "hf"],
+        help="llamacpp, llamacpp-unified (a unified cache), llamacpp-ungathered (gather_slots off) or hf",
     )
     parser.add_argument("--reward", default="arith", help="reward spec; {answer} is replaced by the reference")
     parser.add_argument(
         "--together", action="store_true", help="also solve all problems at once per engine (run_many)"
     )
     parser.add_argument(
+        "--skip-one-at-a-time", action="store_true", help="with --together, measure only all problems at once"
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="threads for both engines (default: llama.cpp and torch defaults)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "llamacpp.json")
     args = parser.parse_args()
+    if args.skip_one_at_a_time and not args.together:
+        parser.error("--skip-one-at-a-time leaves nothing to measure without --together")
     if args.together and "{answer}" in args.reward:
         parser.error("--together solves all problems with one reward; it cannot use a per-problem {answer}")
 
@@ -266,6 +315,18 @@ async def main() -> None:
             }
             await lm.close()
 
+    if args.part in ("scatter", "all"):
+        report["scatter"] = {}
+        for gather in (True, False):
+            name = "gathered" if gather else "ungathered"
+            lm = LlamaCppLM.from_spec(
+                args.model, n_threads=args.threads, max_sequences=65, context_length=512 + args.tokens, gather_slots=gather
+            )
+            row = await scattered_throughput(lm, args.tokens)
+            print(f"llamacpp ({name}) 32 of 64 sequences: {row['tokens_per_second']:.1f} tokens/s", flush=True)
+            report["scatter"][name] = {"threads": lm.n_threads, **row}
+            await lm.close()
+
     if args.part in ("pf", "all"):
         problems = gsm8k_problems(args.problems)
         results: dict = {"particles": args.particles, "reward": args.reward, "engines": {}}
@@ -278,7 +339,7 @@ async def main() -> None:
             # Engines take turns problem by problem, so that a change of load
             # on a shared machine hits both alike.
             engines = {}
-            for engine in args.engines:
+            for engine in [] if args.skip_one_at_a_time else args.engines:
                 start = time.perf_counter()
                 engines[engine] = load_engine(args.model, engine, args.threads, 2 * args.particles)
                 results["engines"][engine] = {"load_seconds": time.perf_counter() - start}
@@ -298,6 +359,7 @@ async def main() -> None:
             for engine, lm in engines.items():
                 results["engines"][engine].update(summarise(rows[engine]))
                 await lm.close()
+            results["engines"] = {engine: results["engines"].get(engine, {}) for engine in args.engines}
             save(args.out, report)
             if args.together:
                 for engine in args.engines:
@@ -311,7 +373,7 @@ async def main() -> None:
                     )
                     await lm.close()
             summary = results["engines"]
-            if "llamacpp" in summary and "hf" in summary:
+            if "generated_tokens_per_second" in summary.get("llamacpp", {}) and "hf" in engines:
                 results["speedup_tokens_per_second"] = (
                     summary["llamacpp"]["generated_tokens_per_second"] / summary["hf"]["generated_tokens_per_second"]
                 )

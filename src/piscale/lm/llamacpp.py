@@ -1036,43 +1036,47 @@ class LlamaCppLM(LanguageModel):
 
 
 def plan_gather(member_ids: Sequence[int], free_ids: Sequence[int], n_ids: int) -> list[tuple[int, int]]:
-    """Moves ``(source id, destination id)`` that put ``member_ids`` on
-    consecutive ids, fewest moves first; empty when they already are, or when
-    no window has enough free ids outside it to take the slots it evicts.
+    """Copies ``(source id, destination id)``, to be run in order, that put
+    ``member_ids`` on consecutive ids with the fewest copies; empty when they
+    already are consecutive, or when no id is free to move through.
 
-    Ids that are neither members nor free belong to other live slots: those
-    inside the chosen window move out to free ids, then members outside it
-    move into the ids so vacated (and the window's free ids)."""
+    Ids that are neither members nor free belong to other live slots. Those
+    inside the chosen window move out to free ids outside it; when there are
+    too few, each swaps with a member outside the window through a free id
+    (three copies). Then the remaining members outside move into the window's
+    free and vacated ids. A copy reads its source as the copies before it
+    left it, which is how llama.cpp runs them at the next pass."""
     members = sorted(set(member_ids))
     k = len(members)
-    if k < 2 or members[-1] - members[0] == k - 1:
+    if k < 2 or members[-1] - members[0] == k - 1 or not free_ids:
         return []
     is_member = np.zeros(n_ids + 1, np.int64)
     is_member[np.array(members) + 1] = 1
     is_free = np.zeros(n_ids + 1, np.int64)
-    if len(free_ids):
-        is_free[np.array(sorted(free_ids)) + 1] = 1
+    is_free[np.array(sorted(free_ids)) + 1] = 1
     members_before, free_before = np.cumsum(is_member), np.cumsum(is_free)
     starts = np.arange(n_ids - k + 1)
     members_inside = members_before[starts + k] - members_before[starts]
     free_inside = free_before[starts + k] - free_before[starts]
     squatters = k - members_inside - free_inside
-    feasible = free_before[-1] - free_inside >= squatters
-    if not feasible.any():
-        return []
-    moves = np.where(feasible, (k - members_inside) + squatters, np.iinfo(np.int64).max)
-    start = int(np.argmin(moves))
+    evicted = np.minimum(squatters, free_before[-1] - free_inside)
+    copies = (k - members_inside) + evicted + 2 * (squatters - evicted)
+    start = int(np.argmin(copies))
     window = range(start, start + k)
-    member_set = set(members)
-    free_set = set(free_ids)
+    member_set, free_set = set(members), set(free_ids)
     outside_free = [i for i in sorted(free_set) if i not in window]
-    plan = []
     vacant = [i for i in window if i in free_set]
+    arrivals = [i for i in members if i not in window]
+    plan: list[tuple[int, int]] = []
     for i in window:
-        if i not in member_set and i not in free_set:  # another slot's id: move it out
+        if i in member_set or i in free_set:
+            continue
+        if outside_free:  # another slot's id: move it out
             plan.append((i, outside_free.pop(0)))
             vacant.append(i)
-    arrivals = [i for i in members if i not in window]
+        else:  # swap it with a member outside, through a free id in the window
+            member, temporary = arrivals.pop(), vacant[0]
+            plan += [(i, temporary), (member, i), (temporary, member)]
     plan += list(zip(arrivals, sorted(vacant)))
     return plan
 
