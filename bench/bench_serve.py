@@ -39,15 +39,13 @@ import asyncio
 import json
 import os
 import platform
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from piscale.serve.process import free_port, server_process
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
@@ -66,12 +64,6 @@ def questions(count: int) -> list[str]:
         found = []
     found = found or FALLBACK_QUESTIONS
     return [found[i % len(found)] for i in range(count)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_metrics(base: str, attempts: int = 10) -> dict[str, float]:
@@ -204,37 +196,12 @@ def main() -> int:
         *[part for option in args.engine_option for part in ("--engine-option", option)],
     ]
     load_at_start = os.getloadavg()
-    # The server's log goes to a file: a pipe nobody reads fills up and
-    # blocks the server (llama.cpp logs a lot).
-    log_file = tempfile.TemporaryFile(mode="w+")
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
-    try:
-        startup = time.monotonic()
-        while True:
-            if server.poll() is not None:
-                log_file.seek(0)
-                print(log_file.read()[-4000:], file=sys.stderr)
-                raise SystemExit(f"piscale serve exited with status {server.returncode}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - startup > 600:
-                raise SystemExit("piscale serve did not start within 600 s")
-            time.sleep(0.2)
-        startup_seconds = time.monotonic() - startup
+    # fails with the server's log if it exits before answering
+    with server_process(command, base + "/health", startup_s=600) as startup_seconds:
         deadline = time.monotonic() + args.deadline
         asyncio.run(phase(base, args, 1, 1, 10_000, deadline))  # warm-up: first-use costs out of the way
         sequential = asyncio.run(phase(base, args, 1, args.sequential, 0, deadline))
         concurrent = asyncio.run(phase(base, args, args.clients, args.requests, 1_000, deadline))
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log_file.close()
 
     gain = None
     if sequential["requests_per_second"] and concurrent["requests_per_second"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import httpx
 import openai
@@ -346,3 +347,12 @@ def test_api_key_and_config_file(tmp_path):
         assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/metrics").status_code == 200
         assert json.loads(httpx.post(url + "/tokenize", json={"prompt": "hi"}).text)["error"]["code"] == "missing_api_key"
+
+
+def test_a_server_that_exits_at_startup_fails_with_its_log():
+    from piscale.serve.process import free_port, server_process
+
+    command = [sys.executable, "-c", "import sys; sys.stderr.write('no model here'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match=r"status 3:\nno model here"):
+        with server_process(command, f"http://127.0.0.1:{free_port()}/health", startup_s=30):
+            pass

@@ -10,46 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 from collections.abc import Iterator
-from typing import IO
 
 import httpx
 
 from piscale.lm.toy import ToyLM
 from piscale.serve.metrics import parse_metrics
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(base: str, deadline_s: float, process: subprocess.Popen | None = None, log: IO[str] | None = None,
-                 probe: str = "/health") -> None:
-    """Until ``base + probe`` answers 200; fails with the server's log if it exits first."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            output = ""
-            if log is not None:
-                log.seek(0)
-                output = log.read()[-4000:]
-            raise RuntimeError(f"the server exited with status {process.returncode}:\n{output}")
-        try:
-            if httpx.get(base + probe, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the server at {base} did not become healthy within {deadline_s} s")
+from piscale.serve.process import free_port, server_process, wait_until_answering
 
 
 @contextlib.contextmanager
@@ -57,21 +26,8 @@ def server_subprocess(command: list[str], base: str, *, probe: str = "/health", 
                       env: dict[str, str] | None = None) -> Iterator[str]:
     """Run a server ``command`` until ``base + probe`` answers; yields ``base``
     and stops the server afterwards."""
-    # The log goes to a file, not a pipe: a pipe nobody reads fills up and
-    # blocks the server.
-    log = tempfile.TemporaryFile(mode="w+")
-    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    try:
-        wait_healthy(base, startup_s, process, log, probe)
+    with server_process(command, base + probe, startup_s=startup_s, env=env):
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 @contextlib.contextmanager
@@ -94,7 +50,7 @@ def serve_in_thread(app) -> Iterator[str]:
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base, 30.0)
+        wait_until_answering(base + "/health", 30.0)
         yield base
     finally:
         server.should_exit = True

@@ -19,17 +19,27 @@ or clear a sequence's cache. That makes particle search cheap:
 
 By default every sequence id has a cache of its own (llama.cpp's non-unified
 cache, ``context_length`` cells each). Attention of a sequence then reads
-exactly its own cells, so a sequence's logits are bit-identical whatever else
-is in the batch, and seeded sampling is reproducible across batch sizes.
-llama.cpp splits such a batch into one micro-batch per run of consecutive
-sequence ids, and a micro-batch of a few rows costs nearly what a full one
-does; so before each pass the slots being decoded are moved onto consecutive
-ids (``gather_slots``; a move copies one cache stream, about a millisecond).
-Without it, particles that finish a step at different times scatter the ids,
-and 32 sequences decoded at 74 instead of 158 tokens/s (measured, 2 threads). With
-``unified_cache=True`` all sequences share one pool of cells; copies only tag
-cells, but the attention kernels see the whole pool, so logits move at the
-1e-2 level with the batch's composition (measured; see docs/engines.md).
+exactly its own cells, so its logits do not depend on what the other
+sequences hold. They do depend slightly on how many rows a micro-batch has:
+llama.cpp multiplies large micro-batches with other kernels, which round
+differently (decoding 32 sequences as one micro-batch rather than 32 single
+rows changed a sampled token within 24 tokens in 3 of them, at temperature
+0.8). Small batches (the tests use four) match single-sequence decoding to
+1e-4.
+
+llama.cpp splits a batch into one micro-batch per run of consecutive sequence
+ids, and a micro-batch of a few rows costs nearly what a full one does. So
+before each pass the slots being decoded are moved onto consecutive ids
+(``gather_slots``; a move copies one cache stream, about a millisecond, and
+``plan_gather`` picks the fewest copies). Without it, particles that finish a
+step at different times scatter the ids: 32 of 64 sequences decoded at 45
+instead of 158 tokens/s (``bench/bench_llamacpp.py --part scatter``, 2
+threads).
+
+With ``unified_cache=True`` all sequences share one pool of cells; copies
+only tag cells, but the attention kernels see the whole pool, so logits move
+at the 1e-2 level with the batch's composition and decoding slows as the
+pool grows (measured; see docs/engines.md).
 
 Decoding is token by token over one ``llama_batch`` that holds one token per
 live sequence. A sampled token is *pending*: it is appended to the sequence
