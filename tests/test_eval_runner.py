@@ -99,6 +99,23 @@ class OverlapSearch(ScriptedSearch):
             self.in_flight -= 1
 
 
+async def test_chunks_fit_an_engine_with_a_fixed_number_of_slots(tmp_path: Path, task) -> None:
+    class Slots:
+        max_sequences = 5
+
+    search = ScriptedSearch()
+    with ResultStore(tmp_path / "slots.sqlite") as store:
+        evaluation = Evaluation(store, task, CONFIG, GRID, identity={"spec": "toy"})
+        await evaluation.run(Slots(), None, run_id=evaluation.start_run(), solve_many=search, chunk_size=4)
+    sizes = {}
+    for questions, algorithm, budget, _seed in search.calls:
+        sizes.setdefault(budget, set()).add(len(questions))
+    # 5 slots: budget 1 takes chunks of 4 (the chunk size), budget 2 of 2, budget 4 of 1
+    assert max(sizes[1]) == 4 and max(sizes[2]) == 2 and max(sizes[4]) == 1
+    await run_grid(tmp_path / "plain.sqlite", task, ScriptedSearch(), chunk_size=4)
+    assert table(tmp_path / "slots.sqlite") == table(tmp_path / "plain.sqlite")
+
+
 async def test_parallel_searches_fill_the_same_table(tmp_path: Path, task) -> None:
     await run_grid(tmp_path / "serial.sqlite", task, ScriptedSearch(), chunk_size=2)
     overlapping = OverlapSearch()

@@ -390,7 +390,13 @@ class Evaluation:
         budgets of one block of problems, mostly) run at once, so their
         particles share the backend's passes: a batch stays full while one
         search waits for its slowest particle. Results are stored as each
-        search returns."""
+        search returns.
+
+        An engine with a fixed number of cache slots (``lm.max_sequences``,
+        as llama.cpp has) gets chunks it can hold: a chunk of a budget-``b``
+        search has at most ``max_sequences // (parallel * b)`` problems (at
+        least one), so that a wave of searches does not fail for want of
+        slots and fall back to one problem at a time."""
         if chunk_size < 1:
             raise EvalError(f"chunk_size must be >= 1, got {chunk_size}")
         if parallel < 1:
@@ -406,6 +412,9 @@ class Evaluation:
             on_progress(progress)
         in_a_row = 0
         work = _problem_major(jobs, self.problems, chunk_size)
+        capacity = getattr(lm, "max_sequences", None)
+        if isinstance(capacity, int) and capacity > 0:
+            work = _within_capacity(work, max(1, capacity // parallel))
         waves = [work[i : i + parallel] for i in range(0, len(work), parallel)]
         for wave in waves:
             attempts = []
@@ -540,6 +549,18 @@ def oracle_reward(problems: Sequence[Problem], template: str):
                 f"problem {problem.id} repeats a question with a different reference; the oracle cannot tell them apart"
             )
     return VerifierReward(references)
+
+
+def _within_capacity(
+    work: Sequence[tuple[Job, tuple[Problem, ...]]], sequences: int
+) -> list[tuple[Job, tuple[Problem, ...]]]:
+    """Split each chunk so that its searches hold at most ``sequences``
+    sequences, counting ``budget`` per problem (particles, samples or beams)."""
+    split = []
+    for job, chunk in work:
+        per_chunk = max(1, sequences // max(1, job.budget))
+        split += [(job, chunk[i : i + per_chunk]) for i in range(0, len(chunk), per_chunk)]
+    return split
 
 
 def _problem_major(
