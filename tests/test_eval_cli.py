@@ -235,3 +235,26 @@ def test_bad_arguments_fail_with_a_message(questions: Path, tmp_path: Path, argu
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+def test_llamacpp_slots_are_sized_for_a_wave_of_the_grid() -> None:
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from piscale.cli.eval import _slots_for_the_grid
+    from piscale.eval.runner import EvalConfig
+
+    jobs = [SimpleNamespace(budget=b) for b in (1, 4, 16)]
+    out = Console(file=io.StringIO())
+    model = "qwen2.5-coder-0.5b-instruct"
+    llamacpp = EvalConfig(model=model, reward="arith", engine="llamacpp", system="", prompt_template="{question}")
+    assert _slots_for_the_grid(llamacpp, None, {}, jobs, 4, 1, out) == {"max_sequences": 64}
+    assert _slots_for_the_grid(llamacpp, None, {}, jobs, 8, 3, out) == {"max_sequences": 128}  # capped
+    assert _slots_for_the_grid(llamacpp, None, {}, jobs[:1], 2, 1, out) == {"max_sequences": 16}  # the engine's floor
+    given = {"max_sequences": 40, "n_threads": 2}
+    assert _slots_for_the_grid(llamacpp, None, given, jobs, 4, 1, out) == given
+    hf = EvalConfig(model=model, reward="arith", engine="hf", system="", prompt_template="{question}")
+    assert _slots_for_the_grid(hf, None, {}, jobs, 4, 1, out) == {}
+    assert "64 cache slots" in out.file.getvalue()

@@ -121,6 +121,7 @@ def evaluate(
             f"{task.name}: {len(evaluation.problems)} problems; {cells} cells, {searches} searches to run "
             f"(config {evaluation.config_key}, database {db})"
         )
+        engine_options = _slots_for_the_grid(config, device, engine_options, jobs, chunk_size, parallel, console)
         lm, reward_model = _load(config, device, engine_options, console, evaluation)
         run_id = evaluation.start_run(
             {
@@ -150,6 +151,33 @@ def evaluate(
             f"[yellow]{progress.failures} search(es) failed; their errors are in the failures table of {db}. "
             "Running the same command again retries them.[/yellow]"
         )
+
+
+def _slots_for_the_grid(
+    config: EvalConfig, device: str | None, engine_options: dict, jobs, chunk_size: int, parallel: int, console: Console
+) -> dict:
+    """The llama.cpp engine holds a fixed number of sequences (16 unless told).
+    Unless ``max_sequences`` is given, size it for a wave of the grid:
+    ``chunk_size`` problems of the largest budget, ``parallel`` searches at
+    once, capped at 128 slots (each reserves ``context_length`` cells); batches
+    that large are what make it fast."""
+    from piscale.lm import pick_engine
+
+    if "max_sequences" in engine_options or not jobs:
+        return engine_options
+    try:
+        engine = pick_engine(config.model, config.engine, device)
+    except (ValueError, ImportError):
+        return engine_options  # load reports it
+    if engine != "llamacpp":
+        return engine_options
+    largest = max(job.budget for job in jobs)
+    slots = min(128, max(16, chunk_size * largest * parallel))
+    console.print(
+        f"llama.cpp engine: {slots} cache slots for --chunk-size {chunk_size} x budget {largest} x --parallel "
+        f"{parallel} (--engine-option max_sequences=N to change)"
+    )
+    return {**engine_options, "max_sequences": slots}
 
 
 def _load(
