@@ -321,3 +321,14 @@ def test_solve_command_on_the_toy_model_and_a_bad_engine_option():
     bad = runner.invoke(app, ["solve", QUESTION, "--model", "toy", "--reward", "none", "--algorithm", "sc",
                               "--engine-option", "no_such_option=1"])
     assert bad.exit_code == 2 and "no_such_option" in bad.output
+
+
+def test_llamacpp_slots_are_sized_for_the_search_unless_given():
+    from piscale.api import MAX_AUTOMATIC_SLOTS, engine_options_for
+
+    spec = "qwen2.5-coder-0.5b-instruct"
+    assert engine_options_for(spec, "llamacpp", None, None, 32) == {"max_sequences": 34}
+    assert engine_options_for(spec, "llamacpp", None, {"n_threads": 1}, 4) == {"n_threads": 1, "max_sequences": 16}
+    assert engine_options_for(spec, "llamacpp", None, None, 10_000) == {"max_sequences": MAX_AUTOMATIC_SLOTS}
+    assert engine_options_for(spec, "llamacpp", None, {"max_sequences": 5}, 64) == {"max_sequences": 5}
+    assert engine_options_for(spec, "hf", None, {"dtype": "float32"}, 64) == {"dtype": "float32"}

@@ -22,6 +22,26 @@ DEFAULT_REWARD = "judge"
 """An LLM judge over the policy model itself: needs no extra weights."""
 
 
+MAX_AUTOMATIC_SLOTS = 128
+"""The most cache slots chosen for llama.cpp when the caller names none;
+each reserves ``context_length`` cells."""
+
+
+def engine_options_for(
+    spec: str, engine: str, device: str | None, options: Mapping | None, sequences: int
+) -> dict:
+    """``options`` with llama.cpp's ``max_sequences`` set, when not given, to
+    hold ``sequences`` sequences at once plus two for scoring (at least 16,
+    at most ``MAX_AUTOMATIC_SLOTS``). Other engines hold what fits memory and
+    get ``options`` unchanged."""
+    from piscale.lm import pick_engine
+
+    options = dict(options or {})
+    if "max_sequences" in options or pick_engine(spec, engine, device) != "llamacpp":
+        return options
+    return {**options, "max_sequences": min(MAX_AUTOMATIC_SLOTS, max(16, sequences + 2))}
+
+
 @lru_cache(maxsize=8)
 def _backend(spec: str, engine: str, device: str | None, options: tuple = ()) -> LanguageModel:
     from piscale.lm import load
@@ -87,6 +107,8 @@ async def asolve_many(
     ``max_sequences``); ``options`` to the algorithm."""
     from piscale.search import run_many
 
+    if isinstance(model, str):
+        engine_options = engine_options_for(model, engine, device, engine_options, budget * len(questions))
     lm, reward_model = _resolve(model, reward, engine, device, engine_options)
     if algorithm == "sc" and reward == DEFAULT_REWARD:
         reward_model = None  # self-consistency votes; it needs no reward

@@ -156,28 +156,24 @@ def evaluate(
 def _slots_for_the_grid(
     config: EvalConfig, device: str | None, engine_options: dict, jobs, chunk_size: int, parallel: int, console: Console
 ) -> dict:
-    """The llama.cpp engine holds a fixed number of sequences (16 unless told).
-    Unless ``max_sequences`` is given, size it for a wave of the grid:
-    ``chunk_size`` problems of the largest budget, ``parallel`` searches at
-    once, capped at 128 slots (each reserves ``context_length`` cells); batches
-    that large are what make it fast."""
-    from piscale.lm import pick_engine
+    """Engine options with llama.cpp's slots sized for a wave of the grid
+    (``chunk_size`` problems of the largest budget, ``parallel`` searches at
+    once) unless given: batches that large are what make it fast."""
+    from piscale.api import engine_options_for
 
-    if "max_sequences" in engine_options or not jobs:
-        return engine_options
-    try:
-        engine = pick_engine(config.model, config.engine, device)
-    except (ValueError, ImportError):
-        return engine_options  # load reports it
-    if engine != "llamacpp":
+    if not jobs:
         return engine_options
     largest = max(job.budget for job in jobs)
-    slots = min(128, max(16, chunk_size * largest * parallel))
-    console.print(
-        f"llama.cpp engine: {slots} cache slots for --chunk-size {chunk_size} x budget {largest} x --parallel "
-        f"{parallel} (--engine-option max_sequences=N to change)"
-    )
-    return {**engine_options, "max_sequences": slots}
+    try:
+        sized = engine_options_for(config.model, config.engine, device, engine_options, chunk_size * largest * parallel)
+    except (ValueError, ImportError):
+        return engine_options  # loading the model reports it
+    if sized != engine_options:
+        console.print(
+            f"llama.cpp engine: {sized['max_sequences']} cache slots for --chunk-size {chunk_size} x budget "
+            f"{largest} x --parallel {parallel} (--engine-option max_sequences=N to change)"
+        )
+    return sized
 
 
 def _load(
