@@ -163,21 +163,26 @@ def test_gather_needs_one_free_id_and_swaps_through_it():
 
 def test_random_tables_end_with_members_consecutive_and_every_slot_kept():
     rng = np.random.default_rng(5)
-    for _ in range(300):
+    for _ in range(400):
         n = int(rng.integers(2, 40))
-        states = rng.choice(["member", "idle", "free"], size=n, p=[0.4, 0.3, 0.3])
+        states = rng.choice(["member", "idle", "free", "pinned"], size=n, p=[0.4, 0.25, 0.3, 0.05])
         members = [i for i in range(n) if states[i] == "member"]
         free = [i for i in range(n) if states[i] == "free"]
+        pinned = [i for i in range(n) if states[i] == "pinned"]
         contents = {i: f"{states[i]}{i}" for i in range(n) if states[i] != "free"}
-        plan = plan_gather(members, free, n)
+        plan = plan_gather(members, free, n, pinned)
         after = _apply(plan, contents)
         assert sorted(after.values()) == sorted(contents.values())  # nothing lost or duplicated
-        assert len(after) == len(contents)
+        assert all(after[i] == f"pinned{i}" for i in pinned)
+        assert not {i for move in plan for i in move} & set(pinned)
         if plan:
             ids = sorted(i for i, v in after.items() if v.startswith("member"))
             assert ids == list(range(ids[0], ids[0] + len(members)))
         elif len(members) > 1 and members[-1] - members[0] != len(members) - 1:
-            assert not free  # skipped only when no id is free to move through
+            # skipped only when no id is free to move through, or every
+            # window holds a pinned id
+            k = len(members)
+            assert not free or all(any(states[i] == "pinned" for i in range(a, a + k)) for a in range(n - k + 1))
 
 
 @pytest.fixture(scope="module")

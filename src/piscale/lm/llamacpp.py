@@ -75,7 +75,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -646,11 +646,14 @@ class LlamaCppLM(LanguageModel):
         the chosen window without being in the pass are moved out to free
         ids first; the copies run in this order at the next pass."""
         with self._table_lock:
-            plan = plan_gather([slot.seq_id for slot in slots], self._free_ids, self.max_sequences)
-            if not plan:
-                return
             by_id = {s.slot.seq_id: s.slot for s in self._sequences.values()}
             free = set(self._free_ids)
+            # ids that are neither free nor held by a handle (a prompt read
+            # by ``open`` whose handles are not made yet) stay where they are
+            pinned = set(range(self.max_sequences)) - free - by_id.keys()
+            plan = plan_gather([slot.seq_id for slot in slots], self._free_ids, self.max_sequences, pinned)
+            if not plan:
+                return
             for source, destination in plan:
                 self._seq_copy(source, destination)
                 by_id[destination] = slot = by_id.pop(source)
@@ -1045,7 +1048,9 @@ class LlamaCppLM(LanguageModel):
             self._finalizer()
 
 
-def plan_gather(member_ids: Sequence[int], free_ids: Sequence[int], n_ids: int) -> list[tuple[int, int]]:
+def plan_gather(
+    member_ids: Sequence[int], free_ids: Sequence[int], n_ids: int, pinned: Collection[int] = ()
+) -> list[tuple[int, int]]:
     """Copies ``(source id, destination id)``, to be run in order, that put
     ``member_ids`` on consecutive ids with the fewest copies; empty when they
     already are consecutive, or when no id is free to move through.
@@ -1055,7 +1060,8 @@ def plan_gather(member_ids: Sequence[int], free_ids: Sequence[int], n_ids: int) 
     too few, each swaps with a member outside the window through a free id
     (three copies). Then the remaining members outside move into the window's
     free and vacated ids. A copy reads its source as the copies before it
-    left it, which is how llama.cpp runs them at the next pass."""
+    left it, which is how llama.cpp runs them at the next pass. ``pinned``
+    ids must not move: no window may hold one."""
     members = sorted(set(member_ids))
     k = len(members)
     if k < 2 or members[-1] - members[0] == k - 1 or not free_ids:
@@ -1064,13 +1070,19 @@ def plan_gather(member_ids: Sequence[int], free_ids: Sequence[int], n_ids: int) 
     is_member[np.array(members) + 1] = 1
     is_free = np.zeros(n_ids + 1, np.int64)
     is_free[np.array(sorted(free_ids)) + 1] = 1
-    members_before, free_before = np.cumsum(is_member), np.cumsum(is_free)
+    is_pinned = np.zeros(n_ids + 1, np.int64)
+    if len(pinned):
+        is_pinned[np.array(sorted(pinned)) + 1] = 1
+    members_before, free_before, pinned_before = np.cumsum(is_member), np.cumsum(is_free), np.cumsum(is_pinned)
     starts = np.arange(n_ids - k + 1)
     members_inside = members_before[starts + k] - members_before[starts]
     free_inside = free_before[starts + k] - free_before[starts]
     squatters = k - members_inside - free_inside
     evicted = np.minimum(squatters, free_before[-1] - free_inside)
     copies = (k - members_inside) + evicted + 2 * (squatters - evicted)
+    copies[pinned_before[starts + k] - pinned_before[starts] > 0] = np.iinfo(np.int64).max
+    if (copies == np.iinfo(np.int64).max).all():
+        return []
     start = int(np.argmin(copies))
     window = range(start, start + k)
     member_set, free_set = set(members), set(free_ids)
