@@ -126,6 +126,36 @@ async def test_parallel_searches_fill_the_same_table(tmp_path: Path, task) -> No
         assert store.count("searches") == 5 * (3 + 1) * 2
 
 
+class SlowFirstSearch(ScriptedSearch):
+    """The first call returns once six calls have started, or after 3 s."""
+
+    timed_out = False
+
+    async def __call__(self, *args, **kwargs):
+        first = not self.calls
+        result = await super().__call__(*args, **kwargs)
+        if first:
+            async def six_started() -> None:
+                while len(self.calls) < 6:
+                    await asyncio.sleep(0.001)
+
+            try:
+                await asyncio.wait_for(six_started(), timeout=3)
+            except TimeoutError:
+                self.timed_out = True
+        return result
+
+
+async def test_a_slow_search_does_not_hold_back_the_next_ones(tmp_path: Path, task) -> None:
+    # with fixed waves of three, the first call's wave could not start a
+    # fourth call, and it would time out
+    slow = SlowFirstSearch()
+    await run_grid(tmp_path / "slow.sqlite", task, slow, chunk_size=2, parallel=3)
+    assert not slow.timed_out
+    await run_grid(tmp_path / "serial.sqlite", task, ScriptedSearch(), chunk_size=2)
+    assert table(tmp_path / "slow.sqlite") == table(tmp_path / "serial.sqlite")
+
+
 def test_grid_parsing_and_validation() -> None:
     assert Grid.parse("pf, bon", "8,1,2", "0") == Grid(("pf", "bon"), (1, 2, 8), (0,))
     with pytest.raises(EvalError, match="budgets: expected a comma-separated list of int"):

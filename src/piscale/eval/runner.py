@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -386,11 +387,11 @@ class Evaluation:
         failures with no success between them stop the run with an
         ``EvalError``: the cause is then not one problem but the setup.
 
-        ``parallel`` consecutive searches of that order (the algorithms and
-        budgets of one block of problems, mostly) run at once, so their
-        particles share the backend's passes: a batch stays full while one
-        search waits for its slowest particle. Results are stored as each
-        search returns.
+        ``parallel`` chunks of that order (the algorithms and budgets of one
+        block of problems, mostly) are in flight at once, and the next starts
+        as soon as one returns, so their particles share the backend's
+        passes: a batch stays full while one search waits for its slowest
+        particle. Results are stored as each chunk returns.
 
         An engine with a fixed number of cache slots (``lm.max_sequences``,
         as llama.cpp has) gets chunks it can hold: a chunk of a budget-``b``
@@ -415,38 +416,52 @@ class Evaluation:
         capacity = getattr(lm, "max_sequences", None)
         if isinstance(capacity, int) and capacity > 0:
             work = _within_capacity(work, max(1, capacity // parallel))
-        waves = [work[i : i + parallel] for i in range(0, len(work), parallel)]
-        for wave in waves:
-            attempts = []
-            for job, chunk in wave:
-                stored = self.store.stored_cells(self.config_key, [p.id for p in chunk])
-                todo = [p for p in chunk if not all(cell in stored for cell in job.cells(p))]
-                progress.searches_total -= len(chunk) - len(todo)
-                if todo:
-                    attempts.append((job, todo))
-            async for job, outcomes in self._attempt_all(solve_many, lm, reward, attempts, trace):
-                in_a_row = self._record(run_id, job, outcomes, reward_scale, progress, in_a_row, max_failures_in_a_row)
-                if on_progress:
-                    on_progress(progress)
+        async for job, outcomes in self._attempt_all(solve_many, lm, reward, work, parallel, progress, trace):
+            in_a_row = self._record(run_id, job, outcomes, reward_scale, progress, in_a_row, max_failures_in_a_row)
+            if on_progress:
+                on_progress(progress)
         return progress
 
-    async def _attempt_all(self, solve_many, lm, reward, attempts, trace):
-        """Each (job, outcomes) as its searches return; one attempt is simply
-        awaited, several run as tasks (cancelled if this generator is left)."""
-        if len(attempts) == 1:
-            job, todo = attempts[0]
-            yield job, await self._attempt(solve_many, lm, reward, job, todo, trace)
+    def _still_to_do(self, job: Job, chunk: Sequence[Problem], progress: Progress) -> list[Problem]:
+        """The problems of ``chunk`` that some cell of ``job`` lacks, read
+        from the database now, so that another writer's results are skipped."""
+        stored = self.store.stored_cells(self.config_key, [p.id for p in chunk])
+        todo = [p for p in chunk if not all(cell in stored for cell in job.cells(p))]
+        progress.searches_total -= len(chunk) - len(todo)
+        return todo
+
+    async def _attempt_all(self, solve_many, lm, reward, work, parallel: int, progress: Progress, trace: bool):
+        """Each (job, outcomes) as its searches return, keeping ``parallel``
+        chunks in flight: the next starts as soon as any one finishes, so a
+        slow search never leaves the batch to its stragglers alone. One at a
+        time is simply awaited; several run as tasks, cancelled if this
+        generator is left."""
+        if parallel == 1:
+            for job, chunk in work:
+                todo = self._still_to_do(job, chunk, progress)
+                if todo:
+                    yield job, await self._attempt(solve_many, lm, reward, job, todo, trace)
             return
 
-        async def attempt(job: Job, todo: list[Problem]):
-            return job, await self._attempt(solve_many, lm, reward, job, todo, trace)
+        async def attempt(job: Job, chunk: Sequence[Problem]):
+            todo = self._still_to_do(job, chunk, progress)
+            return job, (await self._attempt(solve_many, lm, reward, job, todo, trace) if todo else [])
 
-        tasks = [asyncio.ensure_future(attempt(job, todo)) for job, todo in attempts]
+        waiting = iter(work)
+        running: set[asyncio.Future] = set()
         try:
-            for finished in asyncio.as_completed(tasks):
-                yield await finished
+            while True:
+                for job, chunk in itertools.islice(waiting, parallel - len(running)):
+                    running.add(asyncio.ensure_future(attempt(job, chunk)))
+                if not running:
+                    return
+                finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    job, outcomes = task.result()
+                    if outcomes:
+                        yield job, outcomes
         finally:
-            for task in tasks:
+            for task in running:
                 task.cancel()
 
     def _record(
