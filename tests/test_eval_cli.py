@@ -250,11 +250,11 @@ def test_llamacpp_slots_are_sized_for_a_wave_of_the_grid() -> None:
     out = Console(file=io.StringIO())
     model = "qwen2.5-coder-0.5b-instruct"
     llamacpp = EvalConfig(model=model, reward="arith", engine="llamacpp", system="", prompt_template="{question}")
-    assert _slots_for_the_grid(llamacpp, None, {}, jobs, 4, 1, out) == {"max_sequences": 66}  # 2 for scoring
-    assert _slots_for_the_grid(llamacpp, None, {}, jobs, 8, 3, out) == {"max_sequences": 128}  # capped
+    assert _slots_for_the_grid(llamacpp, None, {}, jobs, 2, 1, out) == {"max_sequences": 34}  # 2 for scoring
+    assert _slots_for_the_grid(llamacpp, None, {}, jobs, 8, 3, out) == {"max_sequences": 64}  # capped
     assert _slots_for_the_grid(llamacpp, None, {}, jobs[:1], 2, 1, out) == {"max_sequences": 16}  # the engine's floor
     given = {"max_sequences": 40, "n_threads": 2}
     assert _slots_for_the_grid(llamacpp, None, given, jobs, 4, 1, out) == given
     hf = EvalConfig(model=model, reward="arith", engine="hf", system="", prompt_template="{question}")
     assert _slots_for_the_grid(hf, None, {}, jobs, 4, 1, out) == {}
-    assert "66 cache slots" in out.file.getvalue()
+    assert "34 cache slots" in out.file.getvalue()

@@ -22,9 +22,10 @@ DEFAULT_REWARD = "judge"
 """An LLM judge over the policy model itself: needs no extra weights."""
 
 
-MAX_AUTOMATIC_SLOTS = 128
+MAX_AUTOMATIC_SLOTS = 64
 """The most cache slots chosen for llama.cpp when the caller names none;
-each reserves ``context_length`` cells."""
+each reserves ``context_length`` cells (64 x 2048 cells of
+SmolLM2-135M take 3 GB), and 64 sequences decode near the CPU's peak."""
 
 
 def engine_options_for(
