@@ -434,8 +434,10 @@ class Evaluation:
         """Each (job, outcomes) as its searches return, keeping ``parallel``
         chunks in flight: the next starts as soon as any one finishes, so a
         slow search never leaves the batch to its stragglers alone. One at a
-        time is simply awaited; several run as tasks, cancelled if this
-        generator is left."""
+        time is simply awaited, so that an interrupt raised inside a search
+        reaches the caller as it would without this loop (from a task,
+        asyncio lets it escape the event loop instead); several run as
+        tasks, cancelled if this generator is left."""
         if parallel == 1:
             for job, chunk in work:
                 todo = self._still_to_do(job, chunk, progress)

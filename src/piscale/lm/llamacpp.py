@@ -642,9 +642,8 @@ class LlamaCppLM(LanguageModel):
 
     def _gather(self, slots: Sequence[_Slot]) -> None:
         """Move ``slots`` onto consecutive sequence ids so that llama.cpp runs
-        their pass as one micro-batch (context lock held). Slots that sit in
-        the chosen window without being in the pass are moved out to free
-        ids first; the copies run in this order at the next pass."""
+        their pass as one micro-batch (context lock held), by the copies of
+        ``plan_gather``; llama.cpp runs them in this order at the next pass."""
         with self._table_lock:
             by_id = {s.slot.seq_id: s.slot for s in self._sequences.values()}
             free = set(self._free_ids)
@@ -1066,14 +1065,14 @@ def plan_gather(
     k = len(members)
     if k < 2 or members[-1] - members[0] == k - 1 or not free_ids:
         return []
-    is_member = np.zeros(n_ids + 1, np.int64)
-    is_member[np.array(members) + 1] = 1
-    is_free = np.zeros(n_ids + 1, np.int64)
-    is_free[np.array(sorted(free_ids)) + 1] = 1
-    is_pinned = np.zeros(n_ids + 1, np.int64)
-    if len(pinned):
-        is_pinned[np.array(sorted(pinned)) + 1] = 1
-    members_before, free_before, pinned_before = np.cumsum(is_member), np.cumsum(is_free), np.cumsum(is_pinned)
+
+    def counted_before(ids: Collection[int]) -> np.ndarray:
+        """counted_before(ids)[i]: how many of ``ids`` are below ``i``."""
+        marks = np.zeros(n_ids + 1, np.int64)
+        marks[np.fromiter(ids, np.int64, len(ids)) + 1] = 1
+        return np.cumsum(marks)
+
+    members_before, free_before, pinned_before = counted_before(members), counted_before(free_ids), counted_before(pinned)
     starts = np.arange(n_ids - k + 1)
     members_inside = members_before[starts + k] - members_before[starts]
     free_inside = free_before[starts + k] - free_before[starts]
