@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The evaluation runs behind docs/results.md, in order. Each step resumes from
+# its database, so running this again after any interruption loses nothing
+# that was stored.
+#
+#   bash experiments/run.sh              # every step, in order
+#   bash experiments/run.sh gsm8k-0.5b   # one step
+#
+# Live databases are in runs/ (not tracked: SQLite in WAL mode must not be
+# copied while written). experiments/snapshot.sh copies them consistently into
+# experiments/db/, which is tracked; a run with no live database starts from
+# that snapshot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PISCALE=${PISCALE:-.venv/bin/piscale}
+mkdir -p runs
+
+grid=(--reward arith --algorithms pf,bon,wbon,sc,dvts --budgets 1,2,4,8,16 --seeds 0
+      --chunk-size 4 --parallel 3 --engine llamacpp)
+
+step() {
+  local name=$1; shift
+  local live=runs/$name.sqlite snapshot=experiments/db/$name.sqlite
+  if [[ ! -e $live && -e $snapshot ]]; then cp "$snapshot" "$live"; fi
+  "$PISCALE" eval "$@" "${grid[@]}" --db "$live"
+}
+
+gsm8k_0_5b() {
+  step gsm8k-qwen2.5-coder-0.5b --dataset gsm8k --limit 100 --model qwen2.5-coder-0.5b-instruct \
+    --option max_tokens=512 --engine-option max_sequences=200 --engine-option context_length=1024
+}
+math500_0_5b() {
+  step math500-qwen2.5-coder-0.5b --dataset math500 --limit 20 --model qwen2.5-coder-0.5b-instruct \
+    --option max_tokens=1024 --engine-option max_sequences=200 --engine-option context_length=1536
+}
+gsm8k_1_5b() {
+  step gsm8k-qwen2.5-coder-1.5b --dataset gsm8k --limit 20 --model qwen2.5-coder-1.5b-instruct \
+    --option max_tokens=512 --engine-option max_sequences=200 --engine-option context_length=1024
+}
+
+case "${1:-all}" in
+  gsm8k-0.5b) gsm8k_0_5b ;;
+  math500-0.5b) math500_0_5b ;;
+  gsm8k-1.5b) gsm8k_1_5b ;;
+  all) gsm8k_0_5b; math500_0_5b; gsm8k_1_5b ;;
+  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | all)" >&2; exit 2 ;;
+esac
