@@ -50,6 +50,20 @@ def test_config_file_with_presets(tmp_path):
         Service(ServerConfig(model="toy", presets={"odd": Preset("magic", 2)}), ToyLM())
 
 
+def test_llamacpp_slots_follow_max_budget_unless_given():
+    """llama.cpp's default of 16 slots would leave room for budgets of 10 at
+    most; the server sizes the engine for its largest request instead."""
+    served = dict(model="model.gguf", engine="llamacpp")
+    assert ServerConfig(**served).backend_options == {"max_sequences": 64}
+    assert ServerConfig(**served, max_budget=20).backend_options == {"max_sequences": 22}
+    assert ServerConfig(**served, max_budget=4).backend_options == {"max_sequences": 16}
+    given = {"max_sequences": 128, "context_length": 512}
+    assert ServerConfig(**served, engine_options=given).backend_options == given
+    assert ServerConfig(model="model.gguf", engine="hf", engine_options={"dtype": "float32"}).backend_options == {
+        "dtype": "float32"
+    }
+
+
 # -- batching -----------------------------------------------------------------------
 
 

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         from piscale.lm import load
 
         try:
-            lm = load(settings.model, engine=settings.engine, device=settings.device, **settings.engine_options)
+            lm = load(settings.model, engine=settings.engine, device=settings.device, **settings.backend_options)
         except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as error:
             fail(f"cannot load the model {settings.model!r}: {error}")
         typer.secho(

@@ -52,7 +52,7 @@ def create_app(config: ServerConfig, lm: LanguageModel | None = None) -> FastAPI
         if lm is None:
             from piscale.lm import load
 
-            backend = load(config.model, engine=config.engine, device=config.device, **config.engine_options)
+            backend = load(config.model, engine=config.engine, device=config.device, **config.backend_options)
         else:
             backend = lm
         service = Service(config, backend)

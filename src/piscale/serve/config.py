@@ -127,6 +127,17 @@ class ServerConfig:
     def model_name(self) -> str:
         return self.served_model_name or self.model
 
+    @property
+    def backend_options(self) -> dict[str, Any]:
+        """``engine_options`` for loading the served model. An engine with a
+        fixed number of cache slots (llama.cpp) that was given none gets
+        enough for a request at ``max_budget`` (capped by
+        ``piscale.api.MAX_AUTOMATIC_SLOTS``): the engine's own default of 16
+        would turn away every request over a budget of 10."""
+        from piscale.api import engine_options_for
+
+        return engine_options_for(self.model, self.engine, self.device, self.engine_options, sequences=self.max_budget)
+
     def preset(self, name: str) -> Preset | None:
         """The preset a model-name suffix names, or None when it names none."""
         if name in self.presets:
