@@ -148,3 +148,68 @@ def test_comparisons_pair_problems_and_common_problems_drop_partial_ones(tmp_pat
     assert everything.comparison("bon", 2).problems == 3 and everything.comparison("dvts", 2).problems == 2
     (versus_bon_reference,) = summarize(path, reference="bon")
     assert versus_bon_reference.comparison("pf", 2).difference == pytest.approx(-0.75)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "options"), [("pf", {}), ("pg", {"iterations": 2}), ("pt", {"iterations": 2, "chains": 2})]
+)
+def test_answers_re_chosen_from_a_stored_population_equal_a_run_with_that_rule(algorithm: str, options: dict) -> None:
+    import asyncio
+
+    from piscale.eval.grade import answer_by_selection
+    from piscale.lm.toy import ToyLM
+    from piscale.search import run
+    from test_search import QUESTION, BoxReward
+
+    differ = 0
+    for seed in range(8):
+        results = {
+            rule: asyncio.run(run(ToyLM(), BoxReward(), QUESTION, algorithm, 16, seed, selection=rule, **options))
+            for rule in ("max-weight", "weighted-vote")
+        }
+        for rule, result in results.items():
+            other = "weighted-vote" if rule == "max-weight" else "max-weight"
+            assert answer_by_selection(result.to_dict(), other) == results[other].answer
+            assert answer_by_selection(result.to_dict(), rule) == result.answer
+        differ += results["max-weight"].answer != results["weighted-vote"].answer
+    assert differ > 0  # the two rules disagree on some seeds, so the check above has teeth
+
+
+def test_report_adds_the_other_selection_rule_for_stored_particle_searches(tmp_path: Path) -> None:
+    import asyncio
+
+    from piscale.eval.grade import rows_from_result
+    from piscale.lm.toy import ToyLM
+    from piscale.search import run
+    from test_search import QUESTION, BoxReward
+
+    def search(seed: int, **options):
+        return asyncio.run(run(ToyLM(), BoxReward(), QUESTION, "pf", 8, seed, max_tokens=64, **options))
+
+    # Each problem's reference is the answer the weighted vote gives, so the
+    # re-chosen cell must score 100%, and the heaviest particles must not.
+    searches = {f"q{seed}": search(seed) for seed in range(6)}
+    references = {p: search(int(p[1:]), selection="weighted-vote").answer for p in searches}
+    assert any(searches[p].answer != references[p] for p in searches)
+    path = tmp_path / "pf.sqlite"
+    with ResultStore(path) as store:
+        store.ensure_config("cfg", "toy", "toy", "box", {})
+        run_id = store.start_run("cfg", {})
+        for problem, result in searches.items():
+            store.save_search(
+                "cfg", run_id, (problem, "pf", "max_tokens=64", 8, 0), result.to_dict(),
+                lambda r, p=problem: rows_from_result(r, p, references[p], [8], variant="max_tokens=64"),
+            )
+    (group,) = summarize(path)
+    assert group.algorithms == ["pf[max_tokens=64]", "pf[max_tokens=64,selection=weighted-vote]"]
+    voted, heaviest = group.cell(group.algorithms[1], 8), group.cell(group.algorithms[0], 8)
+    assert voted.reselected and not heaviest.reselected
+    assert voted.accuracy == 1.0 and heaviest.accuracy < 1.0
+    assert voted.generated_tokens == heaviest.generated_tokens
+    assert group.references == group.algorithms  # each pf variant is compared with the other
+    assert group.comparison(group.algorithms[0], 8, reference=group.algorithms[1]).difference == pytest.approx(
+        1.0 - heaviest.accuracy
+    )
+    assert "100.0† [" in markdown([group]) and "† re-chosen" in markdown([group])
+    (plain,) = summarize(path, other_selection=False)
+    assert plain.algorithms == ["pf[max_tokens=64]"]

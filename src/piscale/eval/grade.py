@@ -11,6 +11,12 @@ N yields a row for every requested budget b <= N (see
 are flagged ``subsampled`` and carry search-and-learn's first-b estimate as
 their answer and the all-subsets mean as ``expected_accuracy``. Every other
 algorithm yields one row whose ``expected_accuracy`` is its 0/1 grade.
+
+Particle filtering, particle Gibbs and parallel tempering pick their answer
+from the final population only after the last step (``selection``: the
+heaviest particle, or a weighted vote). The stored population therefore
+gives, through ``answer_by_selection``, exactly the answer the same search
+would have returned with the other rule.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 from piscale.eval.store import ResultRow
 from piscale.eval.subsample import SELECTIONS, Samples, expected_accuracy, first_subset_choice
 from piscale.grading import answers_equal
-from piscale.search.select import group_answers
+from piscale.search.select import choose, group_answers
 
 SUBSAMPLED_ALGORITHMS = frozenset(SELECTIONS)
 """Algorithms whose smaller budgets are computed from the samples of the largest."""
@@ -115,6 +121,19 @@ def rows_from_result(
             )
         )
     return rows
+
+
+def answer_by_selection(result: Mapping, selection: str) -> str | None:
+    """The final answer that the search behind ``result`` (a stored
+    ``SearchResult.to_dict()`` of an algorithm with a ``selection`` option)
+    returns under ``selection``, recomputed from its final candidates. A
+    candidate stored without a log-weight had weight zero."""
+    candidates = list(result.get("candidates") or [])
+    if not candidates:
+        raise ValueError(f"this {result.get('algorithm')} result stores no final candidates to choose from")
+    answers = [c.get("answer") for c in candidates]
+    log_weights = [-np.inf if c.get("log_weight") is None else float(c["log_weight"]) for c in candidates]
+    return answers[choose(selection, answers, log_weights)]
 
 
 def samples_of(candidates: Sequence[Mapping], reference: str, reward_scale: str = "probability") -> Samples:

@@ -22,6 +22,15 @@ the report gives, per algorithm (with its search options, if any) and budget:
 and plots of accuracy against budget and against generated tokens, one line
 per algorithm, with the interval as a band (PNG and SVG).
 
+Particle filtering, particle Gibbs and parallel tempering choose their
+answer from the final population after the last step, by the heaviest
+particle (``selection=max-weight``, the default) or by a weighted vote over
+answers. Every stored search of theirs therefore also gives the answer of
+the other rule, exactly as a search with that option would have (same seed,
+same particles). The report adds those rows (``other_selection=True``) under
+the variant with that option, marked as re-chosen (see
+:data:`RESELECTION_NOTE`), unless the database stores that variant itself.
+
 By default only the problems present in every cell of a configuration are
 counted (``common=True``), so all cells, and the pairs, compare the same
 problems while a run is still filling its grid.
@@ -38,12 +47,14 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from piscale.eval.grade import answer_by_selection, grade
 from piscale.eval.store import ResultStore
 
 Z_95 = 1.959963984540054
@@ -65,6 +76,16 @@ SUBSAMPLING_NOTE = (
     "b with a smaller variance. The answer stored for budget b is the one picked from the first b samples "
     "(search-and-learn's estimate); its tokens and wall time are the run's, scaled by b / N."
 )
+
+RESELECTION_NOTE = (
+    "re-chosen. Particle filtering (and particle Gibbs, parallel tempering) picks its answer from the final "
+    "particles after the last step: the heaviest particle (selection=max-weight) or the answer with the most "
+    "total weight (selection=weighted-vote). These cells apply the other rule to the final particles of the "
+    "stored searches, which is exactly what those searches return with that option; they cost no extra tokens "
+    "and pair with the stored cells problem by problem."
+)
+
+SELECTION_RULES = ("max-weight", "weighted-vote")
 
 
 def wilson_interval(mean: float, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -95,11 +116,14 @@ class Cell:
     wall_time: float
     """Mean wall time per problem and seed, in seconds."""
     subsampled: bool
+    reselected: bool = False
+    """Answers re-chosen from stored searches by the other selection rule."""
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """``reference`` minus ``other`` at one budget, paired over problems."""
+    """``reference`` minus ``other`` at one budget, paired over problems
+    (both are algorithm labels, with their options)."""
 
     reference: str
     other: str
@@ -155,8 +179,18 @@ class Group:
     def cell(self, algorithm: str, budget: int) -> Cell | None:
         return next((c for c in self.cells if c.algorithm == algorithm and c.budget == budget), None)
 
-    def comparison(self, other: str, budget: int) -> Comparison | None:
-        return next((c for c in self.comparisons if c.other == other and c.budget == budget), None)
+    @property
+    def references(self) -> list[str]:
+        """The algorithms compared with the others, in table order."""
+        compared = {c.reference for c in self.comparisons}
+        return [a for a in self.algorithms if a in compared]
+
+    def comparison(self, other: str, budget: int, reference: str | None = None) -> Comparison | None:
+        """``reference`` (by default the first compared) minus ``other`` at ``budget``."""
+        reference = reference or next(iter(self.references), None)
+        return next(
+            (c for c in self.comparisons if (c.reference, c.other, c.budget) == (reference, other, budget)), None
+        )
 
     @property
     def title(self) -> str:
@@ -169,12 +203,19 @@ class Group:
 
 
 def summarize(
-    db: str | Path, *, estimator: str = "expected", common: bool = True, reference: str = "pf"
+    db: str | Path,
+    *,
+    estimator: str = "expected",
+    common: bool = True,
+    reference: str = "pf",
+    other_selection: bool = True,
 ) -> list[Group]:
     """One group per configuration in the database, cells sorted by algorithm
     (in the order first stored) and budget. ``common`` keeps only the
     problems every cell has; ``reference`` is the algorithm the others are
-    compared with (skipped where a configuration does not have it)."""
+    compared with (each of its variants; skipped where a configuration does
+    not have it); ``other_selection`` adds the re-chosen rows described in
+    the module doc."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if not Path(db).is_file():
@@ -182,6 +223,8 @@ def summarize(
     with ResultStore(db) as store:
         configs = store.configs()
         rows = store.results()
+        if other_selection:
+            rows += _rows_by_other_selection(store, rows)
         failures = store.unresolved_failures()
         activity = store.run_activity()
         runs = store.runs()
@@ -240,8 +283,45 @@ def _comparisons(cells: dict[tuple[str, int], list[dict]], reference: str, estim
             if not shared:
                 continue
             mean, low, high = paired_difference([mine[p] for p in shared], [theirs[p] for p in shared])
-            found.append(Comparison(reference, other, budget, mean, low, high, len(shared)))
-    return sorted(found, key=lambda c: (c.other, c.budget))
+            found.append(Comparison(algorithm, other, budget, mean, low, high, len(shared)))
+    return sorted(found, key=lambda c: (c.reference, c.other, c.budget))
+
+
+def _rows_by_other_selection(store: ResultStore, rows: Sequence[dict]) -> list[dict]:
+    """For each stored row of an algorithm with a ``selection`` option, the
+    row its search gives under the other rule, unless that variant is stored."""
+    from piscale.eval.runner import variant_label
+    from piscale.search import ALGORITHMS
+
+    selecting = {name for name, algorithm in ALGORITHMS.items() if "selection" in algorithm.options}
+    stored = {(r["config_key"], r["problem_id"], r["algorithm"], r["variant"], r["budget"], r["seed"]) for r in rows}
+    derived = []
+    for row in rows:
+        if row["algorithm"] not in selecting:
+            continue
+        result = store.search(row["search_id"])
+        used = (result.get("settings") or {}).get("selection")
+        if used not in SELECTION_RULES or not result.get("candidates"):
+            continue  # not a stored population this version can re-choose from
+        other = next(rule for rule in SELECTION_RULES if rule != used)
+        options = _variant_options(row["variant"])
+        variant = variant_label({**options, "selection": other})
+        if (row["config_key"], row["problem_id"], row["algorithm"], variant, row["budget"], row["seed"]) in stored:
+            continue
+        answer = answer_by_selection(result, other)
+        correct = grade(answer, row["reference"])
+        derived.append({**row, "variant": variant, "answer": answer, "correct": int(correct),
+                        "expected_accuracy": float(correct), "reselected": True})
+    return derived
+
+
+def _variant_options(variant: str) -> dict[str, str]:
+    """A variant label back into its options, values kept as the label
+    writes them (so that ``variant_label`` reproduces the label)."""
+    if not variant:
+        return {}
+    # Split only at commas that start a new "name=": JSON values may hold commas.
+    return dict(part.split("=", 1) for part in re.split(r",(?=[A-Za-z_][A-Za-z0-9_]*=)", variant))
 
 
 def _label(row: dict) -> str:
@@ -267,6 +347,7 @@ def _cell(algorithm: str, budget: int, rows: Sequence[dict], estimator: str) -> 
         generated_tokens=sum(r["generated_tokens"] for r in rows) / len(rows),
         wall_time=sum(r["wall_time"] for r in rows) / len(rows),
         subsampled=any(r["subsampled"] for r in rows),
+        reselected=any(r.get("reselected", False) for r in rows),
     )
 
 
@@ -276,7 +357,7 @@ def _cell(algorithm: str, budget: int, rows: Sequence[dict], estimator: str) -> 
 def _accuracy_text(cell: Cell | None) -> str:
     if cell is None:
         return "–"
-    mark = "*" if cell.subsampled else ""
+    mark = ("*" if cell.subsampled else "") + ("†" if cell.reselected else "")
     return f"{100 * cell.accuracy:.1f}{mark} [{100 * cell.low:.1f}, {100 * cell.high:.1f}]"
 
 
@@ -330,10 +411,10 @@ def markdown(groups: Sequence[Group], *, estimator: str = "expected") -> str:
         for algorithm in group.algorithms:
             row = " | ".join(_tokens_text(group.cell(algorithm, b)) for b in budgets)
             lines.append(f"| {algorithm} | {row} |")
-        if group.comparisons:
-            reference = group.comparisons[0].reference
-            shown = [b for b in budgets if any(c.budget == b for c in group.comparisons)]
-            others = list(dict.fromkeys(c.other for c in group.comparisons))
+        for reference in group.references:
+            mine = [c for c in group.comparisons if c.reference == reference]
+            shown = [b for b in budgets if any(c.budget == b for c in mine)]
+            others = list(dict.fromkeys(c.other for c in mine))
             lines += [
                 "",
                 f"{reference} minus each other algorithm at equal budget, percentage points [95% CI, paired over "
@@ -343,7 +424,7 @@ def markdown(groups: Sequence[Group], *, estimator: str = "expected") -> str:
                 "|---|" + "---|" * len(shown),
             ]
             for other in others:
-                row = " | ".join(_comparison_text(group.comparison(other, b)) for b in shown)
+                row = " | ".join(_comparison_text(group.comparison(other, b, reference)) for b in shown)
                 lines.append(f"| {other} | {row} |")
         lines += ["", _counts_note(group), ""]
         if group.runs:
@@ -378,6 +459,8 @@ def _method_note(groups: Sequence[Group], estimator: str) -> str:
         notes.append("* subsampled. " + SUBSAMPLING_NOTE)
         if estimator == "first":
             notes.append("This report scores subsampled cells by the first-b answer, not the subset mean.")
+    if any(c.reselected for g in groups for c in g.cells):
+        notes.append("† " + RESELECTION_NOTE)
     return "\n\n".join(notes)
 
 
@@ -408,6 +491,7 @@ def write_json(groups: Sequence[Group], path: str | Path, *, estimator: str = "e
         "estimator": estimator,
         "interval": INTERVAL_NOTE,
         "subsampling": SUBSAMPLING_NOTE,
+        "reselection": RESELECTION_NOTE,
         "groups": [
             {
                 "config_key": g.config_key,

@@ -32,7 +32,7 @@ import numpy as np
 
 from piscale.grading import extract_answer
 from piscale.search.particles import Driver, Node, Outcome, ready
-from piscale.search.select import max_weight, weighted_vote
+from piscale.search import select
 from piscale.search.settings import Settings
 from piscale.smc import (
     conditional_multinomial,
@@ -126,8 +126,5 @@ async def smc_sweep(
 
 def choose(nodes: list[Node], log_weights: np.ndarray, selection: str) -> Outcome:
     """The final population as an outcome, its answer chosen by ``selection``."""
-    if selection == "weighted-vote":
-        chosen = weighted_vote([extract_answer(n.response()) for n in nodes], log_weights)
-    else:
-        chosen = max_weight(log_weights)
-    return Outcome(list(nodes), [float(w) for w in log_weights], chosen)
+    answers = [extract_answer(n.response()) for n in nodes]
+    return Outcome(list(nodes), [float(w) for w in log_weights], select.choose(selection, answers, log_weights))

@@ -3,6 +3,7 @@
 * ``max_weight``: the particle with the largest final weight (Puri et al.);
 * ``weighted_vote``: total weight per final answer, equivalent answers
   pooled; the heaviest answer wins, represented by its heaviest particle;
+* ``choose``: one of the two by the ``selection`` setting's name;
 * ``group_answers``: which responses give the same answer, in the sense of
   ``piscale.grading`` (symbolic or numeric equivalence), shared by
   self-consistency, weighted best-of-N and the weighted vote.
@@ -73,3 +74,14 @@ def weighted_vote(answers: Sequence[str | None], log_weights: Sequence[float]) -
         return max_weight(log_weights)
     members = [i for i, g in enumerate(groups) if g == winner]
     return members[int(np.argmax(weights[members]))]
+
+
+def choose(selection: str, answers: Sequence[str | None], log_weights: Sequence[float]) -> int:
+    """Index of the particle that ``selection`` (``max-weight`` or
+    ``weighted-vote``) picks from a final population. It reads only the
+    final answers and weights, so a stored population can be re-chosen."""
+    if selection == "weighted-vote":
+        return weighted_vote(answers, log_weights)
+    if selection == "max-weight":
+        return max_weight(log_weights)
+    raise ValueError(f"unknown selection {selection!r}; choose max-weight or weighted-vote")
