@@ -116,9 +116,16 @@ def test_the_reference_run_fills_the_grid(reference: Path) -> None:
     # dvts with beam width 2 cannot spend budget 1: that cell is skipped, not run.
     expected = {(a, b) for a in ("pf", "bon", "wbon", "sc") for b in (1, 2, 4, 8)}
     expected |= {("dvts[beam_width=2]", b) for b in (2, 4, 8)}
-    # The report adds particle filtering's weighted vote, re-chosen from the stored particles.
-    reselected = {("pf[selection=weighted-vote]", b) for b in (1, 2, 4, 8)}
-    assert set(cells) == expected | reselected
+    # The report adds particle filtering's weighted vote, re-chosen from the
+    # stored particles, and pass@n from best-of-N's samples.
+    derived = {(a, b) for a in ("pf[selection=weighted-vote]", "pass@n") for b in (1, 2, 4, 8)}
+    assert set(cells) == expected | derived
+    # pass@1 is the mean correctness of one sample, as best-of-1 is, and
+    # pass@b bounds every selection from the same samples.
+    assert cells[("pass@n", 1)][0] == pytest.approx(cells[("bon", 1)][0])
+    for b in (2, 4, 8):
+        assert all(cells[("pass@n", b)][0] >= cells[(a, b)][0] - 1e-12 for a in ("bon", "wbon", "sc"))
+    assert cells[("pass@n", 8)][0] > cells[("pass@n", 1)][0]
     assert all(problems == 12 and seeds == 2 for *_, problems, seeds, _ in cells.values())
     assert count(reference, "results") == 12 * 2 * len(expected)
     assert_consistent(reference)

@@ -203,13 +203,13 @@ def test_report_adds_the_other_selection_rule_for_stored_particle_searches(tmp_p
     (group,) = summarize(path)
     assert group.algorithms == ["pf[max_tokens=64]", "pf[max_tokens=64,selection=weighted-vote]"]
     voted, heaviest = group.cell(group.algorithms[1], 8), group.cell(group.algorithms[0], 8)
-    assert voted.reselected and not heaviest.reselected
+    assert (voted.derived, heaviest.derived) == ("re-chosen", "")
     assert voted.accuracy == 1.0 and heaviest.accuracy < 1.0
     assert voted.generated_tokens == heaviest.generated_tokens
     assert group.references == group.algorithms  # each pf variant is compared with the other
     assert group.comparison(group.algorithms[0], 8, reference=group.algorithms[1]).difference == pytest.approx(
         1.0 - heaviest.accuracy
     )
-    assert "100.0† [" in markdown([group]) and "† re-chosen" in markdown([group])
-    (plain,) = summarize(path, other_selection=False)
+    assert "100.0† [" in markdown([group]) and "† Re-chosen" in markdown([group])
+    (plain,) = summarize(path, derived=False)
     assert plain.algorithms == ["pf[max_tokens=64]"]

@@ -10,7 +10,7 @@ from math import comb
 import numpy as np
 import pytest
 
-from piscale.eval.subsample import Samples, expected_accuracy, first_subset_choice
+from piscale.eval.subsample import Samples, expected_accuracy, first_subset_choice, pass_at
 
 # Four samples: answer a (correct) with rewards 0.9 and 0.2, answer b (wrong)
 # with 0.95, and one sample without an answer whose reward is the highest.
@@ -95,6 +95,20 @@ def test_weighted_vote_with_equal_rewards_is_the_majority_vote() -> None:
         assert expected_accuracy("wbon", unit, budget).accuracy == pytest.approx(
             expected_accuracy("sc", unit, budget).accuracy, abs=1e-12
         )
+
+
+def test_pass_at_b_counts_subsets_holding_a_right_answer() -> None:
+    # HAND: samples 0 and 2 are right. Pairs without either: only {1, 3}.
+    assert [pass_at(HAND, b) for b in (1, 2, 3, 4)] == pytest.approx([2 / 4, 5 / 6, 1.0, 1.0])
+    keys = ["x", "y", None, "x", "z", "y", "x", None, "y", "z"]
+    samples = Samples.build(keys, {"x": True, "y": False, "z": False}, np.zeros(10))
+    for budget in range(1, 11):
+        subsets = list(itertools.combinations(range(10), budget))
+        by_enumeration = sum(any(keys[i] == "x" for i in subset) for subset in subsets) / len(subsets)
+        assert pass_at(samples, budget) == pytest.approx(by_enumeration, abs=1e-12)
+        # No selection beats an oracle.
+        assert all(expected_accuracy(s, samples, budget).accuracy <= pass_at(samples, budget) + 1e-12
+                   for s in ("bon", "wbon", "sc"))
 
 
 def test_random_subsets_when_there_are_too_many() -> None:

@@ -299,11 +299,11 @@ def report(
         True, "--common-problems/--all-problems", help="Count only the problems every cell has (default), or all."
     ),
     reference: str = typer.Option("pf", "--versus", help="Compare this algorithm with each other one, paired."),
-    other_selection: bool = typer.Option(
+    derived: bool = typer.Option(
         True,
-        "--other-selection/--stored-selection",
-        help="Also show pf, pg and pt under the other selection rule (max-weight or weighted-vote), "
-        "re-chosen from the stored final particles at no cost (default), or only as run.",
+        "--derived/--stored-only",
+        help="Add rows computed from the stored searches at no cost: pf, pg and pt under the other selection "
+        "rule (re-chosen from their final particles) and pass@n from best-of-N's samples (default).",
     ),
 ) -> None:
     """Accuracy (95% CI) and tokens per problem by algorithm x budget, and plots of the scaling curves."""
@@ -313,7 +313,7 @@ def report(
     from piscale.eval.store import StoreError
 
     try:
-        groups = summarize(db, estimator=estimator, common=common, reference=reference, other_selection=other_selection)
+        groups = summarize(db, estimator=estimator, common=common, reference=reference, derived=derived)
     except (FileNotFoundError, ValueError, StoreError) as error:
         fail(str(error))
     if not groups:

@@ -22,14 +22,21 @@ the report gives, per algorithm (with its search options, if any) and budget:
 and plots of accuracy against budget and against generated tokens, one line
 per algorithm, with the interval as a band (PNG and SVG).
 
-Particle filtering, particle Gibbs and parallel tempering choose their
-answer from the final population after the last step, by the heaviest
-particle (``selection=max-weight``, the default) or by a weighted vote over
-answers. Every stored search of theirs therefore also gives the answer of
-the other rule, exactly as a search with that option would have (same seed,
-same particles). The report adds those rows (``other_selection=True``) under
-the variant with that option, marked as re-chosen (see
-:data:`RESELECTION_NOTE`), unless the database stores that variant itself.
+Two kinds of rows are derived from the stored searches, at no generation
+cost (``derived=True``), and marked in the tables:
+
+* re-chosen (†): particle filtering, particle Gibbs and parallel tempering
+  choose their answer from the final population after the last step, by the
+  heaviest particle (``selection=max-weight``, the default) or by a weighted
+  vote over answers. Every stored search of theirs therefore also gives the
+  answer of the other rule, exactly as a search with that option would have
+  (same seed, same particles). These rows go under the variant with that
+  option, unless the database stores that variant itself
+  (:data:`RESELECTION_NOTE`);
+* ``pass@n`` (‡): the share of the best-of-N samples' b-subsets that hold a
+  correct answer, what a perfect reward would reach from them
+  (:data:`PASS_AT_NOTE`). It is an upper bound for the selections, not an
+  algorithm, and is left out of the paired comparisons.
 
 By default only the problems present in every cell of a configuration are
 counted (``common=True``), so all cells, and the pairs, compare the same
@@ -54,8 +61,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from piscale.eval.grade import answer_by_selection, grade
+from piscale.eval.grade import SUBSAMPLED_ALGORITHMS, answer_by_selection, grade, samples_of
 from piscale.eval.store import ResultStore
+from piscale.eval.subsample import pass_at
 
 Z_95 = 1.959963984540054
 """The 0.975 quantile of the standard normal distribution."""
@@ -78,14 +86,25 @@ SUBSAMPLING_NOTE = (
 )
 
 RESELECTION_NOTE = (
-    "re-chosen. Particle filtering (and particle Gibbs, parallel tempering) picks its answer from the final "
+    "Re-chosen. Particle filtering (and particle Gibbs, parallel tempering) picks its answer from the final "
     "particles after the last step: the heaviest particle (selection=max-weight) or the answer with the most "
     "total weight (selection=weighted-vote). These cells apply the other rule to the final particles of the "
     "stored searches, which is exactly what those searches return with that option; they cost no extra tokens "
     "and pair with the stored cells problem by problem."
 )
 
+PASS_AT_NOTE = (
+    "pass@n: the share of problems where a correct answer is among b samples, averaged over all b-subsets of "
+    "best-of-N's N samples (1 - C(N - k, b) / C(N, b) with k correct). It is what a reward that always picks a "
+    "correct sample would score: a bound for best-of-N, weighted best-of-N and self-consistency, not an algorithm."
+)
+
 SELECTION_RULES = ("max-weight", "weighted-vote")
+
+PASS_AT = "pass@n"
+"""The algorithm name of the derived pass@b rows."""
+
+DERIVED_MARKS = {"re-chosen": "†", "pass@n": "‡"}
 
 
 def wilson_interval(mean: float, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -116,8 +135,9 @@ class Cell:
     wall_time: float
     """Mean wall time per problem and seed, in seconds."""
     subsampled: bool
-    reselected: bool = False
-    """Answers re-chosen from stored searches by the other selection rule."""
+    derived: str = ""
+    """How the cell was computed from stored searches instead of run:
+    ``re-chosen`` or ``pass@n`` (see the module doc); "" when it ran."""
 
 
 @dataclass(frozen=True)
@@ -208,14 +228,14 @@ def summarize(
     estimator: str = "expected",
     common: bool = True,
     reference: str = "pf",
-    other_selection: bool = True,
+    derived: bool = True,
 ) -> list[Group]:
     """One group per configuration in the database, cells sorted by algorithm
     (in the order first stored) and budget. ``common`` keeps only the
     problems every cell has; ``reference`` is the algorithm the others are
     compared with (each of its variants; skipped where a configuration does
-    not have it); ``other_selection`` adds the re-chosen rows described in
-    the module doc."""
+    not have it); ``derived`` adds the re-chosen and pass@n rows described
+    in the module doc."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if not Path(db).is_file():
@@ -223,8 +243,8 @@ def summarize(
     with ResultStore(db) as store:
         configs = store.configs()
         rows = store.results()
-        if other_selection:
-            rows += _rows_by_other_selection(store, rows)
+        if derived:
+            rows += _rows_by_other_selection(store, rows) + _pass_at_rows(store, rows)
         failures = store.unresolved_failures()
         activity = store.run_activity()
         runs = store.runs()
@@ -245,6 +265,7 @@ def summarize(
             if run["config_key"] == config["config_key"] and run["run_id"] in activity
         ]
         order = list(dict.fromkeys(_label(r) for r in sorted(config_rows, key=lambda r: r["result_id"])))
+        order.sort(key=lambda label: label.split("[")[0] == PASS_AT)  # the bound goes last
         cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
         for row in config_rows:
             cells[(_label(row), row["budget"])].append(row)
@@ -276,7 +297,7 @@ def _comparisons(cells: dict[tuple[str, int], list[dict]], reference: str, estim
             continue
         mine = _problem_scores(rows, estimator)
         for (other, other_budget), other_rows in cells.items():
-            if other == algorithm or other_budget != budget:
+            if other == algorithm or other_budget != budget or other.split("[")[0] == PASS_AT:
                 continue
             theirs = _problem_scores(other_rows, estimator)
             shared = sorted(set(mine) & set(theirs))
@@ -311,7 +332,28 @@ def _rows_by_other_selection(store: ResultStore, rows: Sequence[dict]) -> list[d
         answer = answer_by_selection(result, other)
         correct = grade(answer, row["reference"])
         derived.append({**row, "variant": variant, "answer": answer, "correct": int(correct),
-                        "expected_accuracy": float(correct), "reselected": True})
+                        "expected_accuracy": float(correct), "derived": "re-chosen"})
+    return derived
+
+
+def _pass_at_rows(store: ResultStore, rows: Sequence[dict]) -> list[dict]:
+    """pass@b rows for the budgets of each best-of-N style search (one set
+    of rows per stored search, whichever of bon, wbon and sc it fed)."""
+    first_algorithm: dict[int, str] = {}
+    for row in rows:
+        if row["algorithm"] in SUBSAMPLED_ALGORITHMS:
+            first_algorithm.setdefault(row["search_id"], row["algorithm"])
+    derived = []
+    for search_id, algorithm in first_algorithm.items():
+        result = store.search(search_id)
+        if not result.get("candidates"):
+            continue  # not a stored sample set this version can read
+        search_rows = [r for r in rows if r["search_id"] == search_id and r["algorithm"] == algorithm]
+        samples = samples_of(result.get("candidates") or [], search_rows[0]["reference"])
+        for row in search_rows:
+            derived.append({**row, "algorithm": PASS_AT, "expected_accuracy": pass_at(samples, row["budget"]),
+                            "correct": int(samples.correct[: row["budget"]].any()), "answer": None,
+                            "derived": PASS_AT})
     return derived
 
 
@@ -347,7 +389,7 @@ def _cell(algorithm: str, budget: int, rows: Sequence[dict], estimator: str) -> 
         generated_tokens=sum(r["generated_tokens"] for r in rows) / len(rows),
         wall_time=sum(r["wall_time"] for r in rows) / len(rows),
         subsampled=any(r["subsampled"] for r in rows),
-        reselected=any(r.get("reselected", False) for r in rows),
+        derived=next((r["derived"] for r in rows if r.get("derived")), ""),
     )
 
 
@@ -357,7 +399,7 @@ def _cell(algorithm: str, budget: int, rows: Sequence[dict], estimator: str) -> 
 def _accuracy_text(cell: Cell | None) -> str:
     if cell is None:
         return "–"
-    mark = ("*" if cell.subsampled else "") + ("†" if cell.reselected else "")
+    mark = ("*" if cell.subsampled else "") + DERIVED_MARKS.get(cell.derived, "")
     return f"{100 * cell.accuracy:.1f}{mark} [{100 * cell.low:.1f}, {100 * cell.high:.1f}]"
 
 
@@ -459,8 +501,10 @@ def _method_note(groups: Sequence[Group], estimator: str) -> str:
         notes.append("* subsampled. " + SUBSAMPLING_NOTE)
         if estimator == "first":
             notes.append("This report scores subsampled cells by the first-b answer, not the subset mean.")
-    if any(c.reselected for g in groups for c in g.cells):
-        notes.append("† " + RESELECTION_NOTE)
+    kinds = {c.derived for g in groups for c in g.cells}
+    for kind, note in (("re-chosen", RESELECTION_NOTE), (PASS_AT, PASS_AT_NOTE)):
+        if kind in kinds:
+            notes.append(f"{DERIVED_MARKS[kind]} {note}")
     return "\n\n".join(notes)
 
 
@@ -491,7 +535,8 @@ def write_json(groups: Sequence[Group], path: str | Path, *, estimator: str = "e
         "estimator": estimator,
         "interval": INTERVAL_NOTE,
         "subsampling": SUBSAMPLING_NOTE,
-        "reselection": RESELECTION_NOTE,
+        "re-chosen": RESELECTION_NOTE,
+        "pass@n": PASS_AT_NOTE,
         "groups": [
             {
                 "config_key": g.config_key,
@@ -535,14 +580,17 @@ def write_plots(groups: Sequence[Group], out_dir: str | Path) -> list[Path]:
                 cells = sorted((c for c in group.cells if c.algorithm == algorithm), key=lambda c: c.budget)
                 xs = [c.budget if axis == "budget" else max(c.generated_tokens, 1e-9) for c in cells]
                 ys = [100 * c.accuracy for c in cells]
-                # Distinct markers and dashes keep coinciding lines (bon and wbon often are) visible.
+                # Distinct markers and dashes keep coinciding lines (bon and wbon often are) visible;
+                # the pass@n bound is drawn grey and dotted, apart from the algorithms.
+                bound = algorithm.split("[")[0] == PASS_AT
                 (line,) = ax.plot(
                     xs,
                     ys,
-                    marker=_MARKERS[number % len(_MARKERS)],
-                    linestyle=_DASHES[number % len(_DASHES)],
+                    marker="" if bound else _MARKERS[number % len(_MARKERS)],
+                    linestyle=":" if bound else _DASHES[number % len(_DASHES)],
                     markersize=5,
                     label=algorithm,
+                    **({"color": "0.45"} if bound else {}),
                 )
                 ax.fill_between(
                     xs, [100 * c.low for c in cells], [100 * c.high for c in cells], color=line.get_color(), alpha=0.12

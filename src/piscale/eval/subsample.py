@@ -185,6 +185,16 @@ def expected_accuracy(
     return Estimate(accuracy=float(credit.mean()), subsets=len(subsets), exhaustive=exhaustive)
 
 
+def pass_at(samples: Samples, budget: int) -> float:
+    """The chance that a uniform ``budget``-subset of the samples holds at
+    least one correct answer (pass@b, or coverage): 1 - C(N - k, b) / C(N, b)
+    with k correct samples out of N. It is what a selection that always finds
+    a correct sample would score, so it bounds every selection above."""
+    _check_budget(budget, samples)
+    n, right = samples.size, int(samples.correct.sum())
+    return 1.0 - math.comb(n - right, budget) / math.comb(n, budget)
+
+
 def first_subset_choice(selection: str, samples: Samples, budget: int) -> int:
     """The sample the search would return had it drawn only the first
     ``budget`` samples (search-and-learn's estimate): the same selection
