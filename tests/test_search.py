@@ -318,6 +318,12 @@ def test_solve_command_on_the_toy_model_and_a_bad_engine_option():
     assert data["algorithm"] == "sc" and len(data["candidates"]) == 4
     expected = asyncio.run(run(ToyLM(), None, QUESTION, "sc", budget=4, seed=2))
     assert data["answer"] == expected.answer
+    shown = runner.invoke(app, ["solve", QUESTION, "--model", "toy", "--reward", "none", "--algorithm", "sc",
+                                "--budget", "4", "--seed", "2"])
+    assert shown.exit_code == 0 and f"answer: {expected.answer}" in shown.stdout
+    cut = runner.invoke(app, ["solve", QUESTION, "--model", "toy", "--reward", "none", "--algorithm", "sc",
+                              "--budget", "1", "--option", "max_tokens=1"])
+    assert cut.exit_code == 0 and "answer: none (the chosen response has no \\boxed{} answer)" in cut.stdout
     bad = runner.invoke(app, ["solve", QUESTION, "--model", "toy", "--reward", "none", "--algorithm", "sc",
                               "--engine-option", "no_such_option=1"])
     assert bad.exit_code == 2 and "no_such_option" in bad.output

@@ -136,7 +136,10 @@ def register(app: typer.Typer) -> None:
             return
         out = Console()
         out.print(Panel(result.text.strip() or "(empty)", title=f"{algorithm} · budget {budget}", title_align="left"))
-        out.print(f"answer: [bold]{result.answer}[/bold]")
+        if result.answer is None:
+            out.print("answer: none (the chosen response has no \\boxed{} answer)")
+        else:
+            out.print(f"answer: [bold]{result.answer}[/bold]")
         usage = result.usage
         out.print(
             "usage: "
