@@ -148,6 +148,16 @@ def test_comparisons_pair_problems_and_common_problems_drop_partial_ones(tmp_pat
     assert everything.comparison("bon", 2).problems == 3 and everything.comparison("dvts", 2).problems == 2
     (versus_bon_reference,) = summarize(path, reference="bon")
     assert versus_bon_reference.comparison("pf", 2).difference == pytest.approx(-0.75)
+    # The terminal report shows the same paired table as the Markdown one.
+    from rich.console import Console
+
+    from piscale.eval.report import print_report
+
+    console = Console(record=True, width=200)
+    print_report([common], console=console)
+    shown = console.export_text()
+    assert "pf minus each other algorithm at equal budget" in shown
+    assert "+75.0 [" in shown and "+50.0 [" in shown
 
 
 @pytest.mark.parametrize(

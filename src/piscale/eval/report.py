@@ -437,37 +437,42 @@ def _counts_note(group: Group) -> str:
     return note
 
 
+Table = tuple[str, list[str], list[list[str]]]
+"""A title, the column headers and the rows, as text."""
+
+
+def tables(group: Group) -> list[Table]:
+    """The tables of one configuration: accuracy and tokens (algorithm x
+    budget), then each reference algorithm minus the others, paired."""
+    budgets = group.budgets
+    by_budget = ["algorithm", *map(str, budgets)]
+    found = [
+        ("Accuracy % [95% CI] by budget", by_budget,
+         [[a, *(_accuracy_text(group.cell(a, b)) for b in budgets)] for a in group.algorithms]),
+        ("Generated tokens per problem by budget", by_budget,
+         [[a, *(_tokens_text(group.cell(a, b)) for b in budgets)] for a in group.algorithms]),
+    ]
+    for reference in group.references:
+        mine = [c for c in group.comparisons if c.reference == reference]
+        shown = [b for b in budgets if any(c.budget == b for c in mine)]
+        others = list(dict.fromkeys(c.other for c in mine))
+        found.append((
+            f"{reference} minus each other algorithm at equal budget, percentage points [95% CI, paired over problems]",
+            ["versus", *map(str, shown)],
+            [[other, *(_comparison_text(group.comparison(other, b, reference)) for b in shown)] for other in others],
+        ))
+    return found
+
+
 def markdown(groups: Sequence[Group], *, estimator: str = "expected") -> str:
-    """The report as Markdown: per configuration, an accuracy table and a
-    tokens table (algorithm x budget), then the notes on method."""
+    """The report as Markdown: per configuration, its ``tables`` and how they
+    were made, then the notes on method."""
     lines: list[str] = []
     for group in groups:
-        budgets = group.budgets
-        header = "| algorithm | " + " | ".join(f"{b}" for b in budgets) + " |"
-        rule = "|---|" + "---|" * len(budgets)
-        lines += [f"### {group.title}", "", "Accuracy % [95% CI] by budget:", "", header, rule]
-        for algorithm in group.algorithms:
-            row = " | ".join(_accuracy_text(group.cell(algorithm, b)) for b in budgets)
-            lines.append(f"| {algorithm} | {row} |")
-        lines += ["", "Generated tokens per problem by budget:", "", header, rule]
-        for algorithm in group.algorithms:
-            row = " | ".join(_tokens_text(group.cell(algorithm, b)) for b in budgets)
-            lines.append(f"| {algorithm} | {row} |")
-        for reference in group.references:
-            mine = [c for c in group.comparisons if c.reference == reference]
-            shown = [b for b in budgets if any(c.budget == b for c in mine)]
-            others = list(dict.fromkeys(c.other for c in mine))
-            lines += [
-                "",
-                f"{reference} minus each other algorithm at equal budget, percentage points [95% CI, paired over "
-                "problems]:",
-                "",
-                "| versus | " + " | ".join(str(b) for b in shown) + " |",
-                "|---|" + "---|" * len(shown),
-            ]
-            for other in others:
-                row = " | ".join(_comparison_text(group.comparison(other, b, reference)) for b in shown)
-                lines.append(f"| {other} | {row} |")
+        lines += [f"### {group.title}"]
+        for title, header, rows in tables(group):
+            lines += ["", f"{title}:", "", "| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
         lines += ["", _counts_note(group), ""]
         if group.runs:
             lines += [_provenance(group), ""]
@@ -511,17 +516,17 @@ def _method_note(groups: Sequence[Group], estimator: str) -> str:
 def print_report(groups: Sequence[Group], *, estimator: str = "expected", console=None) -> None:
     """The report as rich tables on the terminal."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Table as RichTable
 
     console = console or Console()
     for group in groups:
-        for title, render in (("accuracy % [95% CI]", _accuracy_text), ("generated tokens per problem", _tokens_text)):
-            table = Table(title=f"{group.title}\n{title}", title_justify="left")
-            table.add_column("algorithm")
-            for budget in group.budgets:
-                table.add_column(str(budget), justify="right")
-            for algorithm in group.algorithms:
-                table.add_row(algorithm, *(render(group.cell(algorithm, b)) for b in group.budgets))
+        for title, header, rows in tables(group):
+            table = RichTable(title=f"{group.title}\n{title}", title_justify="left")
+            table.add_column(header[0])
+            for column in header[1:]:
+                table.add_column(column, justify="right")
+            for row in rows:
+                table.add_row(*row)
             console.print(table)
         console.print(_counts_note(group))
     console.print(_method_note(groups, estimator))
