@@ -156,8 +156,7 @@ def test_comparisons_pair_problems_and_common_problems_drop_partial_ones(tmp_pat
     console = Console(record=True, width=200)
     print_report([common], console=console)
     shown = console.export_text()
-    assert "pf minus each other algorithm at equal budget" in shown
-    assert "+75.0 [" in shown and "+50.0 [" in shown
+    assert "versus" in shown and "+75.0 [" in shown and "+50.0 [" in shown
 
 
 @pytest.mark.parametrize(
