@@ -26,10 +26,11 @@ def report_block(name: str) -> str:
         sys.exit(f"{db} does not exist: run experiments/run.sh and experiments/snapshot.sh first")
     out = ROOT / "docs" / "results" / name
     piscale = Path(sys.executable).with_name("piscale")
-    subprocess.run(
-        [str(piscale), "report", str(db), "--markdown", "--out", str(out)],
-        check=True, stdout=subprocess.DEVNULL, cwd=ROOT,
+    done = subprocess.run(
+        [str(piscale), "report", str(db), "--markdown", "--out", str(out)], capture_output=True, text=True, cwd=ROOT
     )
+    if done.returncode != 0:
+        sys.exit(f"piscale report {db} failed:\n{done.stderr}")
     text = (out / "report.md").read_text()
     # The page has its own heading for each block; drop the report's.
     body = text.split("\n", 1)[1].strip() if text.startswith("### ") else text.strip()
