@@ -267,3 +267,24 @@ def test_llamacpp_slots_are_sized_for_a_wave_of_the_grid() -> None:
     hf = EvalConfig(model=model, reward="arith", engine="hf", system="", prompt_template="{question}")
     assert _slots_for_the_grid(hf, None, {}, jobs, 4, 1, out) == {}
     assert "34 cache slots" in out.file.getvalue()
+
+
+def test_a_log_file_gets_lines_with_problems_done_and_time_left(questions: Path, tmp_path: Path, monkeypatch) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    import piscale.cli.eval as eval_cli
+
+    monkeypatch.setattr(eval_cli, "LOG_EVERY_S", 0.0)  # a line at every update
+    app = typer.Typer()
+    eval_cli.register(app)
+    command = ["eval", "--dataset", str(questions), "--model", "toy", "--reward", "verify", "--algorithms", "pf",
+               "--budgets", "1,2", "--seeds", "0", "--limit", "4", "--chunk-size", "2", "--db", str(tmp_path / "r.sqlite")]
+    result = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if " searches, accuracy " in line]
+    # Two problems at a time through pf@1 and pf@2: a pair is done after 4 searches.
+    assert lines[0].startswith("0/4 problems, 0/8 searches")
+    assert any(line.startswith("2/4 problems, 4/8 searches") for line in lines)
+    assert lines[-1].startswith("4/4 problems, 8/8 searches, accuracy ")
+    assert "elapsed" in lines[-1]

@@ -67,7 +67,7 @@ GRID = Grid.parse("pf,bon,sc", "1,2,4", "0,1")
 
 
 def table(db: Path) -> dict:
-    (group,) = summarize(db)
+    (group,) = summarize(db, derived=False)  # the stored rows only
     return {(c.algorithm, c.budget): (c.accuracy, c.problems, c.seeds, c.generated_tokens) for c in group.cells}
 
 
@@ -208,6 +208,28 @@ async def test_interrupted_run_resumes_to_the_same_table(tmp_path: Path, task) -
     assert table(tmp_path / "cut.sqlite") == table(tmp_path / "whole.sqlite")
 
 
+async def test_progress_counts_problems_whose_searches_have_all_finished(tmp_path: Path, task) -> None:
+    seen = []
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        evaluation = Evaluation(store, task, CONFIG, GRID, identity={"spec": "toy"})
+        await evaluation.run(
+            None, None, run_id=evaluation.start_run(), solve_many=ScriptedSearch(), chunk_size=2,
+            on_progress=lambda p: seen.append((p.searches_done, p.problems_done, p.problems_total)),
+        )
+    # Two problems at a time through 8 searches each (bon, pf@1,2,4, two seeds).
+    assert {(16, 2, 5), (32, 4, 5), (40, 5, 5)} <= set(seen)
+    assert all(done <= searches // 8 for searches, done, _ in seen)
+    resumed = []
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        extended = Evaluation(store, task, CONFIG, Grid.parse("pf,bon,sc", "1,2,4,8", "0,1"), identity={"spec": "toy"})
+        await extended.run(
+            None, None, run_id=extended.start_run(), solve_many=ScriptedSearch(), chunk_size=2,
+            on_progress=lambda p: resumed.append((p.searches_done, p.problems_done, p.problems_total)),
+        )
+    # Only pf@8 and the larger best-of-N searches are new: 4 per problem.
+    assert resumed[0] == (0, 0, 5) and resumed[-1] == (20, 5, 5)
+
+
 async def test_extending_the_grid_runs_only_the_new_cells(tmp_path: Path, task) -> None:
     db = tmp_path / "r.sqlite"
     await run_grid(db, task, ScriptedSearch(), grid=Grid.parse("pf,bon", "1,2", "0"))
@@ -320,6 +342,7 @@ async def test_a_failing_problem_is_recorded_and_retried_later(tmp_path: Path, t
         evaluation = Evaluation(store, task, CONFIG, grid, identity={"spec": "toy"})
         progress = await evaluation.run(None, None, run_id=evaluation.start_run(), solve_many=flaky, chunk_size=5)
         assert (progress.failures, progress.searches_done) == (2, 8)
+        assert (progress.problems_done, progress.problems_total) == (5, 5)  # a failed search is finished too
         # Each failing chunk of 5 is retried one problem at a time: 1 + 5 calls per budget.
         assert len(flaky.calls) == 12
         failures = store.unresolved_failures()

@@ -209,6 +209,11 @@ def _describe(thing: object) -> dict | None:
     return described
 
 
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
 def _run_with_progress(
     evaluation: Evaluation,
     lm: object,
@@ -230,6 +235,7 @@ def _run_with_progress(
     )
 
     columns = (
+        TextColumn("{task.fields[problems]} problems,"),
         TextColumn("searches"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -252,26 +258,31 @@ def _run_with_progress(
         return (usage.generated_tokens - tokens_at_start) / max(time.monotonic() - started, 1e-9)
 
     with ProgressBar(*columns, console=console) as bar:
-        task_id = bar.add_task("eval", total=None, accuracy="–", speed="–", failed="")
+        task_id = bar.add_task("eval", total=None, accuracy="–", speed="–", failed="", problems="–")
 
         def show(progress: Progress) -> None:
             accuracy = "–" if progress.accuracy is None else f"{100 * progress.accuracy:.1f}%"
             finished = progress.searches_done + progress.failures
-            if not console.is_terminal and time.monotonic() - last_line[0] >= LOG_EVERY_S:
-                # A bar redrawn in place shows nothing in a log file: write a line now and then.
-                last_line[0] = time.monotonic()
-                console.print(
-                    f"{finished}/{progress.searches_total} searches, accuracy {accuracy}, "
-                    f"{tokens_per_second(progress):.1f} tokens/s, {progress.failures} failed"
-                )
+            problems = f"{progress.problems_done}/{progress.problems_total}"
             bar.update(
                 task_id,
                 completed=finished,
                 total=progress.searches_total,
+                problems=problems,
                 accuracy=accuracy,
                 speed=f"{tokens_per_second(progress):.1f}",
                 failed=f"{progress.failures} failed" if progress.failures else "",
             )
+            if not console.is_terminal and time.monotonic() - last_line[0] >= LOG_EVERY_S:
+                # A bar redrawn in place shows nothing in a log file: write a line now and then.
+                last_line[0] = time.monotonic()
+                task = bar.tasks[0]
+                left = "" if task.time_remaining is None else f", about {_duration(task.time_remaining)} left"
+                console.print(
+                    f"{problems} problems, {finished}/{progress.searches_total} searches, accuracy {accuracy}, "
+                    f"{tokens_per_second(progress):.1f} tokens/s, {progress.failures} failed, "
+                    f"{_duration(task.elapsed or 0.0)} elapsed{left}"
+                )
 
         return asyncio.run(
             evaluation.run(

@@ -153,6 +153,28 @@ class Progress:
     graded: int = 0
     generated_tokens: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    problems_done: int = 0
+    """Problems whose every search of this run has finished (stored or failed)."""
+    searches_left: dict[str, int] = field(default_factory=dict, repr=False)
+    """Per problem, the searches of this run not yet finished."""
+
+    @classmethod
+    def planned(cls, jobs: Sequence[Job]) -> Progress:
+        left: dict[str, int] = {}
+        for job in jobs:
+            for problem in job.problems:
+                left[problem.id] = left.get(problem.id, 0) + 1
+        return cls(searches_total=sum(left.values()), searches_left=left)
+
+    @property
+    def problems_total(self) -> int:
+        return len(self.searches_left)
+
+    def finished(self, problem_id: str) -> None:
+        """One search of ``problem_id`` has finished, or needs no running."""
+        self.searches_left[problem_id] -= 1
+        if self.searches_left[problem_id] == 0:
+            self.problems_done += 1
 
     @property
     def accuracy(self) -> float | None:
@@ -408,7 +430,7 @@ class Evaluation:
             from piscale.search import run_many as solve_many
         jobs = self.pending() if jobs is None else list(jobs)
         reward_scale = getattr(reward, "scale", "probability") if reward is not None else "probability"
-        progress = Progress(searches_total=sum(len(job.problems) for job in jobs))
+        progress = Progress.planned(jobs)
         if on_progress:
             on_progress(progress)
         in_a_row = 0
@@ -428,6 +450,9 @@ class Evaluation:
         stored = self.store.stored_cells(self.config_key, [p.id for p in chunk])
         todo = [p for p in chunk if not all(cell in stored for cell in job.cells(p))]
         progress.searches_total -= len(chunk) - len(todo)
+        for problem in chunk:
+            if problem not in todo:
+                progress.finished(problem.id)
         return todo
 
     async def _attempt_all(self, solve_many, lm, reward, work, parallel: int, progress: Progress, trace: bool):
@@ -486,6 +511,7 @@ class Evaluation:
             cell = (problem.id, job.algorithm, job.variant, job.budget, job.seed)
             self.store.record_failure(self.config_key, run_id, cell, message)
             progress.failures += 1
+            progress.finished(problem.id)
             in_a_row += 1
             if in_a_row >= limit:
                 raise EvalError(
@@ -540,6 +566,7 @@ class Evaluation:
         cell = (problem.id, job.algorithm, job.variant, job.budget, job.seed)
         progress.rows_stored += self.store.save_search(self.config_key, run_id, cell, result, derive)
         progress.searches_done += 1
+        progress.finished(problem.id)
         progress.generated_tokens += float(result.get("usage", {}).get("generated_tokens", 0))
         for row in produced:
             if not row.subsampled:
