@@ -339,17 +339,19 @@ def _rows_by_other_selection(store: ResultStore, rows: Sequence[dict]) -> list[d
 def _pass_at_rows(store: ResultStore, rows: Sequence[dict]) -> list[dict]:
     """pass@b rows for the budgets of each best-of-N style search (one set
     of rows per stored search, whichever of bon, wbon and sc it fed)."""
-    first_algorithm: dict[int, str] = {}
+    # One set of rows per search: those of the first selection seen to come from it.
+    by_search: dict[int, list[dict]] = {}
     for row in rows:
         if row["algorithm"] in SUBSAMPLED_ALGORITHMS:
-            first_algorithm.setdefault(row["search_id"], row["algorithm"])
+            same = by_search.setdefault(row["search_id"], [row])
+            if row is not same[0] and row["algorithm"] == same[0]["algorithm"]:
+                same.append(row)
     derived = []
-    for search_id, algorithm in first_algorithm.items():
-        result = store.search(search_id)
-        if not result.get("candidates"):
+    for search_id, search_rows in by_search.items():
+        candidates = store.search(search_id).get("candidates")
+        if not candidates:
             continue  # not a stored sample set this version can read
-        search_rows = [r for r in rows if r["search_id"] == search_id and r["algorithm"] == algorithm]
-        samples = samples_of(result.get("candidates") or [], search_rows[0]["reference"])
+        samples = samples_of(candidates, search_rows[0]["reference"])
         for row in search_rows:
             derived.append({**row, "algorithm": PASS_AT, "expected_accuracy": pass_at(samples, row["budget"]),
                             "correct": int(samples.correct[: row["budget"]].any()), "answer": None,
