@@ -222,3 +222,24 @@ def test_report_adds_the_other_selection_rule_for_stored_particle_searches(tmp_p
     assert "100.0† [" in markdown([group]) and "† Re-chosen" in markdown([group])
     (plain,) = summarize(path, derived=False)
     assert plain.algorithms == ["pf[max_tokens=64]"]
+
+
+def test_reports_leave_the_database_file_untouched(db: Path, tmp_path: Path) -> None:
+    import hashlib
+    import sqlite3
+
+    from piscale.eval.store import StoreError
+
+    # A snapshot as experiments/snapshot.sh writes it: one file, rollback journal.
+    connection = sqlite3.connect(db)
+    connection.execute("PRAGMA journal_mode = DELETE")
+    connection.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    (group,) = summarize(db)
+    assert group.cell("pf", 4).accuracy == pytest.approx(0.5)
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in db.parent.iterdir() if p.name.startswith(db.name)) == [db.name]
+    other = tmp_path / "other.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises(StoreError, match="not a piscale results database"):
+        summarize(other)

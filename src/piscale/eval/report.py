@@ -240,7 +240,7 @@ def summarize(
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if not Path(db).is_file():
         raise FileNotFoundError(f"no results database at {db}")
-    with ResultStore(db) as store:
+    with ResultStore(db, read_only=True) as store:
         configs = store.configs()
         rows = store.results()
         if derived:

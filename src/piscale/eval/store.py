@@ -154,14 +154,24 @@ class ResultStore:
     """A results database; open one per process (SQLite connections are not
     shared across processes or threads)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, read_only: bool = False):
+        """Open (and, unless ``read_only``, create or upgrade to WAL) the
+        database at ``path``. A read-only store never writes the file, not
+        even its journal mode, so reports leave a copied or tracked
+        database byte for byte as it was."""
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             raise StoreError(f"directory of {self.path} does not exist")
+        if read_only and not self.path.is_file():
+            raise StoreError(f"no results database at {self.path}")
         self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         try:
             self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            if read_only:
+                self._db.execute("PRAGMA query_only = ON")
+                self._check_schema()
+                return
             mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreError(f"{self.path}: could not switch to WAL mode (got {mode})")
@@ -183,9 +193,17 @@ class ResultStore:
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
-            version = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-        if int(version) != SCHEMA_VERSION:
-            raise StoreError(f"{self.path} has schema version {version}; this piscale reads version {SCHEMA_VERSION}")
+        self._check_schema()
+
+    def _check_schema(self) -> None:
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError as error:  # no meta table: some other SQLite file
+            raise StoreError(f"{self.path} is not a piscale results database ({error})") from error
+        if row is None:
+            raise StoreError(f"{self.path} is not a piscale results database (no schema version)")
+        if int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema version {row[0]}; this piscale reads version {SCHEMA_VERSION}")
 
     # -- transactions ---------------------------------------------------------
     def _transaction(self) -> _Transaction:
