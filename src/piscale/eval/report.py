@@ -64,6 +64,7 @@ from pathlib import Path
 from piscale.eval.grade import SUBSAMPLED_ALGORITHMS, answer_by_selection, grade, samples_of
 from piscale.eval.store import ResultStore
 from piscale.eval.subsample import pass_at
+from piscale.search.settings import SELECTIONS as SELECTION_RULES
 
 Z_95 = 1.959963984540054
 """The 0.975 quantile of the standard normal distribution."""
@@ -99,12 +100,12 @@ PASS_AT_NOTE = (
     "correct sample would score: a bound for best-of-N, weighted best-of-N and self-consistency, not an algorithm."
 )
 
-SELECTION_RULES = ("max-weight", "weighted-vote")
-
 PASS_AT = "pass@n"
 """The algorithm name of the derived pass@b rows."""
 
-DERIVED_MARKS = {"re-chosen": "†", "pass@n": "‡"}
+RECHOSEN = "re-chosen"
+
+DERIVED_MARKS = {RECHOSEN: "†", PASS_AT: "‡"}
 
 
 def wilson_interval(mean: float, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -332,7 +333,7 @@ def _rows_by_other_selection(store: ResultStore, rows: Sequence[dict]) -> list[d
         answer = answer_by_selection(result, other)
         correct = grade(answer, row["reference"])
         derived.append({**row, "variant": variant, "answer": answer, "correct": int(correct),
-                        "expected_accuracy": float(correct), "derived": "re-chosen"})
+                        "expected_accuracy": float(correct), "derived": RECHOSEN})
     return derived
 
 
@@ -509,7 +510,7 @@ def _method_note(groups: Sequence[Group], estimator: str) -> str:
         if estimator == "first":
             notes.append("This report scores subsampled cells by the first-b answer, not the subset mean.")
     kinds = {c.derived for g in groups for c in g.cells}
-    for kind, note in (("re-chosen", RESELECTION_NOTE), (PASS_AT, PASS_AT_NOTE)):
+    for kind, note in ((RECHOSEN, RESELECTION_NOTE), (PASS_AT, PASS_AT_NOTE)):
         if kind in kinds:
             notes.append(f"{DERIVED_MARKS[kind]} {note}")
     return "\n\n".join(notes)
@@ -542,8 +543,8 @@ def write_json(groups: Sequence[Group], path: str | Path, *, estimator: str = "e
         "estimator": estimator,
         "interval": INTERVAL_NOTE,
         "subsampling": SUBSAMPLING_NOTE,
-        "re-chosen": RESELECTION_NOTE,
-        "pass@n": PASS_AT_NOTE,
+        RECHOSEN: RESELECTION_NOTE,
+        PASS_AT: PASS_AT_NOTE,
         "groups": [
             {
                 "config_key": g.config_key,
