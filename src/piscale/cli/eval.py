@@ -209,11 +209,6 @@ def _describe(thing: object) -> dict | None:
     return described
 
 
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
-
-
 def _run_with_progress(
     evaluation: Evaluation,
     lm: object,
@@ -225,6 +220,8 @@ def _run_with_progress(
     parallel: int,
     console: Console,
 ) -> Progress:
+    from datetime import timedelta
+
     from rich.progress import Progress as ProgressBar
     from rich.progress import (
         BarColumn,
@@ -277,11 +274,11 @@ def _run_with_progress(
                 # A bar redrawn in place shows nothing in a log file: write a line now and then.
                 last_line[0] = time.monotonic()
                 task = bar.tasks[0]
-                left = "" if task.time_remaining is None else f", about {_duration(task.time_remaining)} left"
+                left = "" if task.time_remaining is None else f", about {timedelta(seconds=round(task.time_remaining))} left"
                 console.print(
                     f"{problems} problems, {finished}/{progress.searches_total} searches, accuracy {accuracy}, "
                     f"{tokens_per_second(progress):.1f} tokens/s, {progress.failures} failed, "
-                    f"{_duration(task.elapsed or 0.0)} elapsed{left}"
+                    f"{timedelta(seconds=round(task.elapsed or 0.0))} elapsed{left}"
                 )
 
         return asyncio.run(
