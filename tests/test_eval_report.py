@@ -220,6 +220,22 @@ def test_report_adds_the_other_selection_rule_for_stored_particle_searches(tmp_p
         1.0 - heaviest.accuracy
     )
     assert "100.0† [" in markdown([group]) and "† Re-chosen" in markdown([group])
+    # Tables name the options every row shares once, and keep the ones that differ.
+    assert group.shared_options == {"max_tokens": "64"}
+    assert [group.short_label(a) for a in group.algorithms] == ["pf", "pf[selection=weighted-vote]"]
+    text = markdown([group])
+    assert "| pf[selection=weighted-vote] | " in text and "| pf | " in text and "[max_tokens=64" not in text
+    assert "Every algorithm ran with max_tokens=64." in text
+    # On the terminal too: rich would read "[selection=weighted-vote]" as a markup tag and drop it.
+    from rich.console import Console
+
+    from piscale.eval.report import print_report
+
+    console = Console(record=True, width=200)
+    print_report([group], console=console)
+    shown = console.export_text()
+    assert "pf[selection=weighted-vote] minus" in shown
+    assert "│ pf[selection=weighted-vote] │" in shown
     (plain,) = summarize(path, derived=False)
     assert plain.algorithms == ["pf[max_tokens=64]"]
 

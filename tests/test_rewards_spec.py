@@ -101,6 +101,11 @@ def test_score_command_prints_step_and_aggregated_scores():
     table = CliRunner().invoke(app, ["score", "q", "12 * 7 = 84", "--reward", "verify:84"])
     assert table.exit_code == 0, table.output
     assert "verify" in table.output
+    # Responses are text, not rich markup: a closing tag must neither raise nor vanish.
+    bracketed = CliRunner().invoke(app, ["score", "q", "[/INST] 2 + 2 = 4 [x]", "--reward", "arith"],
+                                   env={"COLUMNS": "200"})
+    assert bracketed.exit_code == 0, bracketed.output
+    assert "[/INST] 2 + 2 = 4 [x]" in bracketed.output
     bad = CliRunner().invoke(app, ["score", "q", "x", "--reward", "oracle"])
     assert bad.exit_code != 0
     assert "unknown reward kind" in bad.output

@@ -329,6 +329,24 @@ def test_solve_command_on_the_toy_model_and_a_bad_engine_option():
     assert bad.exit_code == 2 and "no_such_option" in bad.output
 
 
+def test_solve_prints_model_text_and_answers_as_text_not_markup(monkeypatch):
+    from piscale.cli import app
+    from piscale.search.result import SearchResult
+
+    # Model output is arbitrary text: "[/INST]" is a closing markup tag to rich,
+    # and "[0, 1]" or "[bold]" would be eaten or restyled.
+    text = "[INST] think [/INST] the set is [bold]closed[/bold], so \\boxed{[0, 1]}"
+    result = SearchResult(QUESTION, "pf", 2, 0, {}, "[0, 1]", text, 0, [], {"generated_tokens": 7})
+
+    async def fake_solve(*args, **kwargs):
+        return result
+
+    monkeypatch.setattr("piscale.api.asolve", fake_solve)
+    shown = CliRunner().invoke(app, ["solve", QUESTION, "--model", "toy", "--reward", "none"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert text in shown.stdout and "answer: [0, 1]" in shown.stdout
+
+
 def test_llamacpp_slots_are_sized_for_the_search_unless_given():
     from piscale.api import MAX_AUTOMATIC_SLOTS, engine_options_for
 

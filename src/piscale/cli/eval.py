@@ -79,7 +79,8 @@ def evaluate(
     from piscale.eval.store import ResultStore, StoreError
     from piscale.eval.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, TaskError, load_task
 
-    console = Console(stderr=True)
+    # Plain text: paths, model names and error messages may hold brackets that markup would eat.
+    console = Console(stderr=True, markup=False)
     if chunk_size < 1:
         fail(f"--chunk-size must be >= 1, got {chunk_size}")
     if max_failures_in_a_row < 1:
@@ -109,7 +110,7 @@ def evaluate(
         except (EvalError, TaskError) as error:
             fail(str(error))
         for (algorithm, budget), reason in evaluation.unsupported.items():
-            console.print(f"[yellow]skipping {algorithm} at budget {budget}: {reason}[/yellow]")
+            console.print(f"skipping {algorithm} at budget {budget}: {reason}", style="yellow")
         jobs = evaluation.pending()
         cells = evaluation.cell_count
         if not jobs:
@@ -148,8 +149,9 @@ def evaluate(
     )
     if progress.failures:
         console.print(
-            f"[yellow]{progress.failures} search(es) failed; their errors are in the failures table of {db}. "
-            "Running the same command again retries them.[/yellow]"
+            f"{progress.failures} search(es) failed; their errors are in the failures table of {db}. "
+            "Running the same command again retries them.",
+            style="yellow",
         )
 
 
@@ -337,4 +339,4 @@ def report(
     written = [out / "report.md", write_json(groups, out / "report.json", estimator=estimator)]
     if plots:
         written += write_plots(groups, out)
-    Console(stderr=True).print("Wrote " + ", ".join(str(p) for p in written))
+    Console(stderr=True, markup=False).print("Wrote " + ", ".join(str(p) for p in written))

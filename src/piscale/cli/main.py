@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         """Sample N answers from a model in one batch and print them with token counts."""
         from rich.console import Console
         from rich.panel import Panel
+        from rich.text import Text  # model output is text, not markup: "[/INST]" would raise
 
         from piscale.api import load_lm, sample
 
@@ -49,7 +50,9 @@ def register(app: typer.Typer) -> None:
         except (ValueError, TypeError, FileNotFoundError, OSError) as error:
             fail(str(error))
         loaded = time.perf_counter()
-        console.print(f"[dim]{model} loaded ({type(lm).__name__}, engine={engine}) in {loaded - start:.1f}s[/dim]")
+        console.print(
+            f"{model} loaded ({type(lm).__name__}, engine={engine}) in {loaded - start:.1f}s", style="dim", markup=False
+        )
         before = lm.usage.snapshot()
         outputs = asyncio.run(
             sample(lm, question, n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -74,7 +77,7 @@ def register(app: typer.Typer) -> None:
         out = Console()
         for i, output in enumerate(outputs):
             title = f"answer {i + 1}/{n} · {len(output.token_ids)} tokens · {output.finish_reason}"
-            out.print(Panel(output.text.strip() or "(empty)", title=title, title_align="left"))
+            out.print(Panel(Text(output.text.strip() or "(empty)"), title=title, title_align="left"))
         out.print(
             f"{usage.generated_tokens} tokens generated, {usage.prefill_tokens} prompt tokens prefilled once, "
             f"{usage.forward_passes} forward passes, {elapsed:.1f}s "
@@ -103,6 +106,7 @@ def register(app: typer.Typer) -> None:
         """Answer a question with particle filtering or a baseline."""
         from rich.console import Console
         from rich.panel import Panel
+        from rich.text import Text  # model output is text, not markup: "[/INST]" would raise
 
         from piscale.api import asolve
 
@@ -129,17 +133,21 @@ def register(app: typer.Typer) -> None:
         data = result.to_dict()
         if trace is not None:
             trace.write_text(json.dumps(data, indent=1))
-            console.print(f"[dim]trace written to {trace}; draw it with: piscale trace {trace} -o tree.html[/dim]")
+            console.print(
+                f"trace written to {trace}; draw it with: piscale trace {trace} -o tree.html", style="dim", markup=False
+            )
         if as_json:
             data.pop("trace", None)
             typer.echo(json.dumps(data, indent=2))
             return
         out = Console()
-        out.print(Panel(result.text.strip() or "(empty)", title=f"{algorithm} · budget {budget}", title_align="left"))
+        out.print(
+            Panel(Text(result.text.strip() or "(empty)"), title=f"{algorithm} · budget {budget}", title_align="left")
+        )
         if result.answer is None:
             out.print("answer: none (the chosen response has no \\boxed{} answer)")
         else:
-            out.print(f"answer: [bold]{result.answer}[/bold]")
+            out.print(Text.assemble("answer: ", (result.answer, "bold")))
         usage = result.usage
         out.print(
             "usage: "

@@ -73,9 +73,10 @@ def score_command(
 def _print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text  # responses and reward names are text, not markup
 
     console = Console()
-    console.print(f"reward [bold]{report['reward']}[/bold] (scale: {report['scale']})")
+    console.print(Text.assemble("reward ", (report["reward"], "bold"), f" (scale: {report['scale']})"))
     for number, entry in enumerate(report["responses"], start=1):
         table = Table(title=f"response {number}", show_lines=False)
         table.add_column("step", justify="right")
@@ -83,7 +84,7 @@ def _print_table(report: dict) -> None:
         table.add_column("score", justify="right")
         for index, (step, score) in enumerate(zip(entry["steps"], entry["step_scores"]), start=1):
             preview = step if len(step) <= 60 else step[:57] + "..."
-            table.add_row(str(index), preview.replace("\n", " "), f"{score:.4f}")
+            table.add_row(str(index), Text(preview.replace("\n", " ")), f"{score:.4f}")
         for how in AGGREGATION_ORDER:
             table.add_row("", f"[italic]{how}[/italic]", f"{entry['aggregated'][how]:.4f}")
         console.print(table)

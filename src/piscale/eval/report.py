@@ -214,6 +214,24 @@ class Group:
         )
 
     @property
+    def shared_options(self) -> dict[str, str]:
+        """The options every algorithm of the table ran with (``max_tokens=512``
+        for a whole grid, say): said once, under the table, not on every row."""
+        options = [_label_options(a)[1] for a in self.algorithms]
+        if not options:
+            return {}
+        return {k: v for k, v in options[0].items() if all(other.get(k) == v for other in options[1:])}
+
+    def short_label(self, algorithm: str) -> str:
+        """``algorithm`` without the options that every algorithm shares."""
+        from piscale.eval.runner import variant_label
+
+        name, options = _label_options(algorithm)
+        shared = self.shared_options
+        kept = {k: v for k, v in options.items() if shared.get(k) != v}
+        return f"{name}[{variant_label(kept)}]" if kept else name
+
+    @property
     def title(self) -> str:
         return f"{self.dataset} · model {self.model} · reward {self.reward} · config {self.config_key}"
 
@@ -369,6 +387,12 @@ def _variant_options(variant: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in re.split(r",(?=[A-Za-z_][A-Za-z0-9_]*=)", variant))
 
 
+def _label_options(label: str) -> tuple[str, dict[str, str]]:
+    """``pf[max_tokens=512,selection=weighted-vote]`` as its name and options."""
+    name, bracket, variant = label.partition("[")
+    return name, (_variant_options(variant[:-1]) if bracket else {})
+
+
 def _label(row: dict) -> str:
     """An algorithm's name, with its options when it ran with any: ``pf[resampler=systematic]``."""
     return f"{row['algorithm']}[{row['variant']}]" if row["variant"] else row["algorithm"]
@@ -426,6 +450,10 @@ def _counts_note(group: Group) -> str:
         note = "Cells differ in problems x seeds (a run is incomplete): " + ", ".join(
             f"{c.algorithm}@{c.budget}: {c.problems}x{c.seeds}" for c in group.cells
         ) + "."
+    if group.shared_options:
+        from piscale.eval.runner import variant_label
+
+        note += f" Every algorithm ran with {variant_label(group.shared_options).replace(',', ', ')}."
     if group.left_out:
         note += (
             f" {group.left_out} problem(s) that some cells lack are left out of every cell "
@@ -449,20 +477,23 @@ def tables(group: Group) -> list[Table]:
     budget), then each reference algorithm minus the others, paired."""
     budgets = group.budgets
     by_budget = ["algorithm", *map(str, budgets)]
+    name = group.short_label
     found = [
         ("Accuracy % [95% CI] by budget", by_budget,
-         [[a, *(_accuracy_text(group.cell(a, b)) for b in budgets)] for a in group.algorithms]),
+         [[name(a), *(_accuracy_text(group.cell(a, b)) for b in budgets)] for a in group.algorithms]),
         ("Generated tokens per problem by budget", by_budget,
-         [[a, *(_tokens_text(group.cell(a, b)) for b in budgets)] for a in group.algorithms]),
+         [[name(a), *(_tokens_text(group.cell(a, b)) for b in budgets)] for a in group.algorithms]),
     ]
     for reference in group.references:
         mine = [c for c in group.comparisons if c.reference == reference]
         shown = [b for b in budgets if any(c.budget == b for c in mine)]
         others = list(dict.fromkeys(c.other for c in mine))
         found.append((
-            f"{reference} minus each other algorithm at equal budget, percentage points [95% CI, paired over problems]",
+            f"{name(reference)} minus each other algorithm at equal budget, percentage points "
+            "[95% CI, paired over problems]",
             ["versus", *map(str, shown)],
-            [[other, *(_comparison_text(group.comparison(other, b, reference)) for b in shown)] for other in others],
+            [[name(other), *(_comparison_text(group.comparison(other, b, reference)) for b in shown)]
+             for other in others],
         ))
     return found
 
@@ -520,19 +551,22 @@ def print_report(groups: Sequence[Group], *, estimator: str = "expected", consol
     """The report as rich tables on the terminal."""
     from rich.console import Console
     from rich.table import Table as RichTable
+    from rich.text import Text
 
+    # Every string as Text: labels such as "pf[max_tokens=512]" read as markup
+    # tags otherwise, and rich would drop them.
     console = console or Console()
     for group in groups:
         for title, header, rows in tables(group):
-            table = RichTable(title=f"{group.title}\n{title}", title_justify="left")
-            table.add_column(header[0])
+            table = RichTable(title=Text(f"{group.title}\n{title}"), title_justify="left")
+            table.add_column(Text(header[0]), no_wrap=True)
             for column in header[1:]:
-                table.add_column(column, justify="right")
+                table.add_column(Text(column), justify="right")
             for row in rows:
-                table.add_row(*row)
+                table.add_row(*map(Text, row))
             console.print(table)
-        console.print(_counts_note(group))
-    console.print(_method_note(groups, estimator))
+        console.print(Text(_counts_note(group)))
+    console.print(Text(_method_note(groups, estimator)))
 
 
 # -- files ------------------------------------------------------------------
@@ -597,7 +631,7 @@ def write_plots(groups: Sequence[Group], out_dir: str | Path) -> list[Path]:
                     marker="" if bound else _MARKERS[number % len(_MARKERS)],
                     linestyle=":" if bound else _DASHES[number % len(_DASHES)],
                     markersize=5,
-                    label=algorithm,
+                    label=group.short_label(algorithm),
                     **({"color": "0.45"} if bound else {}),
                 )
                 ax.fill_between(
