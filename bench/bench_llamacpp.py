@@ -184,11 +184,15 @@ def summarise(rows: list[dict]) -> dict:
     wall = sum(r["wall_seconds"] for r in rows)
     cpu = sum(r["cpu_seconds"] for r in rows)
     generated = sum(r["generated_tokens"] for r in rows)
+    passes = sum(r["forward_passes"] for r in rows)
     return {
         "problems": rows,
         "mean_wall_seconds_per_problem": wall / len(rows),
         "generated_tokens_per_second": generated / wall,
         "generated_tokens_per_cpu_second": generated / cpu,
+        # Of the particles, how many decode in an average pass: the rest wait
+        # for the slowest particle to end its step.
+        "generated_tokens_per_forward_pass": generated / passes if passes else None,
         "accuracy": sum(r["correct"] for r in rows) / len(rows),
     }
 
