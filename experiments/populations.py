@@ -8,9 +8,10 @@ rows), over the problems every search reached:
   the weighted vote pools them), averaged over searches;
 * the share of searches with a correct answer among the final candidates:
   what a perfect final choice would reach (for best-of-N this is pass@N);
-* the share of searches whose final log-weights are all equal, where the
-  largest-weight rule has nothing to go on and returns the first particle
-  ("–" where a search has a single candidate).
+* the share of searches whose largest final weight is shared by particles
+  with different answers, where the largest-weight rule has nothing to go
+  on and returns the first of them ("–" where a search has a single
+  candidate).
 
     python experiments/populations.py experiments/db/NAME.sqlite
 """
@@ -24,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from piscale.eval.grade import grade
-from piscale.search.select import group_answers
+from piscale.search.select import group_answers, tied_answers
 
 
 # best-of-N's samples are the ones weighted best-of-N and self-consistency choose from
@@ -51,11 +52,11 @@ def population_rows(db: Path) -> list[tuple[str, int, int, float, float, float |
             continue
         candidates = json.loads(result)["candidates"]
         answers = [c["answer"] for c in candidates]
-        log_weights = [c.get("log_weight") for c in candidates]
+        log_weights = [float("-inf") if c.get("log_weight") is None else c["log_weight"] for c in candidates]
         stats[(algorithm, budget)].append((
             len({g for g in group_answers(answers) if g is not None}),
             any(grade(a, reference) for a in answers),
-            None if len(candidates) < 2 or None in log_weights else len(set(log_weights)) == 1,
+            None if len(candidates) < 2 else tied_answers(answers, log_weights),
         ))
     rows = []
     for (algorithm, budget), found in sorted(stats.items()):
@@ -68,7 +69,7 @@ def population_rows(db: Path) -> list[tuple[str, int, int, float, float, float |
 
 def markdown(db: Path) -> str:
     lines = [
-        "| algorithm | budget | searches | distinct final answers | a correct one among them | all final weights equal |",
+        "| algorithm | budget | searches | distinct final answers | a correct one among them | largest weight tied across answers |",
         "|---|---|---|---|---|---|",
     ]
     for algorithm, budget, n, distinct, covered, tied in population_rows(db):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -157,6 +158,30 @@ def test_comparisons_pair_problems_and_common_problems_drop_partial_ones(tmp_pat
     print_report([common], console=console)
     shown = console.export_text()
     assert "versus" in shown and "+75.0 [" in shown and "+50.0 [" in shown
+
+
+def test_report_counts_searches_whose_largest_weight_was_tied_across_answers(tmp_path: Path, db: Path) -> None:
+    path = tmp_path / "ties.sqlite"
+    populations = {
+        "p1": (["1", "2"], [0.0, 0.0]),  # tied between different answers: the pick was arbitrary
+        "p2": (["1", "1"], [0.0, 0.0]),  # tied, but every pick gives the same answer
+        "p3": (["1", "2"], [1.0, 0.0]),  # the reward decided
+    }
+    with ResultStore(path) as store:
+        store.ensure_config("cfg", "gsm8k", "toy", "arith", {"model": {"spec": "toy"}})
+        run = store.start_run("cfg", {})
+        for problem, (answers, log_weights) in populations.items():
+            for selection in ("max-weight", "weighted-vote"):
+                variant = "" if selection == "max-weight" else "selection=weighted-vote"
+                row = stored_row(problem, "pf", 2, 0, 1.0, True, 10)
+                row = dataclasses.replace(row, variant=variant)
+                result = {"algorithm": "pf", "settings": {"selection": selection},
+                          "candidates": [{"answer": a, "log_weight": w} for a, w in zip(answers, log_weights)]}
+                store.save_search("cfg", run, row.key, result, lambda r, row=row: [row])
+    (group,) = summarize(path)
+    assert group.tied == {("pf", 2): (1, 3)}  # the weighted-vote searches are not counted
+    assert "an arbitrary pick (pf at budget 2: 1 of 3)" in markdown([group])
+    assert "arbitrary pick" not in markdown(summarize(db))  # stored rows whose searches hold no population
 
 
 @pytest.mark.parametrize(

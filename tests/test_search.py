@@ -14,7 +14,7 @@ from piscale.grading import extract_answer, normalize_answer
 from piscale.lm.toy import ToyLM
 from piscale.rewards.base import Reward
 from piscale.search import ALGORITHMS, DEFAULT_SYSTEM_PROMPT, render_html, run, run_many, split_steps
-from piscale.search.select import group_answers, heaviest_group, max_weight, weighted_vote
+from piscale.search.select import group_answers, heaviest_group, max_weight, tied_answers, weighted_vote
 
 QUESTION = "Count up from where you start."
 
@@ -113,6 +113,17 @@ def test_weighted_vote_picks_the_heaviest_answer():
     for c, w in zip(result.candidates, weights):
         totals[c.answer] += w
     assert result.answer == max(totals, key=totals.get)
+
+
+def test_tied_answers_flags_a_largest_weight_shared_by_different_answers():
+    assert tied_answers(["1", "2"], [0.0, 0.0])
+    assert tied_answers(["1", None], [0.0, 0.0])  # no answer differs from an answer
+    assert tied_answers(["3", "1", "2"], [0.0, 2.0, 2.0])
+    assert not tied_answers(["1", "1.0"], [0.0, 0.0])  # equivalent answers: any pick gives the same
+    assert not tied_answers(["1", "2"], [1.0, 0.0])
+    assert not tied_answers(["1", "2", "2"], [0.0, 1.0, 1.0])
+    assert not tied_answers(["1", "2"], [-np.inf, -np.inf])  # nothing has weight
+    assert not tied_answers(["1"], [0.0])
 
 
 def test_ess_threshold_resamples_only_when_the_ess_is_low():

@@ -188,6 +188,10 @@ class Group:
     """The reference algorithm against each other one, at each shared budget."""
     left_out: int = 0
     """Problems left out because some cell lacks them (``common=True``)."""
+    tied: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    """(algorithm, budget) -> (searches whose largest final weight was shared
+    by different answers, searches) for the largest-weight rule's cells
+    with at least one such search."""
 
     @property
     def algorithms(self) -> list[str]:
@@ -262,8 +266,10 @@ def summarize(
     with ResultStore(db, read_only=True) as store:
         configs = store.configs()
         rows = store.results()
+        populations = _final_populations(store, rows)
+        tied = _tied_searches(populations, rows)
         if derived:
-            rows += _rows_by_other_selection(store, rows) + _pass_at_rows(store, rows)
+            rows += _rows_by_other_selection(populations, rows) + _pass_at_rows(store, rows)
         failures = store.unresolved_failures()
         activity = store.run_activity()
         runs = store.runs()
@@ -296,6 +302,10 @@ def summarize(
         for (algorithm, budget), cell_rows in sorted(cells.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
             group.cells.append(_cell(algorithm, budget, cell_rows, estimator))
         group.comparisons = _comparisons(cells, reference, estimator)
+        for (algorithm, budget), cell_rows in cells.items():
+            flags = [tied[r["search_id"]] for r in cell_rows if r["search_id"] in tied and not r.get("derived")]
+            if any(flags):
+                group.tied[(algorithm, budget)] = (sum(flags), len(flags))
         groups.append(group)
     return groups
 
@@ -327,22 +337,47 @@ def _comparisons(cells: dict[tuple[str, int], list[dict]], reference: str, estim
     return sorted(found, key=lambda c: (c.reference, c.other, c.budget))
 
 
-def _rows_by_other_selection(store: ResultStore, rows: Sequence[dict]) -> list[dict]:
-    """For each stored row of an algorithm with a ``selection`` option, the
-    row its search gives under the other rule, unless that variant is stored."""
-    from piscale.eval.runner import variant_label
+def _final_populations(store: ResultStore, rows: Sequence[dict]) -> dict[int, dict]:
+    """The stored results of the searches that chose their answer from a
+    final population by a ``selection`` rule (pf, pg, pt), by search id;
+    results this version cannot re-choose from are left out."""
     from piscale.search import ALGORITHMS
 
     selecting = {name for name, algorithm in ALGORITHMS.items() if "selection" in algorithm.options}
+    populations = {}
+    for search_id in dict.fromkeys(r["search_id"] for r in rows if r["algorithm"] in selecting):
+        result = store.search(search_id)
+        if (result.get("settings") or {}).get("selection") in SELECTION_RULES and result.get("candidates"):
+            populations[search_id] = result
+    return populations
+
+
+def _tied_searches(populations: dict[int, dict], rows: Sequence[dict]) -> dict[int, bool]:
+    """For each search that chose by the largest weight, whether that weight
+    was shared by particles with different answers (see ``tied_answers``)."""
+    from piscale.search.select import tied_answers
+
+    tied = {}
+    for search_id, result in populations.items():
+        if result["settings"]["selection"] == "max-weight":
+            candidates = result["candidates"]
+            log_weights = [-math.inf if c.get("log_weight") is None else c["log_weight"] for c in candidates]
+            tied[search_id] = tied_answers([c.get("answer") for c in candidates], log_weights)
+    return tied
+
+
+def _rows_by_other_selection(populations: dict[int, dict], rows: Sequence[dict]) -> list[dict]:
+    """For each stored row of a search in ``populations``, the row that
+    search gives under the other rule, unless that variant is stored."""
+    from piscale.eval.runner import variant_label
+
     stored = {(r["config_key"], r["problem_id"], r["algorithm"], r["variant"], r["budget"], r["seed"]) for r in rows}
     derived = []
     for row in rows:
-        if row["algorithm"] not in selecting:
+        result = populations.get(row["search_id"])
+        if result is None:
             continue
-        result = store.search(row["search_id"])
-        used = (result.get("settings") or {}).get("selection")
-        if used not in SELECTION_RULES or not result.get("candidates"):
-            continue  # not a stored population this version can re-choose from
+        used = result["settings"]["selection"]
         other = next(rule for rule in SELECTION_RULES if rule != used)
         options = _variant_options(row["variant"])
         variant = variant_label({**options, "selection": other})
@@ -454,6 +489,12 @@ def _counts_note(group: Group) -> str:
         from piscale.eval.runner import variant_label
 
         note += f" Every algorithm ran with {variant_label(group.shared_options).replace(',', ', ')}."
+    if group.tied:
+        cells = "; ".join(f"{group.short_label(a)} at budget {b}: {t} of {n}" for (a, b), (t, n) in group.tied.items())
+        note += (
+            " The largest final weight was shared by particles with different answers in some searches, so the "
+            f"largest-weight rule took the first of them, an arbitrary pick ({cells}); the weighted vote uses them all."
+        )
     if group.left_out:
         note += (
             f" {group.left_out} problem(s) that some cells lack are left out of every cell "

@@ -4,6 +4,8 @@
 * ``weighted_vote``: total weight per final answer, equivalent answers
   pooled; the heaviest answer wins, represented by its heaviest particle;
 * ``choose``: one of the two by the ``selection`` setting's name;
+* ``tied_answers``: whether the largest weight is shared by particles with
+  different answers, so that ``max_weight``'s pick among them is arbitrary;
 * ``group_answers``: which responses give the same answer, in the sense of
   ``piscale.grading`` (symbolic or numeric equivalence), shared by
   self-consistency, weighted best-of-N and the weighted vote.
@@ -85,3 +87,16 @@ def choose(selection: str, answers: Sequence[str | None], log_weights: Sequence[
     if selection == "max-weight":
         return max_weight(log_weights)
     raise ValueError(f"unknown selection {selection!r}; choose max-weight or weighted-vote")
+
+
+def tied_answers(answers: Sequence[str | None], log_weights: Sequence[float]) -> bool:
+    """Whether particles with different final answers (no answer counting as
+    one) share the largest log-weight. ``max_weight`` then returns the first
+    of them: the answer is decided by slot order, not by the reward. Coarse
+    rewards (a verifier, the arithmetic checker) make this common."""
+    values = np.where(np.isnan(np.asarray(log_weights, dtype=float)), -np.inf, np.asarray(log_weights, dtype=float))
+    if values.size == 0 or np.isneginf(values.max()):
+        return False
+    heaviest = [i for i, value in enumerate(values) if value == values.max()]
+    groups = group_answers([answers[i] for i in heaviest])
+    return len(set(groups)) > 1
