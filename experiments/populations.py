@@ -24,7 +24,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from piscale.eval.grade import grade
+from piscale.eval.grade import final_population, grade
 from piscale.search.select import group_answers, tied_answers
 
 
@@ -50,13 +50,11 @@ def population_rows(db: Path) -> list[tuple[str, int, int, float, float, float |
     for problem, algorithm, budget, result, reference in searches:
         if problem not in complete:
             continue
-        candidates = json.loads(result)["candidates"]
-        answers = [c["answer"] for c in candidates]
-        log_weights = [float("-inf") if c.get("log_weight") is None else c["log_weight"] for c in candidates]
+        answers, log_weights = final_population(json.loads(result))
         stats[(algorithm, budget)].append((
             len({g for g in group_answers(answers) if g is not None}),
             any(grade(a, reference) for a in answers),
-            None if len(candidates) < 2 else tied_answers(answers, log_weights),
+            None if len(answers) < 2 else tied_answers(answers, log_weights),
         ))
     rows = []
     for (algorithm, budget), found in sorted(stats.items()):

@@ -128,12 +128,19 @@ def answer_by_selection(result: Mapping, selection: str) -> str | None:
     ``SearchResult.to_dict()`` of an algorithm with a ``selection`` option)
     returns under ``selection``, recomputed from its final candidates. A
     candidate stored without a log-weight had weight zero."""
-    candidates = list(result.get("candidates") or [])
-    if not candidates:
+    if not result.get("candidates"):
         raise ValueError(f"this {result.get('algorithm')} result stores no final candidates to choose from")
+    answers, log_weights = final_population(result)
+    return answers[choose(selection, answers, log_weights)]
+
+
+def final_population(result: Mapping) -> tuple[list[str | None], list[float]]:
+    """The final answers and log-weights of a stored search result's
+    candidates. A candidate stored without a log-weight had weight zero."""
+    candidates = result.get("candidates") or []
     answers = [c.get("answer") for c in candidates]
     log_weights = [-np.inf if c.get("log_weight") is None else float(c["log_weight"]) for c in candidates]
-    return answers[choose(selection, answers, log_weights)]
+    return answers, log_weights
 
 
 def samples_of(candidates: Sequence[Mapping], reference: str, reward_scale: str = "probability") -> Samples:

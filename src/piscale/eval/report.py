@@ -61,7 +61,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from piscale.eval.grade import SUBSAMPLED_ALGORITHMS, answer_by_selection, grade, samples_of
+from piscale.eval.grade import SUBSAMPLED_ALGORITHMS, answer_by_selection, final_population, grade, samples_of
 from piscale.eval.store import ResultStore
 from piscale.eval.subsample import pass_at
 from piscale.search.settings import SELECTIONS as SELECTION_RULES
@@ -360,9 +360,7 @@ def _tied_searches(populations: dict[int, dict], rows: Sequence[dict]) -> dict[i
     tied = {}
     for search_id, result in populations.items():
         if result["settings"]["selection"] == "max-weight":
-            candidates = result["candidates"]
-            log_weights = [-math.inf if c.get("log_weight") is None else c["log_weight"] for c in candidates]
-            tied[search_id] = tied_answers([c.get("answer") for c in candidates], log_weights)
+            tied[search_id] = tied_answers(*final_population(result))
     return tied
 
 

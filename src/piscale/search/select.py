@@ -94,9 +94,8 @@ def tied_answers(answers: Sequence[str | None], log_weights: Sequence[float]) ->
     one) share the largest log-weight. ``max_weight`` then returns the first
     of them: the answer is decided by slot order, not by the reward. Coarse
     rewards (a verifier, the arithmetic checker) make this common."""
-    values = np.where(np.isnan(np.asarray(log_weights, dtype=float)), -np.inf, np.asarray(log_weights, dtype=float))
-    if values.size == 0 or np.isneginf(values.max()):
+    values = np.asarray(log_weights, dtype=float)
+    values = np.where(np.isnan(values), -np.inf, values)
+    if values.size == 0 or np.isneginf(top := values.max()):
         return False
-    heaviest = [i for i, value in enumerate(values) if value == values.max()]
-    groups = group_answers([answers[i] for i in heaviest])
-    return len(set(groups)) > 1
+    return len(set(group_answers([answers[i] for i in np.flatnonzero(values == top)]))) > 1
