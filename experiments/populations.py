@@ -13,45 +13,44 @@ rows), over the problems every search reached:
   on and returns the first of them ("–" where a search has a single
   candidate).
 
+A database holding several configurations (model, reward, dataset) gets one
+table per configuration.
+
     python experiments/populations.py experiments/db/NAME.sqlite
 """
 
 from __future__ import annotations
 
-import json
-import sqlite3
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from piscale.eval.grade import final_population, grade
+from piscale.eval.store import ResultStore
 from piscale.search.select import group_answers, tied_answers
 
 
 # best-of-N's samples are the ones weighted best-of-N and self-consistency choose from
 SHARED_SAMPLES = "bon, wbon, sc (shared samples)"
 
+Row = tuple[str, int, int, float, float, "float | None"]
 
-def population_rows(db: Path) -> list[tuple[str, int, int, float, float, float | None]]:
-    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    searches = connection.execute(
-        """SELECT s.problem_id, s.algorithm, s.budget, s.result, r.reference
-           FROM searches s JOIN results r
-             ON r.search_id = s.search_id AND r.algorithm = s.algorithm AND r.budget = s.budget
-                AND r.variant = s.variant"""
-    ).fetchall()
-    connection.close()
-    cells = {(algorithm, budget) for _, algorithm, budget, _, _ in searches}
+
+def population_rows(store: ResultStore, config_key: str) -> list[Row]:
+    searches = store.searches(config_key)
+    references = {r["problem_id"]: r["reference"] for r in store.results(config_key)}
+    cells = {(s["algorithm"], s["budget"]) for s in searches}
     reached = defaultdict(set)
-    for problem, algorithm, budget, _, _ in searches:
-        reached[problem].add((algorithm, budget))
+    for s in searches:
+        reached[s["problem_id"]].add((s["algorithm"], s["budget"]))
     complete = {problem for problem, done in reached.items() if done == cells}
     stats = defaultdict(list)
-    for problem, algorithm, budget, result, reference in searches:
-        if problem not in complete:
+    for s in searches:
+        if s["problem_id"] not in complete:
             continue
-        answers, log_weights = final_population(json.loads(result))
-        stats[(algorithm, budget)].append((
+        answers, log_weights = final_population(store.search(s["search_id"]))
+        reference = references[s["problem_id"]]
+        stats[(s["algorithm"], s["budget"])].append((
             len({g for g in group_answers(answers) if g is not None}),
             any(grade(a, reference) for a in answers),
             None if len(answers) < 2 else tied_answers(answers, log_weights),
@@ -65,16 +64,31 @@ def population_rows(db: Path) -> list[tuple[str, int, int, float, float, float |
     return rows
 
 
-def markdown(db: Path) -> str:
+def table(rows: list[Row]) -> list[str]:
     lines = [
         "| algorithm | budget | searches | distinct final answers | a correct one among them | largest weight tied across answers |",
         "|---|---|---|---|---|---|",
     ]
-    for algorithm, budget, n, distinct, covered, tied in population_rows(db):
+    for algorithm, budget, n, distinct, covered, tied in rows:
         shown = SHARED_SAMPLES if algorithm == "bon" else algorithm
         tied_text = "–" if tied is None else f"{tied:.0f}%"
         lines.append(f"| {shown} | {budget} | {n} | {distinct:.1f} | {covered:.0f}% | {tied_text} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def markdown(db: Path) -> str:
+    with ResultStore(db, read_only=True) as store:
+        configs = store.configs()
+        if not configs:
+            sys.exit(f"{db} holds no results")
+        blocks = []
+        for config in configs:
+            lines = table(population_rows(store, config["config_key"]))
+            if len(configs) > 1:
+                heading = f"{config['dataset']}, {config['model']}, reward {config['reward']} ({config['config_key']}):"
+                lines = [heading, ""] + lines
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ def test_configs_keep_results_apart(store: ResultStore) -> None:
     assert store.stored_cells("cfg") == set()
     assert len(store.stored_cells("other")) == 3
     assert [c["config_key"] for c in store.configs()] == ["cfg", "other"]
+    assert store.searches("cfg") == []
+    [listed] = store.searches("other")
+    assert (listed["problem_id"], listed["algorithm"], listed["budget"]) == ("p1", "bon", 4)
+    assert store.search(listed["search_id"]) == {"problem": "p1", "answer": "1"}
 
 
 def test_wal_mode_and_integrity(store: ResultStore, tmp_path: Path) -> None:

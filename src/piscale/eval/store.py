@@ -343,6 +343,13 @@ class ResultStore:
         query += " ORDER BY config_key, algorithm, variant, budget, problem_id, seed"
         return [dict(r) for r in self._db.execute(query, (config_key,) if config_key else ())]
 
+    def searches(self, config_key: str | None = None) -> list[dict]:
+        """Every stored search's cell and id, without its result (read one
+        with ``search``)."""
+        query = "SELECT search_id, config_key, problem_id, algorithm, variant, budget, seed FROM searches"
+        query += (" WHERE config_key = ?" if config_key else "") + " ORDER BY search_id"
+        return [dict(r) for r in self._db.execute(query, (config_key,) if config_key else ())]
+
     def search(self, search_id: int) -> dict:
         row = self._db.execute("SELECT result FROM searches WHERE search_id = ?", (search_id,)).fetchone()
         if row is None:
