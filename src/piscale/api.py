@@ -145,16 +145,23 @@ async def sample(
     temperature: float = 0.8,
     top_p: float = 1.0,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     system: str | None = None,
 ) -> list:
-    """``n`` complete answers to ``question``, sampled in one batch.
+    """``n`` complete answers to ``question``, sampled in one batch; answer i
+    is seeded by ``seeds[i]`` when given, else by ``seed * 1_000_003 + i``.
 
     Returns one ``StepOutput`` per answer (tokens, text, log-probabilities and
     whether it ended on EOS or on the token cap)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if seeds is None:
+        seeds = [seed * 1_000_003 + i for i in range(n)]
+    elif len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} answers")
     [handles] = await lm.open([lm.prompt_ids(question, system)], copies=n)
     params = StepParams(max_tokens=max_tokens, stop=(), temperature=temperature, top_p=top_p)
-    outputs = await lm.extend(handles, params, seeds=[seed * 1_000_003 + i for i in range(n)])
-    lm.release(handles)
-    return outputs
+    try:
+        return await lm.extend(handles, params, seeds=list(seeds))
+    finally:
+        lm.release(handles)

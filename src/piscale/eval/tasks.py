@@ -128,21 +128,21 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
         tried = [d / BUILTIN_FILES[name] for d in data_dirs(data_dir)]
         for path in tried:
             if path.is_file():
-                return _task_from_records(name, str(path), _read_records(path), name)
+                return _task_from_records(name, str(path), read_records(path), name)
         raise TaskError(
             f"data file for {name!r} not found; looked at {', '.join(map(str, tried))}. "
             "Pass --data-dir or set PISCALE_DATA."
         )
     path = Path(name)
     if path.is_file():
-        return _task_from_records(name, str(path.resolve()), _read_records(path), path.stem)
+        return _task_from_records(name, str(path.resolve()), read_records(path), path.stem)
     raise TaskError(
         f"unknown dataset {name!r}: not a built-in task ({', '.join(BUILTIN_FILES)}), "
         "not an existing file, and not hf:NAME[:CONFIG][@SPLIT]"
     )
 
 
-def _read_records(path: Path) -> list[tuple[int, object]]:
+def read_records(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed value) for a JSON-lines file or a JSON array."""
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
