@@ -12,8 +12,9 @@ is written out. A prompt whose usable responses all tie yields no pair.
 
 Output: JSON lines in the shape preference trainers read (TRL's
 ``DPOTrainer`` among them): ``prompt``, ``chosen``, ``rejected``, plus the
-prompt's ``id``, both scores, the policy and reward names, and every
-candidate with its score, token count and finish reason. Prompts without a
+prompt's ``id``, both scores, the policy and reward names, the system
+prompt and sampling settings, and every candidate with its score, token
+count and finish reason. Prompts without a
 pair go to a second file (``OUT`` with ``.skipped.jsonl``) with the reason
 and their candidates, so nothing is dropped without a trace.
 
@@ -257,7 +258,15 @@ async def annotate(
     if not out.parent.is_dir():
         raise AnnotationError(f"directory of {out} does not exist")
     skipped_out = skipped_path(out)
-    identity = {"reward": reward.name, "policy": lm.name if lm is not None else "given"}
+    # What the responses were drawn from: a resumed file must not mix two
+    # distributions, and distillation needs to know the proposal.
+    identity = {
+        "reward": reward.name,
+        "reward_scale": reward.scale,
+        "policy": lm.name if lm is not None else "given",
+        "system": system,
+        "sampling": None if lm is None else {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens},
+    }
     done = _read_done(out, identity) | _read_done(skipped_out, identity)
     summary = Summary(prompts=len(prompts), already_done=sum(p.id in done for p in prompts))
     todo = [p for p in prompts if p.id not in done]
