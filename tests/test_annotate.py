@@ -128,6 +128,8 @@ async def test_sampled_pairs_follow_the_reward(tmp_path: Path):
         assert pair["chosen_score"] == max(values) == float(extract_boxed(pair["chosen"]))
         assert pair["rejected_score"] == min(values) < max(values)
         assert len(pair["responses"]) == 6 and all(r["finish_reason"] == "eos" for r in pair["responses"])
+        assert all(r["tokens"] == len(r["token_ids"]) and r["token_ids"][-1] == ToyLM().eos_token_id
+                   for r in pair["responses"])
     for skip in skipped:
         assert len({r["score"] for r in skip["responses"]}) == 1
 

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from piscale.distill import DistillError, Group, Recipe, brain_loss, distill, load_groups, sequence_logprobs
+from piscale.distill import (
+    DistillError,
+    Group,
+    Recipe,
+    _Encoded,
+    brain_loss,
+    distill,
+    load_groups,
+    sequence_logprobs,
+)
 from piscale.lm.hf import TransformersLM
 
 from tiny_models import tiny_causal_lm
@@ -58,7 +67,10 @@ def ratios(lm: TransformersLM, group: Group, reference: torch.Tensor) -> torch.T
 
 
 def test_training_reaches_the_fixed_point_b_equals_alpha(tiny_lm, tmp_path: Path):
-    group = Group("q", "Pick one.", None, ("red", "green", "blue"), (True, True, True), (0.0, 1.0, 2.0))
+    group = Group(
+        "q", "Pick one.", None, ("red", "green", "blue"), finished=(True, True, True),
+        token_ids=(None, None, None), log_rewards=(0.0, 1.0, 2.0),
+    )
     start = ratios(tiny_lm, group, torch.zeros(3))
     recipe = Recipe(beta=1.0, learning_rate=3e-3, prompts_per_step=1, micro_batch=1)
     metrics = distill(tiny_lm, [group] * 150, recipe, out=tmp_path / "model")
@@ -84,12 +96,22 @@ def test_training_reaches_the_fixed_point_b_equals_alpha(tiny_lm, tmp_path: Path
     assert ratios(reloaded, group, start).tolist() == pytest.approx(ratios(tiny_lm, group, start).tolist(), abs=1e-4)
 
 
+def test_responses_are_scored_as_sampled(tiny_lm):
+    eos = tiny_lm.tokenizer.eos_token_id
+    sampled = (5, 6, 7, eos)  # any ids: what the sampler produced, not what the text re-encodes to
+    group = Group("q", "Pick.", "Be brief.", ("ab", "cd"), (True, False), (sampled, None), (0.0, 1.0))
+    encoded = _Encoded(tiny_lm, [group])
+    assert encoded.responses == [list(sampled), tiny_lm.encode("cd")]
+    assert encoded.contexts == [tiny_lm.prompt_ids("Pick.", "Be brief.")] * 2 and encoded.shape == [2]
+
+
 def record(i: int, scores: list[float | None], **overrides) -> dict:
     base = {
         "id": f"p{i}", "prompt": f"question {i}", "reward": "r", "reward_scale": "probability", "policy": "tiny",
         "system": None, "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64},
         "responses": [
-            {"text": f"answer {j}", "tokens": 3, "finish_reason": "eos" if s is not None else "length", "score": s}
+            {"text": f"answer {j}", "tokens": 3, "finish_reason": "eos" if s is not None else "length", "score": s,
+             "token_ids": [10 + j, 11, 2]}
             for j, s in enumerate(scores)
         ],
     }
@@ -111,6 +133,7 @@ def test_load_groups_reads_pairs_and_ties(tmp_path: Path):
     assert left_out == {"fewer than two scored responses": 2}
     assert groups[0].log_rewards == pytest.approx((math.log(0.5), math.log(0.25)))
     assert groups[0].responses == ("answer 0", "answer 1") and groups[0].finished == (True, True)
+    assert groups[0].token_ids == ((10, 11, 2), (11, 11, 2))
     assert groups[1].log_rewards == pytest.approx((math.log(0.5), math.log(0.5)))  # a tie still counts
 
 

@@ -14,7 +14,8 @@ Output: JSON lines in the shape preference trainers read (TRL's
 ``DPOTrainer`` among them): ``prompt``, ``chosen``, ``rejected``, plus the
 prompt's ``id``, both scores, the policy and reward names, the system
 prompt and sampling settings, and every candidate with its score, token
-count and finish reason. Prompts without a
+count, finish reason and, when sampled, its token ids (as generated, the
+end-of-sequence token included; distillation scores exactly these). Prompts without a
 pair go to a second file (``OUT`` with ``.skipped.jsonl``) with the reason
 and their candidates, so nothing is dropped without a trace.
 
@@ -282,7 +283,8 @@ async def annotate(
             )
             summary.generated_tokens += sum(len(o.token_ids) for o in outputs)
             return [
-                {"text": o.text, "tokens": len(o.token_ids), "finish_reason": o.finish_reason}
+                {"text": o.text, "tokens": len(o.token_ids), "finish_reason": o.finish_reason,
+                 "token_ids": list(o.token_ids)}
                 | ({"error": o.error} if o.error else {})
                 for o in outputs
             ]

@@ -65,6 +65,9 @@ class Group:
     finished: tuple[bool, ...]
     """True where the response ended with end-of-sequence (its EOS token is
     part of y and counted in log π(y|x))."""
+    token_ids: tuple[tuple[int, ...] | None, ...]
+    """each response's tokens as sampled (EOS included), when recorded; else
+    the text is re-tokenised and EOS appended to finished responses."""
     log_rewards: tuple[float, ...]
     """r_i: the log-potential of each response's score."""
 
@@ -191,6 +194,7 @@ def _group(record: dict, where: str, policy: str | None) -> Group:
         system=record.get("system"),
         responses=tuple(r["text"] for r in kept),
         finished=tuple(r.get("finish_reason") == "eos" for r in kept),
+        token_ids=tuple(None if r.get("token_ids") is None else tuple(r["token_ids"]) for r in kept),
         log_rewards=tuple(float(v) for v in rewards[keep]),
     )
 
@@ -207,9 +211,12 @@ class _Encoded:
         self.contexts, self.responses, self.shape = [], [], []
         for group in groups:
             context = lm.prompt_ids(group.prompt, group.system)
-            for text, finished in zip(group.responses, group.finished):
+            for text, finished, ids in zip(group.responses, group.finished, group.token_ids):
                 self.contexts.append(context)
-                self.responses.append(lm.encode(text) + ([eos] if finished and eos is not None else []))
+                if ids is not None:
+                    self.responses.append(list(ids))
+                else:
+                    self.responses.append(lm.encode(text) + ([eos] if finished and eos is not None else []))
             self.shape.append(len(group.responses))
 
 
