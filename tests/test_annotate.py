@@ -15,23 +15,11 @@ import pytest
 
 from piscale.annotate import AnnotationError, PromptRecord, annotate, choose_pair, load_prompts, skipped_path
 from piscale.grading import extract_boxed
-from piscale.lm.toy import EOS, STEP, ToyLM
+from piscale.lm.toy import ToyLM
 from piscale.rewards.base import Reward
 from piscale.rewards.cdr import DensityRatioReward
 
-WORDS = ("Add", " 1", " 2")
-
-
-def adding_rule(p_one: float):
-    def rule(prompt: str, generated: tuple[str, ...]) -> dict[str, float]:
-        if not generated or generated[-1] == STEP:
-            return {"Add": 1.0} if generated.count(STEP) < 2 else {EOS: 1.0}
-        if generated[-1] == "Add":
-            return {" 1": p_one, " 2": 1 - p_one}
-        return {STEP: 1.0}
-
-    return rule
-
+from test_rewards_cdr import WORDS, adding_rule  # two-step toy models with known ratios
 
 class BoxedValue(Reward):
     """Scores a response by the number in its last \\boxed{} (0 without one),
