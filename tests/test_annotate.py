@@ -139,7 +139,9 @@ async def test_a_crash_then_a_resume_writes_what_one_run_writes(tmp_path: Path):
     summary = await annotate(prompts, ToyLM(), BoxedValue(), resumed, k=4, batch_size=2, rejected="random")
     assert summary.already_done == 4
     assert text(resumed) == text(whole) and len(lines(whole)) == 8
-    assert [r["id"] for r in lines(skipped_path(whole))] == ["tied"]
+    [tied] = lines(skipped_path(whole))
+    assert (tied["id"], tied["policy"], tied["sampling"]) == ("tied", "given", None)
+    assert all(r["policy"] == "toy" and r["sampling"]["temperature"] == 0.8 for r in lines(whole))
     assert text(skipped_path(resumed)) == text(skipped_path(whole))
     # and a third run has nothing left to do
     again = await annotate(prompts, ToyLM(), BoxedValue(), resumed, k=4, batch_size=2, rejected="random")

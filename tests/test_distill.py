@@ -125,12 +125,13 @@ def write(path: Path, records: list[dict]) -> Path:
 
 def test_load_groups_reads_pairs_and_ties(tmp_path: Path):
     pairs = write(tmp_path / "a.jsonl", [record(0, [0.5, 0.25, None]), record(1, [0.5, 0.0])])
-    write(tmp_path / "a.skipped.jsonl", [record(2, [0.5, 0.5]), record(3, [0.5, None])])
+    given = record(4, [0.9, 0.1], policy="given", sampling=None)
+    write(tmp_path / "a.skipped.jsonl", [record(2, [0.5, 0.5]), record(3, [0.5, None]), given])
     groups, left_out = load_groups([pairs], policy="tiny")
     # p1's second response scored 0 (log r = -inf: ruled out), p3's was cut off:
     # each keeps one response, which carries no gradient
     assert [g.id for g in groups] == ["p0", "p2"]
-    assert left_out == {"fewer than two scored responses": 2}
+    assert left_out == {"fewer than two scored responses": 2, "responses given, not sampled from the model": 1}
     assert groups[0].log_rewards == pytest.approx((math.log(0.5), math.log(0.25)))
     assert groups[0].responses == ("answer 0", "answer 1") and groups[0].finished == (True, True)
     assert groups[0].token_ids == ((10, 11, 2), (11, 11, 2))

@@ -183,9 +183,10 @@ def skipped_path(out: Path) -> Path:
     return out.with_name(name + ".skipped.jsonl")
 
 
-def _read_done(path: Path, identity: Mapping[str, str]) -> set[str]:
+def _read_done(path: Path, scoring: Mapping[str, object], sampled: Mapping[str, object]) -> set[str]:
     """Ids already written to ``path``, after cutting a torn last line; refuses
-    a file written by another policy or reward."""
+    a file scored otherwise (``scoring``) or sampled otherwise (``sampled``,
+    checked on lines whose responses were sampled)."""
     if not path.exists():
         return set()
     data = path.read_bytes()
@@ -201,7 +202,8 @@ def _read_done(path: Path, identity: Mapping[str, str]) -> set[str]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise AnnotationError(f"{path}:{number}: not valid JSON ({error}); is it an annotation file?") from error
-        for key, value in identity.items():
+        expected = dict(scoring) | (dict(sampled) if record.get("policy") != "given" else {})
+        for key, value in expected.items():
             if record.get(key) != value:
                 raise AnnotationError(
                     f"{path} was written with {key} {record.get(key)!r}, not {value!r}; "
@@ -260,15 +262,15 @@ async def annotate(
         raise AnnotationError(f"directory of {out} does not exist")
     skipped_out = skipped_path(out)
     # What the responses were drawn from: a resumed file must not mix two
-    # distributions, and distillation needs to know the proposal.
-    identity = {
-        "reward": reward.name,
-        "reward_scale": reward.scale,
-        "policy": lm.name if lm is not None else "given",
-        "system": system,
-        "sampling": None if lm is None else {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens},
+    # distributions, and distillation needs to know the proposal. Given
+    # responses were drawn from nothing piscale knows.
+    scoring = {"reward": reward.name, "reward_scale": reward.scale, "system": system}
+    sampled = {
+        "policy": lm.name if lm is not None else None,
+        "sampling": {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens},
     }
-    done = _read_done(out, identity) | _read_done(skipped_out, identity)
+    given = {"policy": "given", "sampling": None}
+    done = _read_done(out, scoring, sampled) | _read_done(skipped_out, scoring, sampled)
     summary = Summary(prompts=len(prompts), already_done=sum(p.id in done for p in prompts))
     todo = [p for p in prompts if p.id not in done]
     for start in range(0, len(todo), batch_size):
@@ -296,6 +298,7 @@ async def annotate(
             rng = np.random.default_rng(zlib.crc32(f"{seed}:{p.id}:rejected".encode()))
             texts = [r["text"] for r in responses]
             choice = choose_pair(texts, [r["score"] for r in responses], rejected=rejected, margin=margin, rng=rng)
+            identity = {**scoring, **(given if p.responses is not None else sampled)}
             base = {"id": p.id, "prompt": p.prompt}
             if isinstance(choice, str):
                 skipped.append({**base, "skipped": choice, **identity, "responses": responses})

@@ -151,6 +151,10 @@ def load_groups(paths: Sequence[str | os.PathLike], policy: str | None = None) -
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DistillError(f"{where}: not valid JSON ({error})") from error
+            if record.get("policy") == "given":
+                reason = "responses given, not sampled from the model"
+                left_out[reason] = left_out.get(reason, 0) + 1
+                continue
             group = _group(record, where, policy)
             if group.id in seen:
                 raise DistillError(f"{where}: prompt {group.id!r} appears twice; pass each annotation once")
