@@ -181,3 +181,14 @@ def test_cli_trains_and_saves(tmp_path: Path):
     other = subprocess.run([*cli, "--model", "smollm2-135m-instruct", "--out", str(tmp_path / "o2")],
                            capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "the proposal must be the model before training" in other.stderr
+
+
+def test_sequence_logprobs_equal_the_engines_scores(tiny_lm):
+    import asyncio
+
+    contexts = [tiny_lm.prompt_ids("Pick one."), tiny_lm.prompt_ids("A much longer question, really.")]
+    responses = [tiny_lm.encode("red"), tiny_lm.encode("a longer answer") + [tiny_lm.tokenizer.eos_token_id]]
+    with torch.no_grad():
+        ours = sequence_logprobs(tiny_lm.model, contexts, responses, tiny_lm.pad_token_id)
+    engine = asyncio.run(tiny_lm.score(contexts, responses))
+    assert ours.tolist() == pytest.approx([s.total for s in engine], abs=1e-4)

@@ -237,9 +237,14 @@ def sequence_logprobs(model, contexts: Sequence[list[int]], responses: Sequence[
         ids[i, : len(context) + len(response)] = torch.tensor(context + response, device=device)
         mask[i, : len(context) + len(response)] = 1
         wanted[i, len(context) : len(context) + len(response)] = True
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (token_logprobs * wanted[:, 1:]).sum(dim=-1)
+    # Only positions from the shortest context on predict response tokens:
+    # the vocabulary-wide logits of the rest (most of the memory) are never made.
+    first = min(map(len, contexts)) - 1
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=width - first).logits
+    logits = logits[:, :-1].float()
+    targets = ids[:, first + 1 :]
+    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return (token_logprobs * wanted[:, first + 1 :]).sum(dim=-1)
 
 
 def _padded(values: Sequence[float], shape: Sequence[int], fill: float, like: torch.Tensor) -> torch.Tensor:
