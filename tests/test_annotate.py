@@ -174,7 +174,7 @@ async def test_truncated_and_empty_responses_are_not_candidates(tmp_path: Path):
     assert pair["responses"][0]["excluded"] == "empty" and pair["rejected"] == "\\boxed{1}"
 
 
-def test_load_prompts(tmp_path: Path):
+def test_load_prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     path = tmp_path / "prompts.jsonl"
     path.write_text(
         '{"prompt": "first"}\n\n{"instruction": "second", "id": 7}\n'
@@ -185,7 +185,14 @@ def test_load_prompts(tmp_path: Path):
         ("line-1", "first", None), ("7", "second", None), ("line-4", "third", ("a", "b"))
     ]
     assert len(load_prompts(str(path), limit=2)) == 2
-    assert [r.id for r in load_prompts("gsm8k", limit=2)] == ["gsm8k-0", "gsm8k-1"]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gsm8k_test.jsonl").write_text(
+        "".join(json.dumps({"question": f"Q{i}?", "answer": f"so #### {i}"}) + "\n" for i in range(3))
+    )
+    monkeypatch.setenv("PISCALE_DATA", str(data))
+    questions = load_prompts("gsm8k", limit=2)
+    assert [(r.id, r.prompt) for r in questions] == [("gsm8k-0", "Q0?"), ("gsm8k-1", "Q1?")]
 
     def refused(text: str, match: str, **kwargs) -> None:
         path.write_text(text)
