@@ -292,46 +292,44 @@ def distill(
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     metrics: list[StepMetrics] = []
-    model.train()
-    try:
-        for epoch in range(1, recipe.epochs + 1):
-            order = rng.permutation(len(groups))
-            for first in range(0, len(order), recipe.prompts_per_step):
-                started = time.perf_counter()
-                batch = [groups[i] for i in order[first : first + recipe.prompts_per_step]]
-                optimizer.zero_grad(set_to_none=True)
-                total, ess = 0.0, []
-                for start in range(0, len(batch), recipe.micro_batch):
-                    chunk = batch[start : start + recipe.micro_batch]
-                    encoded = _Encoded(lm, chunk)
-                    policy = sequence_logprobs(model, encoded.contexts, encoded.responses, pad_id)
-                    shape = encoded.shape
-                    rewards = torch.tensor([r for g in chunk for r in g.log_rewards], dtype=policy.dtype, device=policy.device)
-                    losses = brain_loss(
-                        _padded(policy, shape, 0.0, policy),
-                        _padded(torch.cat([reference[g.id] for g in chunk]), shape, 0.0, policy),
-                        _padded(rewards, shape, -math.inf, policy),
-                        recipe.beta,
-                    )
-                    # the step's loss is the mean over its prompts
-                    (losses.sum() / len(batch)).backward()
-                    total += float(losses.detach().sum())
-                    ess += [effective_sample_size(normalize(np.array(g.log_rewards) / recipe.beta)) for g in chunk]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm))
-                optimizer.step()
-                step = StepMetrics(
-                    epoch=epoch, step=len(metrics) + 1, loss=total / len(batch), grad_norm=grad_norm,
-                    target_ess=float(np.mean(ess)), seconds=time.perf_counter() - started,
+    # The model stays in eval mode: dropout would make log π_θ differ from
+    # log p_sft at θ_sft, so b would not start uniform (and the loss at log n).
+    for epoch in range(1, recipe.epochs + 1):
+        order = rng.permutation(len(groups))
+        for first in range(0, len(order), recipe.prompts_per_step):
+            started = time.perf_counter()
+            batch = [groups[i] for i in order[first : first + recipe.prompts_per_step]]
+            optimizer.zero_grad(set_to_none=True)
+            total, ess = 0.0, []
+            for start in range(0, len(batch), recipe.micro_batch):
+                chunk = batch[start : start + recipe.micro_batch]
+                encoded = _Encoded(lm, chunk)
+                policy = sequence_logprobs(model, encoded.contexts, encoded.responses, pad_id)
+                shape = encoded.shape
+                rewards = torch.tensor([r for g in chunk for r in g.log_rewards], dtype=policy.dtype, device=policy.device)
+                losses = brain_loss(
+                    _padded(policy, shape, 0.0, policy),
+                    _padded(torch.cat([reference[g.id] for g in chunk]), shape, 0.0, policy),
+                    _padded(rewards, shape, -math.inf, policy),
+                    recipe.beta,
                 )
-                metrics.append(step)
-                if out_dir is not None:
-                    with (out_dir / "metrics.jsonl").open("a") as handle:
-                        handle.write(json.dumps(asdict(step)) + "\n")
-                if progress is not None:
-                    progress(step)
+                # the step's loss is the mean over its prompts
+                (losses.sum() / len(batch)).backward()
+                total += float(losses.detach().sum())
+                ess += [effective_sample_size(normalize(np.array(g.log_rewards) / recipe.beta)) for g in chunk]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm))
+            optimizer.step()
+            step = StepMetrics(
+                epoch=epoch, step=len(metrics) + 1, loss=total / len(batch), grad_norm=grad_norm,
+                target_ess=float(np.mean(ess)), seconds=time.perf_counter() - started,
+            )
+            metrics.append(step)
             if out_dir is not None:
-                model.save_pretrained(out_dir)
-                lm.tokenizer.save_pretrained(out_dir)
-    finally:
-        model.eval()
+                with (out_dir / "metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(asdict(step)) + "\n")
+            if progress is not None:
+                progress(step)
+        if out_dir is not None:
+            model.save_pretrained(out_dir)
+            lm.tokenizer.save_pretrained(out_dir)
     return metrics
