@@ -247,15 +247,6 @@ def sequence_logprobs(model, contexts: Sequence[list[int]], responses: Sequence[
     return (token_logprobs * wanted[:, first + 1 :]).sum(dim=-1)
 
 
-def _padded(values: Sequence[float], shape: Sequence[int], fill: float, like: torch.Tensor) -> torch.Tensor:
-    out = torch.full((len(shape), max(shape)), fill, dtype=like.dtype, device=like.device)
-    start = 0
-    for row, n in enumerate(shape):
-        out[row, :n] = values[start : start + n]
-        start += n
-    return out
-
-
 def distill(
     lm,
     groups: Sequence[Group],
@@ -267,58 +258,44 @@ def distill(
     """Fit ``lm`` (a ``TransformersLM``; its weights change in place) to the
     tilted posterior of ``groups``. With ``out``, the model and tokenizer are
     saved there after every epoch and the per-step metrics are appended to
-    ``out/metrics.jsonl`` as they come."""
+    ``out/metrics.jsonl`` as they come.
+
+        log p_sft(y_i|x) for every response, once, before any update
+        for each epoch, for each step of ``prompts_per_step`` shuffled prompts:
+            accumulate ∇ mean_x L_x(θ) over micro-batches; clip; AdamW step
+
+    The model stays in eval mode: dropout would make log π_θ differ from
+    log p_sft at θ_sft, so b would not start uniform (nor the loss at log n).
+    """
     if lm.live_sequences:
         raise DistillError("the model holds live sequences; release them before training its weights")
-    model, pad_id = lm.model, lm.pad_token_id
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-
-    # log p_sft(y_i|x): the model before any update.
-    reference: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for start in range(0, len(groups), recipe.micro_batch):
-            chunk = groups[start : start + recipe.micro_batch]
-            encoded = _Encoded(lm, chunk)
-            values = sequence_logprobs(model, encoded.contexts, encoded.responses, pad_id)
-            offset = 0
-            for group, n in zip(chunk, encoded.shape):
-                reference[group.id] = values[offset : offset + n].detach()
-                offset += n
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+        reference = {
+            group.id: values.detach()
+            for chunk in _chunks(groups, recipe.micro_batch)
+            for group, values in zip(chunk, _group_logprobs(lm, chunk))
+        }
+    optimizer = torch.optim.AdamW(lm.model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     metrics: list[StepMetrics] = []
-    # The model stays in eval mode: dropout would make log π_θ differ from
-    # log p_sft at θ_sft, so b would not start uniform (and the loss at log n).
     for epoch in range(1, recipe.epochs + 1):
-        order = rng.permutation(len(groups))
-        for first in range(0, len(order), recipe.prompts_per_step):
+        shuffled = [groups[i] for i in rng.permutation(len(groups))]
+        for batch in _chunks(shuffled, recipe.prompts_per_step):
             started = time.perf_counter()
-            batch = [groups[i] for i in order[first : first + recipe.prompts_per_step]]
             optimizer.zero_grad(set_to_none=True)
-            total, ess = 0.0, []
-            for start in range(0, len(batch), recipe.micro_batch):
-                chunk = batch[start : start + recipe.micro_batch]
-                encoded = _Encoded(lm, chunk)
-                policy = sequence_logprobs(model, encoded.contexts, encoded.responses, pad_id)
-                shape = encoded.shape
-                rewards = torch.tensor([r for g in chunk for r in g.log_rewards], dtype=policy.dtype, device=policy.device)
-                losses = brain_loss(
-                    _padded(policy, shape, 0.0, policy),
-                    _padded(torch.cat([reference[g.id] for g in chunk]), shape, 0.0, policy),
-                    _padded(rewards, shape, -math.inf, policy),
-                    recipe.beta,
-                )
-                # the step's loss is the mean over its prompts
-                (losses.sum() / len(batch)).backward()
+            total = 0.0
+            for chunk in _chunks(batch, recipe.micro_batch):
+                losses = _losses(lm, chunk, reference, recipe.beta)
+                (losses.sum() / len(batch)).backward()  # the step's loss is the mean over its prompts
                 total += float(losses.detach().sum())
-                ess += [effective_sample_size(normalize(np.array(g.log_rewards) / recipe.beta)) for g in chunk]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.model.parameters(), recipe.max_grad_norm))
             optimizer.step()
+            ess = [effective_sample_size(normalize(np.array(g.log_rewards) / recipe.beta)) for g in batch]
             step = StepMetrics(
                 epoch=epoch, step=len(metrics) + 1, loss=total / len(batch), grad_norm=grad_norm,
                 target_ess=float(np.mean(ess)), seconds=time.perf_counter() - started,
@@ -330,6 +307,30 @@ def distill(
             if progress is not None:
                 progress(step)
         if out_dir is not None:
-            model.save_pretrained(out_dir)
+            lm.model.save_pretrained(out_dir)
             lm.tokenizer.save_pretrained(out_dir)
     return metrics
+
+
+def _chunks(items: Sequence, size: int) -> list:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _group_logprobs(lm, groups: Sequence[Group]) -> list[torch.Tensor]:
+    """log π(y_i|x) of each group's responses under ``lm``'s current weights."""
+    encoded = _Encoded(lm, groups)
+    values = sequence_logprobs(lm.model, encoded.contexts, encoded.responses, lm.pad_token_id)
+    return list(torch.split(values, encoded.shape))
+
+
+def _losses(lm, groups: Sequence[Group], reference: dict[str, torch.Tensor], beta: float) -> torch.Tensor:
+    """BRAIn's loss of each group under ``lm``'s current weights."""
+    policy = _group_logprobs(lm, groups)
+    pad = torch.nn.utils.rnn.pad_sequence
+    rewards = [torch.tensor(g.log_rewards, dtype=p.dtype, device=p.device) for g, p in zip(groups, policy)]
+    return brain_loss(
+        pad(policy, batch_first=True),
+        pad([reference[g.id] for g in groups], batch_first=True),
+        pad(rewards, batch_first=True, padding_value=-math.inf),
+        beta,
+    )
