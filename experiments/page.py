@@ -2,10 +2,8 @@
 
 Each block of the page between ``<!-- report NAME -->`` and ``<!-- /report -->``
 is replaced by ``piscale report`` on ``experiments/db/NAME.sqlite`` (tables,
-footnotes and the two plots, written to ``docs/results/NAME/``); each block
-between ``<!-- populations NAME -->`` and ``<!-- /populations -->`` by the
-table of ``experiments/populations.py``. The prose around the blocks is
-written by hand and must be re-read after a refresh.
+footnotes and the two plots, written to ``docs/results/NAME/``). The prose
+around the blocks is written by hand and must be re-read after a refresh.
 
     python experiments/page.py            # run from the repository root
 """
@@ -17,11 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import populations
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "results.md"
-BLOCK = re.compile(r"(<!-- (?P<kind>report|populations) (?P<name>[\w.-]+) -->\n).*?(<!-- /(?P=kind) -->)", re.S)
+BLOCK = re.compile(r"(<!-- report (?P<name>[\w.-]+) -->\n).*?(<!-- /report -->)", re.S)
 
 
 def database(name: str) -> Path:
@@ -51,9 +48,8 @@ def report_block(name: str) -> str:
 def main() -> None:
     page = PAGE.read_text()
     if not BLOCK.search(page):
-        sys.exit(f"{PAGE} has no <!-- report NAME --> or <!-- populations NAME --> blocks")
-    blocks = {"report": report_block, "populations": lambda name: populations.markdown(database(name))}
-    PAGE.write_text(BLOCK.sub(lambda m: m[1] + blocks[m["kind"]](m["name"]) + m[4], page))
+        sys.exit(f"{PAGE} has no <!-- report NAME --> blocks")
+    PAGE.write_text(BLOCK.sub(lambda m: m[1] + report_block(m["name"]) + m[3], page))
 
 
 if __name__ == "__main__":

@@ -164,8 +164,8 @@ def test_report_counts_searches_whose_largest_weight_was_tied_across_answers(tmp
     path = tmp_path / "ties.sqlite"
     populations = {
         "p1": (["1", "2"], [0.0, 0.0]),  # tied between different answers: the pick was arbitrary
-        "p2": (["1", "1"], [0.0, 0.0]),  # tied, but every pick gives the same answer
-        "p3": (["1", "2"], [1.0, 0.0]),  # the reward decided
+        "p2": (["1", "1.0"], [0.0, 0.0]),  # tied, but every pick gives the same answer
+        "p3": (["3", "2"], [1.0, 0.0]),  # the reward decided (and no candidate is right)
     }
     with ResultStore(path) as store:
         store.ensure_config("cfg", "gsm8k", "toy", "arith", {"model": {"spec": "toy"}})
@@ -181,6 +181,17 @@ def test_report_counts_searches_whose_largest_weight_was_tied_across_answers(tmp
     (group,) = summarize(path)
     assert group.tied == {("pf", 2): (1, 3)}  # the weighted-vote searches are not counted
     assert "an arbitrary pick (pf at budget 2: 1 of 3)" in markdown([group])
+    # What the final candidates hold, one row per stored search cell (the
+    # reference is "1"; "1.0" is the same answer, so p2 has one distinct answer)
+    from piscale.eval.report import Population
+
+    assert group.populations == [
+        Population("pf", 2, 3, distinct_answers=pytest.approx(5 / 3), covered=pytest.approx(2 / 3),
+                   tied=pytest.approx(1 / 3)),
+        Population("pf[selection=weighted-vote]", 2, 3, distinct_answers=pytest.approx(5 / 3),
+                   covered=pytest.approx(2 / 3), tied=pytest.approx(1 / 3)),
+    ]
+    assert "| pf | 2 | 3 | 1.7 | 67% | 33% |" in markdown([group])
     assert "arbitrary pick" not in markdown(summarize(db))  # stored rows whose searches hold no population
 
 

@@ -168,6 +168,25 @@ def paired_difference(reference: Sequence[float], other: Sequence[float], z: flo
     return mean, mean - half, mean + half
 
 
+@dataclass(frozen=True)
+class Population:
+    """The final candidates of the stored searches of one algorithm and
+    budget (best-of-N's samples, the particles of a particle filter, the kept
+    answers of a tree search), over the problems the table uses."""
+
+    algorithm: str
+    budget: int
+    searches: int
+    distinct_answers: float
+    """mean number of distinct final answers (equivalent answers pooled)."""
+    covered: float
+    """share of searches with a correct answer among the candidates: what a
+    perfect final choice would reach."""
+    tied: float | None
+    """share of searches, among those with two or more candidates, whose
+    largest weight (or score) was shared by different answers."""
+
+
 @dataclass
 class Group:
     """All cells of one configuration."""
@@ -192,6 +211,8 @@ class Group:
     """(algorithm, budget) -> (searches whose largest final weight was shared
     by different answers, searches) for the largest-weight rule's cells
     with at least one such search."""
+    populations: list[Population] = field(default_factory=list)
+    """What the final candidates of the stored searches hold, per search cell."""
 
     @property
     def algorithms(self) -> list[str]:
@@ -266,10 +287,12 @@ def summarize(
     with ResultStore(db, read_only=True) as store:
         configs = store.configs()
         rows = store.results()
-        populations = _final_populations(store, rows)
+        searches = {s["search_id"]: s for s in store.searches()}
+        results = {search_id: store.search(search_id) for search_id in searches}
+        populations = _final_populations(results, rows)
         tied = _tied_searches(populations, rows)
         if derived:
-            rows += _rows_by_other_selection(populations, rows) + _pass_at_rows(store, rows)
+            rows += _rows_by_other_selection(populations, rows) + _pass_at_rows(results, rows)
         failures = store.unresolved_failures()
         activity = store.run_activity()
         runs = store.runs()
@@ -306,8 +329,46 @@ def summarize(
             flags = [tied[r["search_id"]] for r in cell_rows if r["search_id"] in tied and not r.get("derived")]
             if any(flags):
                 group.tied[(algorithm, budget)] = (sum(flags), len(flags))
+        used = {r["problem_id"]: r["reference"] for rows in cells.values() for r in rows}
+        group.populations = _populations(
+            [s for s in searches.values() if s["config_key"] == config["config_key"] and s["problem_id"] in used],
+            results, used,
+        )
         groups.append(group)
     return groups
+
+
+def _populations(searches: Sequence[dict], results: dict[int, dict], references: dict[str, str]) -> list[Population]:
+    """``Population`` rows for ``searches`` (store listings), graded against
+    each problem's reference. Searches stored without candidates are skipped."""
+    from piscale.search.select import group_answers, tied_answers
+
+    found: dict[tuple[str, int], list[tuple[int, bool, bool | None]]] = defaultdict(list)
+    for search in searches:
+        answers, log_weights = final_population(results[search["search_id"]])
+        if not answers:
+            continue
+        # one answer of each group of equivalent answers, graded once
+        representatives: dict[int, str] = {}
+        for answer, group in zip(answers, group_answers(answers)):
+            if group is not None:
+                representatives.setdefault(group, answer)
+        reference = references[search["problem_id"]]
+        found[(_label(search), search["budget"])].append((
+            len(representatives),
+            any(grade(answer, reference) for answer in representatives.values()),
+            tied_answers(answers, log_weights) if len(answers) > 1 else None,
+        ))
+    rows = []
+    for (algorithm, budget), stats in found.items():
+        ties = [t for _, _, t in stats if t is not None]
+        rows.append(Population(
+            algorithm, budget, len(stats),
+            distinct_answers=sum(n for n, _, _ in stats) / len(stats),
+            covered=sum(c for _, c, _ in stats) / len(stats),
+            tied=sum(ties) / len(ties) if ties else None,
+        ))
+    return sorted(rows, key=lambda p: (p.algorithm, p.budget))
 
 
 def _problem_scores(rows: Sequence[dict], estimator: str) -> dict[str, float]:
@@ -337,7 +398,7 @@ def _comparisons(cells: dict[tuple[str, int], list[dict]], reference: str, estim
     return sorted(found, key=lambda c: (c.reference, c.other, c.budget))
 
 
-def _final_populations(store: ResultStore, rows: Sequence[dict]) -> dict[int, dict]:
+def _final_populations(results: dict[int, dict], rows: Sequence[dict]) -> dict[int, dict]:
     """The stored results of the searches that chose their answer from a
     final population by a ``selection`` rule (pf, pg, pt), by search id;
     results this version cannot re-choose from are left out."""
@@ -346,7 +407,7 @@ def _final_populations(store: ResultStore, rows: Sequence[dict]) -> dict[int, di
     selecting = {name for name, algorithm in ALGORITHMS.items() if "selection" in algorithm.options}
     populations = {}
     for search_id in dict.fromkeys(r["search_id"] for r in rows if r["algorithm"] in selecting):
-        result = store.search(search_id)
+        result = results[search_id]
         if (result.get("settings") or {}).get("selection") in SELECTION_RULES and result.get("candidates"):
             populations[search_id] = result
     return populations
@@ -388,7 +449,7 @@ def _rows_by_other_selection(populations: dict[int, dict], rows: Sequence[dict])
     return derived
 
 
-def _pass_at_rows(store: ResultStore, rows: Sequence[dict]) -> list[dict]:
+def _pass_at_rows(results: dict[int, dict], rows: Sequence[dict]) -> list[dict]:
     """pass@b rows for the budgets of each best-of-N style search (one set
     of rows per stored search, whichever of bon, wbon and sc it fed)."""
     # One set of rows per search: those of the first selection seen to come from it.
@@ -400,7 +461,7 @@ def _pass_at_rows(store: ResultStore, rows: Sequence[dict]) -> list[dict]:
                 same.append(row)
     derived = []
     for search_id, search_rows in by_search.items():
-        candidates = store.search(search_id).get("candidates")
+        candidates = results[search_id].get("candidates")
         if not candidates:
             continue  # not a stored sample set this version can read
         samples = samples_of(candidates, search_rows[0]["reference"])
@@ -534,7 +595,29 @@ def tables(group: Group) -> list[Table]:
             [[name(other), *(_comparison_text(group.comparison(other, b, reference)) for b in shown)]
              for other in others],
         ))
+    if group.populations:
+        found.append((
+            "Final candidates of the stored searches: distinct answers (mean), searches with a correct one "
+            "among them (what a perfect final choice would reach), and searches whose largest weight or score "
+            "was shared by different answers",
+            ["algorithm", "budget", "searches", "distinct answers", "a correct one among them",
+             "largest weight tied across answers"],
+            [[_population_label(group, p.algorithm), str(p.budget), str(p.searches), f"{p.distinct_answers:.1f}",
+              f"{100 * p.covered:.0f}%", "–" if p.tied is None else f"{100 * p.tied:.0f}%"]
+             for p in group.populations],
+        ))
     return found
+
+
+def _population_label(group: Group, algorithm: str) -> str:
+    """Best-of-N's samples are also those weighted best-of-N and
+    self-consistency chose from: say so where they are in the table."""
+    name = _label_options(algorithm)[0]
+    label = group.short_label(algorithm)
+    if name != "bon":
+        return label
+    sharing = [a for a in ("wbon", "sc") if any(_label_options(c)[0] == a for c in group.algorithms)]
+    return f"{label} (the samples {', '.join(sharing)} also chose from)" if sharing else label
 
 
 def markdown(groups: Sequence[Group], *, estimator: str = "expected") -> str:
@@ -629,6 +712,7 @@ def write_json(groups: Sequence[Group], path: str | Path, *, estimator: str = "e
                 "comparisons": [asdict(c) for c in g.comparisons],
                 "problems_left_out": g.left_out,
                 "failures": g.failures,
+                "final_candidates": [asdict(p) for p in g.populations],
             }
             for g in groups
         ],
