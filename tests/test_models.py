@@ -599,6 +599,21 @@ def test_cli_errors_exit_non_zero_without_a_traceback(
     assert "assembled 9233 bytes but expected 9234" in " ".join(err.split()) and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", [["generate", "hi"], ["solve", "hi"], ["eval", "--dataset", "gsm8k", "--limit", "1"]])
+def test_commands_report_a_model_that_does_not_exist_without_a_traceback(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PISCALE_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gsm8k_test.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
+    monkeypatch.setenv("PISCALE_DATA", str(data))
+    code, out, err = run_cli(*command, "--model", "no-such-model")
+    assert code == 2, out + err
+    assert "cannot find model 'no-such-model'" in " ".join(err.split()) and "Traceback" not in err
+
+
 # --------------------------------------------------------------------------
 # the real default model (slow: downloads ~93 MB once, converts ~30 s)
 

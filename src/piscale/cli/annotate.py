@@ -90,6 +90,12 @@ def annotate_command(
         )
     except (AnnotationError, ValueError) as error:
         fail(str(error))
+    except Exception as error:  # a backend or reward failure mid-run: what was stored stays stored
+        console.print(Text(
+            f"error: {type(error).__name__}: {error}\nevery finished batch is in {out}; "
+            "run the same command again to resume"
+        ), style="red")
+        raise typer.Exit(1) from None
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped.items())) or "none"
     console.print(Text(
         f"{summary.pairs} new pairs in {out} ({summary.already_done} prompts were done before); skipped: {skipped}"

@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
                     **options,
                 )
             )
-        except (ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError) as error:
+        except (ValueError, TypeError, KeyError, OSError, RuntimeError) as error:
             fail(str(error).strip("'\""))
         data = result.to_dict()
         if trace is not None:
