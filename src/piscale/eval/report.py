@@ -19,8 +19,11 @@ the report gives, per algorithm (with its search options, if any) and budget:
   problems that separate intervals carry, so it tells two algorithms apart
   on far fewer problems;
 
-and plots of accuracy against budget and against generated tokens, one line
-per algorithm, with the interval as a band (PNG and SVG).
+a table of what the stored searches ended with (their final candidates:
+distinct answers, whether a correct one is among them, whether the largest
+weight was shared by different answers; :class:`Population`), and plots of
+accuracy against budget and against generated tokens, one line per
+algorithm, with the interval as a band (PNG and SVG).
 
 Two kinds of rows are derived from the stored searches, at no generation
 cost (``derived=True``), and marked in the tables:
