@@ -344,22 +344,19 @@ def summarize(
 def _populations(searches: Sequence[dict], results: dict[int, dict], references: dict[str, str]) -> list[Population]:
     """``Population`` rows for ``searches`` (store listings), graded against
     each problem's reference. Searches stored without candidates are skipped."""
-    from piscale.search.select import group_answers, tied_answers
+    from piscale.search.select import tied_answers
 
     found: dict[tuple[str, int], list[tuple[int, bool, bool | None]]] = defaultdict(list)
     for search in searches:
-        answers, log_weights = final_population(results[search["search_id"]])
+        result = results[search["search_id"]]
+        answers, log_weights = final_population(result)
         if not answers:
             continue
-        # one answer of each group of equivalent answers, graded once
-        representatives: dict[int, str] = {}
-        for answer, group in zip(answers, group_answers(answers)):
-            if group is not None:
-                representatives.setdefault(group, answer)
-        reference = references[search["problem_id"]]
+        # equivalent answers grouped and each group graded once, as for subsampling
+        samples = samples_of(result["candidates"], references[search["problem_id"]])
         found[(_label(search), search["budget"])].append((
-            len(representatives),
-            any(grade(answer, reference) for answer in representatives.values()),
+            len(samples.group_correct),
+            bool(samples.group_correct.any()),
             tied_answers(answers, log_weights) if len(answers) > 1 else None,
         ))
     rows = []
