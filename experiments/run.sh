@@ -30,11 +30,11 @@ gsm8k_0_5b() {
     --option max_tokens=512 --engine-option max_sequences=200 --engine-option context_length=1024
 }
 math500_0_5b() {
-  step math500-qwen2.5-coder-0.5b --dataset math500 --limit 20 --model qwen2.5-coder-0.5b-instruct \
+  step math500-qwen2.5-coder-0.5b --dataset math500 --limit 12 --model qwen2.5-coder-0.5b-instruct \
     --option max_tokens=1024 --engine-option max_sequences=200 --engine-option context_length=1536
 }
 gsm8k_1_5b() {
-  step gsm8k-qwen2.5-coder-1.5b --dataset gsm8k --limit 20 --model qwen2.5-coder-1.5b-instruct \
+  step gsm8k-qwen2.5-coder-1.5b --dataset gsm8k --limit 10 --model qwen2.5-coder-1.5b-instruct \
     --option max_tokens=512 --engine-option max_sequences=200 --engine-option context_length=1024
 }
 
