@@ -202,7 +202,7 @@ def test_load_prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     refused('{"prompt": "a"}\n{"prompt": ', r"prompts.jsonl:2: not valid JSON")
     refused('{"text": "a"}\n', r"prompts.jsonl:1: no prompt; expected a non-empty string in prompt or question")
     refused('{"text": "a"}\n', r"no prompt; expected a non-empty string in body", field="body")
-    refused('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', r":2: id '1' already used on line 1")
+    refused('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', r"prompts.jsonl:2: id '1' already used at .*prompts.jsonl:1$")
     refused('{"prompt": "a", "responses": ["only one"]}\n', r"1 response\(s\) given")
     refused('["a"]', r"expected a JSON object")
     with pytest.raises(AnnotationError, match="not a file and not a built-in task"):

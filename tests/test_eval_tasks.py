@@ -108,7 +108,7 @@ def test_bad_records_say_what_and_where(tmp_path: Path, record: object, message:
 def test_duplicate_ids_and_broken_json_are_errors(tmp_path: Path) -> None:
     dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": 1, "question": "a", "answer": "1"},
                                                {"id": 1, "question": "b", "answer": "2"}])
-    with pytest.raises(TaskError, match="id '1' already used"):
+    with pytest.raises(TaskError, match=r"dup.jsonl:2: id '1' already used at .*dup.jsonl:1$"):
         load_task(str(dup))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "a", "answer": "1"}\n{"question": \n')

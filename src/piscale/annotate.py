@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from piscale.eval.tasks import BUILTIN_FILES, ID_FIELDS, TaskError, load_task, read_records
+from piscale.eval.tasks import BUILTIN_FILES, TaskError, identified_records, load_task, read_records
 from piscale.lm.base import LanguageModel
 from piscale.rewards.aggregate import check_aggregation, score_trajectories
 from piscale.rewards.base import Reward
@@ -105,34 +105,32 @@ def load_prompts(source: str, field: str | None = None, limit: int | None = None
         records = read_records(path)
     except TaskError as error:
         raise AnnotationError(str(error)) from error
+    fields = (field,) if field else PROMPT_FIELDS
     prompts: list[PromptRecord] = []
-    seen: dict[str, int] = {}
-    for number, record in records:
-        where = f"{path}:{number}"
-        if not isinstance(record, Mapping):
-            raise AnnotationError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        fields = (field,) if field else PROMPT_FIELDS
-        prompt = next((record[f] for f in fields if isinstance(record.get(f), str) and record[f].strip()), None)
-        if prompt is None:
-            raise AnnotationError(f"{where}: no prompt; expected a non-empty string in {' or '.join(fields)}")
-        raw_id = next((record[f] for f in ID_FIELDS if record.get(f) is not None), None)
-        prompt_id = f"line-{number}" if raw_id is None else str(raw_id)
-        if prompt_id in seen:
-            raise AnnotationError(f"{where}: id {prompt_id!r} already used on line {seen[prompt_id]}")
-        seen[prompt_id] = number
-        responses = record.get("responses")
-        if responses is not None:
-            if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-                raise AnnotationError(f"{where}: 'responses' must be a list of strings")
-            if len(responses) < 2:
-                raise AnnotationError(f"{where}: {len(responses)} response(s) given; a pair needs at least 2")
-            responses = tuple(responses)
-        prompts.append(PromptRecord(prompt_id, prompt, responses))
-        if limit is not None and len(prompts) == limit:
-            break
+    try:
+        for where, prompt_id, record in identified_records(records, str(path), lambda _, number: f"line-{number}"):
+            prompt = next((record[f] for f in fields if isinstance(record.get(f), str) and record[f].strip()), None)
+            if prompt is None:
+                raise AnnotationError(f"{where}: no prompt; expected a non-empty string in {' or '.join(fields)}")
+            prompts.append(PromptRecord(prompt_id, prompt, _given_responses(record.get("responses"), where)))
+            if limit is not None and len(prompts) == limit:
+                break
+    except TaskError as error:
+        raise AnnotationError(str(error)) from error
     if not prompts:
         raise AnnotationError(f"{path}: no prompts in it")
     return prompts
+
+
+def _given_responses(responses: object, where: str) -> tuple[str, ...] | None:
+    """A record's own ``responses`` (to score instead of sampling), checked."""
+    if responses is None:
+        return None
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise AnnotationError(f"{where}: 'responses' must be a list of strings")
+    if len(responses) < 2:
+        raise AnnotationError(f"{where}: {len(responses)} response(s) given; a pair needs at least 2")
+    return tuple(responses)
 
 
 # -- the choice -------------------------------------------------------------

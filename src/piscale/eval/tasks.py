@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,18 +184,31 @@ def _load_hub(name: str) -> Task:
     return _task_from_records(name, f"hf:{dataset_id}:{config}@{split}", list(enumerate(rows, start=1)), label)
 
 
-def _task_from_records(name: str, source: str, records: Iterable[tuple[int, object]], label: str) -> Task:
-    problems = []
+def identified_records(
+    records: Iterable[tuple[int, object]], source: str, default_id: Callable[[int, int], str]
+) -> Iterator[tuple[str, str, Mapping]]:
+    """(where, id, record) for each record of a file read by ``read_records``:
+    every record must be a JSON object; its id is the first of ``ID_FIELDS``
+    it has, else ``default_id(index, line number)``; an id used twice is
+    refused, naming both places. ``where`` is ``source:line`` for messages."""
     seen: dict[str, int] = {}
     for index, (number, record) in enumerate(records):
         where = f"{source}:{number}"
         if not isinstance(record, Mapping):
             raise TaskError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        problem = _problem_from_record(record, default_id=f"{label}-{index}", where=where)
-        if problem.id in seen:
-            raise TaskError(f"{where}: problem id {problem.id!r} already used at record {seen[problem.id]}")
-        seen[problem.id] = number
-        problems.append(problem)
+        raw_id = next((record[f] for f in ID_FIELDS if record.get(f) is not None), None)
+        record_id = default_id(index, number) if raw_id is None else str(raw_id)
+        if record_id in seen:
+            raise TaskError(f"{where}: id {record_id!r} already used at {source}:{seen[record_id]}")
+        seen[record_id] = number
+        yield where, record_id, record
+
+
+def _task_from_records(name: str, source: str, records: Iterable[tuple[int, object]], label: str) -> Task:
+    problems = [
+        _problem_from_record(record, problem_id, where)
+        for where, problem_id, record in identified_records(records, source, lambda index, _: f"{label}-{index}")
+    ]
     if not problems:
         raise TaskError(f"{source}: no problems in it")
     digest = hashlib.sha256()
@@ -204,14 +217,11 @@ def _task_from_records(name: str, source: str, records: Iterable[tuple[int, obje
     return Task(name=name, source=source, fingerprint=digest.hexdigest(), problems=tuple(problems))
 
 
-def _problem_from_record(record: Mapping, default_id: str, where: str) -> Problem:
+def _problem_from_record(record: Mapping, problem_id: str, where: str) -> Problem:
     question = next((record[f] for f in QUESTION_FIELDS if isinstance(record.get(f), str) and record[f].strip()), None)
     if question is None:
         raise TaskError(f"{where}: no question; expected a non-empty string in one of {QUESTION_FIELDS}")
-    reference = _reference(record, where)
-    raw_id = next((record[f] for f in ID_FIELDS if record.get(f) is not None), None)
-    problem_id = default_id if raw_id is None else str(raw_id)
-    return Problem(id=problem_id, question=question, reference=reference)
+    return Problem(id=problem_id, question=question, reference=_reference(record, where))
 
 
 def _reference(record: Mapping, where: str) -> str:
