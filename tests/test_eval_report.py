@@ -110,6 +110,32 @@ def test_report_command(db: Path, tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "no results database" in missing.output
 
 
+def test_report_restricted_to_chosen_problems(db: Path, tmp_path: Path) -> None:
+    import typer
+
+    from piscale.cli.eval import register
+
+    (group,) = summarize(db, problems=["p2", "p3"])
+    # pf on p2 (1 of 2 seeds) and p3 (none): 0.25; bon's expected accuracies 0.25 and 0.5.
+    assert group.cell("pf", 4).accuracy == pytest.approx(0.25) and group.cell("pf", 4).problems == 2
+    assert group.cell("bon", 2).accuracy == pytest.approx(0.375)
+    assert group.chosen == 2 and "Restricted to 2 chosen problem(s)" in markdown([group])
+    with pytest.raises(ValueError, match=r"no results for problem id\(s\) 'p7', 'p9'$"):
+        summarize(db, problems=["p1", "p9", "p7"])
+
+    app = typer.Typer()
+    register(app)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# the hard ones\np3\n\n")
+    result = CliRunner().invoke(app, ["report", str(db), "--out", str(tmp_path / "o"), "--markdown", "--problems", f"@{ids}"])
+    assert result.exit_code == 0, result.output
+    assert "| pf | – | 0.0 [" in result.output
+    typo = CliRunner().invoke(app, ["report", str(db), "--no-plots", "--problems", "p1,px"])
+    assert typo.exit_code == 2 and "no results for problem id(s) 'px'" in typo.output
+    unreadable = CliRunner().invoke(app, ["report", str(db), "--problems", f"@{tmp_path / 'none.txt'}"])
+    assert unreadable.exit_code == 2 and "cannot read" in unreadable.output
+
+
 def test_paired_difference_known_values() -> None:
     from piscale.eval.report import paired_difference
 

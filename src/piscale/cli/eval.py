@@ -315,6 +315,9 @@ def report(
         help="Add rows computed from the stored searches at no cost: pf, pg and pt under the other selection "
         "rule (re-chosen from their final particles) and pass@n from best-of-N's samples (default).",
     ),
+    problems: str = typer.Option(
+        None, "--problems", help="Only these problem ids: comma-separated, or @FILE with one id per line."
+    ),
 ) -> None:
     """Accuracy (95% CI) and tokens per problem by algorithm x budget, and plots of the scaling curves."""
     from rich.console import Console
@@ -323,7 +326,10 @@ def report(
     from piscale.eval.store import StoreError
 
     try:
-        groups = summarize(db, estimator=estimator, common=common, reference=reference, derived=derived)
+        chosen = None if problems is None else _problem_ids(problems)
+        groups = summarize(
+            db, estimator=estimator, common=common, reference=reference, derived=derived, problems=chosen
+        )
     except (FileNotFoundError, ValueError, StoreError) as error:
         fail(str(error))
     if not groups:
@@ -340,3 +346,20 @@ def report(
     if plots:
         written += write_plots(groups, out)
     Console(stderr=True, markup=False).print("Wrote " + ", ".join(str(p) for p in written))
+
+
+def _problem_ids(spec: str) -> list[str]:
+    """``--problems``: ``a,b,c`` or ``@FILE`` (one id per line, blank lines
+    and ``#`` comments skipped)."""
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise ValueError(f"--problems: cannot read {path}: {error.strerror or error}") from error
+        ids = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        ids = [part.strip() for part in spec.split(",") if part.strip()]
+    if not ids:
+        raise ValueError(f"--problems {spec!r} names no problem ids")
+    return ids

@@ -60,7 +60,7 @@ import math
 import re
 import shlex
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -210,6 +210,9 @@ class Group:
     """The reference algorithm against each other one, at each shared budget."""
     left_out: int = 0
     """Problems left out because some cell lacks them (``common=True``)."""
+    chosen: int | None = None
+    """With ``problems=``: how many of the chosen problems this
+    configuration has results for (None when not restricted)."""
     tied: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     """(algorithm, budget) -> (searches whose largest final weight was shared
     by different answers, searches) for the largest-weight rule's cells
@@ -276,9 +279,12 @@ def summarize(
     common: bool = True,
     reference: str = "pf",
     derived: bool = True,
+    problems: Collection[str] | None = None,
 ) -> list[Group]:
     """One group per configuration in the database, cells sorted by algorithm
-    (in the order first stored) and budget. ``common`` keeps only the
+    (in the order first stored) and budget. ``problems`` restricts it to
+    those problem ids (each must be in the database: a typo must not shrink
+    a table unnoticed); ``common`` keeps only the
     problems every cell has; ``reference`` is the algorithm the others are
     compared with (each of its variants; skipped where a configuration does
     not have it); ``derived`` adds the re-chosen and pass@n rows described
@@ -291,6 +297,8 @@ def summarize(
         configs = store.configs()
         rows = store.results()
         searches = {s["search_id"]: s for s in store.searches()}
+        if problems is not None:
+            rows, searches = _only_problems(db, set(problems), rows, searches)
         results = {search_id: store.search(search_id) for search_id in searches}
         populations = _final_populations(results, rows)
         tied = _tied_searches(populations, rows)
@@ -308,7 +316,12 @@ def summarize(
         if not config_rows:
             continue
         group = Group(config["config_key"], config["dataset"], config["model"], config["reward"], config["description"])
-        group.failures = [f for f in failures if f["config_key"] == config["config_key"]]
+        group.failures = [
+            f for f in failures
+            if f["config_key"] == config["config_key"] and (problems is None or f["problem_id"] in problems)
+        ]
+        if problems is not None:
+            group.chosen = len({r["problem_id"] for r in config_rows})
         group.runs = [
             {**run["info"], "run_id": run["run_id"], "started_at": run["started_at"],
              "last_search_at": activity[run["run_id"]][0], "searches": activity[run["run_id"]][1]}
@@ -339,6 +352,23 @@ def summarize(
         )
         groups.append(group)
     return groups
+
+
+def _only_problems(
+    db: str | Path, wanted: set[str], rows: list[dict], searches: dict[int, dict]
+) -> tuple[list[dict], dict[int, dict]]:
+    """The result rows and searches of the ``wanted`` problems; an error
+    naming the ids the database has no results for."""
+    if not wanted:
+        raise ValueError("no problem ids given to restrict the report to")
+    missing = sorted(wanted - {r["problem_id"] for r in rows})
+    if missing:
+        shown = ", ".join(repr(p) for p in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{db} has no results for problem id(s) {shown}")
+    return (
+        [r for r in rows if r["problem_id"] in wanted],
+        {i: s for i, s in searches.items() if s["problem_id"] in wanted},
+    )
 
 
 def _populations(searches: Sequence[dict], results: dict[int, dict], references: dict[str, str]) -> list[Population]:
@@ -554,6 +584,8 @@ def _counts_note(group: Group) -> str:
             " The largest final weight was shared by particles with different answers in some searches, so the "
             f"largest-weight rule took the first of them, an arbitrary pick ({cells}); the weighted vote uses them all."
         )
+    if group.chosen is not None:
+        note += f" Restricted to {group.chosen} chosen problem(s) (--problems)."
     if group.left_out:
         note += (
             f" {group.left_out} problem(s) that some cells lack are left out of every cell "
@@ -711,6 +743,7 @@ def write_json(groups: Sequence[Group], path: str | Path, *, estimator: str = "e
                 "cells": [asdict(c) for c in g.cells],
                 "comparisons": [asdict(c) for c in g.comparisons],
                 "problems_left_out": g.left_out,
+                "problems_chosen": g.chosen,
                 "failures": g.failures,
                 "final_candidates": [asdict(p) for p in g.populations],
             }
