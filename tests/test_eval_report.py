@@ -83,6 +83,24 @@ def test_markdown_table_and_notes(db: Path) -> None:
     assert "Made by `piscale eval --dataset gsm8k` (1 run, 9 searches, 0:00:00 of running) on Linux, 2 CPUs; piscale 0.1.0." in text
 
 
+def test_provenance_names_each_distinct_command_of_a_resumed_grid(db: Path) -> None:
+    with ResultStore(db) as store:
+        run = store.start_run("cfg", {"argv": ["/venv/bin/piscale", "eval", "--dataset", "gsm8k", "--limit", "5"],
+                                      "platform": "Linux", "cpus": 2, "versions": {"piscale": "0.2.0"}})
+        row = stored_row("p4", "pf", 4, 0, 1.0, True, 100)
+        store.save_search("cfg", run, row.key, {"stub": row.key}, lambda result: [row])
+        again = store.start_run("cfg", {"argv": ["/venv/bin/piscale", "eval", "--dataset", "gsm8k"],
+                                        "platform": "Linux", "cpus": 2, "versions": {"piscale": "0.1.0"}})
+        row = stored_row("p5", "pf", 4, 0, 1.0, True, 100)
+        store.save_search("cfg", again, row.key, {"stub": row.key}, lambda result: [row])
+    text = markdown(summarize(db))
+    assert (
+        "Made by `piscale eval --dataset gsm8k`, then `piscale eval --dataset gsm8k --limit 5` (3 runs, 11 searches"
+        in text
+    )
+    assert "piscale 0.1.0 (in the first run; later runs had other versions)." in text
+
+
 def test_plots_are_written_as_png_and_svg(db: Path, tmp_path: Path) -> None:
     files = write_plots(summarize(db), tmp_path / "plots")
     assert sorted(p.name.split("-accuracy-vs-")[1] for p in files) == ["budget.png", "budget.svg", "tokens.png", "tokens.svg"]

@@ -669,21 +669,27 @@ def markdown(groups: Sequence[Group], *, estimator: str = "expected") -> str:
 
 
 def _provenance(group: Group) -> str:
-    """How the numbers were made: the command, the machine, the versions and
-    the time the runs spent (each from its start to its last stored search)."""
+    """How the numbers were made: the commands (each distinct one, in the
+    order first run: a resumed grid may have been run with another limit),
+    the machine, the versions and the time the runs spent (each from its
+    start to its last stored search)."""
     first = group.runs[0]
-    argv = first.get("argv") or []
-    command = "piscale " + shlex.join(argv[1:]) if argv else "unknown"
+    commands = list(dict.fromkeys(
+        "piscale " + shlex.join(run["argv"][1:]) if run.get("argv") else "unknown" for run in group.runs
+    ))
     seconds = sum(max(run["last_search_at"] - run["started_at"], 0.0) for run in group.runs)
     searches = sum(run["searches"] for run in group.runs)
     versions = first.get("versions") or {}
     shown = ", ".join(f"{name} {versions[name]}" for name in ("piscale", "torch", "transformers", "llama-cpp-python")
                       if versions.get(name))
+    if any((run.get("versions") or {}) != versions for run in group.runs):
+        shown += " (in the first run; later runs had other versions)"
     machine = f"{first.get('platform', 'unknown platform')}, {first.get('cpus', '?')} CPUs"
     if first.get("device"):
         machine += f", device {first['device']}"
     return (
-        f"Made by `{command}` ({len(group.runs)} run{'s' if len(group.runs) > 1 else ''}, {searches} searches, "
+        "Made by " + ", then ".join(f"`{c}`" for c in commands)
+        + f" ({len(group.runs)} run{'s' if len(group.runs) > 1 else ''}, {searches} searches, "
         f"{datetime.timedelta(seconds=round(seconds))} of running) on {machine}; {shown}."
     )
 
