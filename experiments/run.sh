@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 PISCALE=${PISCALE:-.venv/bin/piscale}
 mkdir -p runs
 
+# The grid every step runs, unless its function declares its own.
 grid=(--reward arith --algorithms pf,bon,wbon,sc,dvts --budgets 1,2,4,8,16 --seeds 0
       --chunk-size 4 --parallel 3 --engine llamacpp)
 
@@ -38,10 +39,35 @@ gsm8k_1_5b() {
     --option max_tokens=512 --engine-option max_sequences=200 --engine-option context_length=1024
 }
 
+# Particle filtering with adaptive resampling (resample only when ESS < N/2)
+# on the first 24 GSM8K problems. Its database starts as the 0.5B GSM8K run's
+# searches of those problems, so the report pairs the new variant with every
+# stored algorithm on the same problems.
+gsm8k_0_5b_adaptive() {
+  local name=gsm8k-qwen2.5-coder-0.5b-adaptive
+  if [[ ! -e runs/$name.sqlite && ! -e experiments/db/$name.sqlite ]]; then
+    cp experiments/db/gsm8k-qwen2.5-coder-0.5b.sqlite "runs/$name.sqlite"
+    python3 - "runs/$name.sqlite" 24 <<'PY'
+import sqlite3, sys
+db, keep = sqlite3.connect(sys.argv[1]), [f"gsm8k-{i}" for i in range(int(sys.argv[2]))]
+marks = ",".join("?" * len(keep))
+for table in ("results", "failures", "searches"):
+    db.execute(f"DELETE FROM {table} WHERE problem_id NOT IN ({marks})", keep)
+db.commit()
+db.execute("VACUUM")
+PY
+  fi
+  local grid=(--reward arith --algorithms pf --budgets 4,8,16 --seeds 0 --chunk-size 4 --parallel 3 --engine llamacpp)
+  step "$name" --dataset gsm8k --limit 24 --model qwen2.5-coder-0.5b-instruct \
+    --option max_tokens=512 --option pf.ess_threshold=0.5 \
+    --engine-option max_sequences=200 --engine-option context_length=1024
+}
+
 case "${1:-all}" in
   gsm8k-0.5b) gsm8k_0_5b ;;
   math500-0.5b) math500_0_5b ;;
   gsm8k-1.5b) gsm8k_1_5b ;;
-  all) gsm8k_0_5b; math500_0_5b; gsm8k_1_5b ;;
-  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | all)" >&2; exit 2 ;;
+  gsm8k-0.5b-adaptive) gsm8k_0_5b_adaptive ;;
+  all) gsm8k_0_5b; math500_0_5b; gsm8k_1_5b; gsm8k_0_5b_adaptive ;;
+  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-adaptive | all)" >&2; exit 2 ;;
 esac
