@@ -107,6 +107,8 @@ def test_plots_are_written_as_png_and_svg(db: Path, tmp_path: Path) -> None:
     for path in files:
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG") if path.suffix == ".png" else b"<svg" in data[:2000]
+    again = write_plots(summarize(db), tmp_path / "again")
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in files]  # reproducible, byte for byte
 
 
 def test_report_command(db: Path, tmp_path: Path) -> None:

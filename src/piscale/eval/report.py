@@ -807,9 +807,13 @@ def write_plots(groups: Sequence[Group], out_dir: str | Path) -> list[Path]:
             ax.set_title(f"{group.dataset}: {group.model}, reward {group.reward}", fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(title="algorithm", fontsize=8)
-            for suffix in ("png", "svg"):
-                path = out_dir / f"{group.slug}-accuracy-vs-{axis}.{suffix}"
-                figure.savefig(path, dpi=150 if suffix == "png" else None)
-                written.append(path)
+            # No date stamp and fixed SVG element ids: the same results give the
+            # same files byte for byte, so a refreshed page changes only where
+            # its numbers do.
+            with matplotlib.rc_context({"svg.hashsalt": group.slug}):
+                for suffix in ("png", "svg"):
+                    path = out_dir / f"{group.slug}-accuracy-vs-{axis}.{suffix}"
+                    figure.savefig(path, dpi=150 if suffix == "png" else None, metadata={"Date": None})
+                    written.append(path)
             plt.close(figure)
     return written
