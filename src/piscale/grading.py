@@ -75,7 +75,13 @@ def answers_equal(predicted: str | None, reference: str | None) -> bool:
         return False
     if predicted.strip() == reference.strip():
         return True
-    main = _in_main_thread()
+    return _equivalent(predicted, reference, _in_main_thread())
+
+
+@lru_cache(maxsize=65536)
+def _equivalent(predicted: str, reference: str, main: bool) -> bool:
+    # Cached like _parse: grouping the answers of a population compares the
+    # same pairs again for each selection rule, bound and table of a report.
     gold, target = _parse(reference, main), _parse(predicted, main)
     if not gold or not target:
         return False
