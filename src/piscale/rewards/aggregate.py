@@ -73,12 +73,19 @@ async def score_trajectories(
     prompts: Sequence[str],
     trajectories: Sequence[Sequence[str]],
     aggregation: Aggregation = "model",
+    logprobs: Sequence[Sequence[Sequence[float]]] | None = None,
 ) -> list[float]:
     """Aggregated score of each trajectory, in one batched call to ``reward``.
 
     ``model`` sends each partial answer as a single step (its steps joined by a
     blank line); the other aggregations send the steps and combine the
     per-step scores with ``aggregate``.
+
+    ``logprobs[i][t]``, when given, are the policy's token log-probabilities
+    of step ``trajectories[i][t]``; they reach rewards that declare
+    ``needs_logprobs`` (``model`` joins them as it joins the steps, so the
+    tokens and their log-probabilities stay together) and are ignored by
+    the others.
     """
     check_aggregation(aggregation)
     if len(prompts) != len(trajectories):
@@ -90,11 +97,31 @@ async def score_trajectories(
             raise TypeError(f"trajectory {i} is a string; pass a list of step strings")
         if len(steps) == 0:
             raise ValueError(f"trajectory {i} has no steps; there is nothing to score")
+    if logprobs is not None:
+        if len(logprobs) != len(trajectories):
+            raise ValueError(
+                f"got log-probabilities for {len(logprobs)} trajectories but {len(trajectories)} trajectories"
+            )
+        for i, (steps, step_logprobs) in enumerate(zip(trajectories, logprobs)):
+            if len(step_logprobs) != len(steps):
+                raise ValueError(
+                    f"trajectory {i} has {len(steps)} steps but log-probabilities for {len(step_logprobs)}; "
+                    "pass one list of token log-probabilities per step"
+                )
     if aggregation == "model":
         sent: list[list[str]] = [[join_steps(steps)] for steps in trajectories]
+        sent_logprobs = (
+            [[[float(v) for step in steps for v in step]] for steps in logprobs] if logprobs is not None else None
+        )
     else:
         sent = [list(steps) for steps in trajectories]
-    step_scores = await reward.score(list(prompts), sent)
+        sent_logprobs = [[list(step) for step in steps] for steps in logprobs] if logprobs is not None else None
+    if reward.needs_logprobs and sent_logprobs is not None:
+        step_scores = await reward.score_with_logprobs(list(prompts), sent, sent_logprobs)
+    else:
+        # Without log-probabilities a reward that needs them raises from
+        # ``score`` itself, with the reason.
+        step_scores = await reward.score(list(prompts), sent)
     if len(step_scores) != len(sent):
         raise RuntimeError(
             f"reward {reward.name!r} returned {len(step_scores)} results for {len(sent)} trajectories"

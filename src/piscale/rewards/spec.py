@@ -8,6 +8,7 @@
 | ``verify:ANSWER`` | ``VerifierReward`` against ANSWER |
 | ``arith`` | ``ArithmeticReward`` |
 | ``embed:POSITIVE|NEGATIVE`` | ``EmbeddingReward``; several descriptions on a side are separated by ``;`` |
+| ``certainty``, ``certainty:group[:WINDOW]`` | ``SelfCertaintyReward``: the policy's mean token log-probability, or its lowest ``WINDOW``-token group mean; search only |
 
 MODEL is anything ``piscale.lm.load`` accepts (a catalog name, a GGUF file, a
 folder, a hub id). Backends are built with ``load_lm`` (default
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from piscale.lm.base import LanguageModel
 from piscale.rewards.base import Reward
 
-KINDS = ("judge", "prm", "cdr", "verify", "arith", "embed")
+KINDS = ("judge", "prm", "cdr", "verify", "arith", "embed", "certainty")
 
 
 def from_spec(
@@ -61,6 +62,8 @@ def from_spec(
         from piscale.rewards.verify import ArithmeticReward
 
         return ArithmeticReward()
+    if kind == "certainty":
+        return _certainty(spec, argument)
     if kind == "verify":
         need_argument("the reference answer (verify:ANSWER)")
         from piscale.rewards.verify import VerifierReward
@@ -95,6 +98,21 @@ def from_spec(
     from piscale.rewards.prm import load_prm
 
     return load_prm(_prm_source(argument), device=device, trust_remote_code=trust_remote_code)
+
+
+def _certainty(spec: str, argument: str) -> Reward:
+    """``certainty``, ``certainty:mean``, ``certainty:group`` or ``certainty:group:WINDOW``."""
+    from piscale.rewards.certainty import DEFAULT_WINDOW, STATISTICS, SelfCertaintyReward
+
+    statistic, _, window = (part.strip() for part in argument.partition(":"))
+    statistic = statistic.lower() or "mean"
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown self-certainty statistic {statistic!r} in {spec!r}; choose one of {', '.join(STATISTICS)}")
+    if window and statistic != "group":
+        raise ValueError(f"only 'certainty:group' takes a window, got {spec!r}")
+    if window and not (window.isdigit() and int(window) > 0):
+        raise ValueError(f"the window in {spec!r} must be a positive number of tokens (certainty:group:WINDOW)")
+    return SelfCertaintyReward(statistic, int(window) if window else DEFAULT_WINDOW)
 
 
 def _prm_source(model: str) -> str:

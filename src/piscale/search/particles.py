@@ -1,6 +1,7 @@
 """Particles as a tree of steps, and the driver every algorithm shares.
 
-A particle is a ``Node``: its latest step (text, tokens, score) and a pointer
+A particle is a ``Node``: its latest step (text, tokens and their
+log-probabilities, score) and a pointer
 to the node it grew from, so a whole partial answer is the chain of parents
 up to the root (the prompt). Resampling copies pointers, never text.
 
@@ -68,6 +69,10 @@ class Node:
     (the backend failed to write this step)."""
     score: float | None = None
     """aggregated reward of the partial answer up to here; None = unscored."""
+    logprobs: tuple[float, ...] = ()
+    """log p(token | prefix) at temperature 1 of each of ``token_ids``, as
+    the backend returned them; rewards that read the policy's confidence
+    (``Reward.needs_logprobs``) get them without another forward pass."""
 
     def lineage(self) -> list[Node]:
         """The nodes from depth 1 to this one."""
@@ -85,6 +90,10 @@ class Node:
 
     def all_token_ids(self) -> list[int]:
         return [token for node in self.lineage() for token in node.token_ids]
+
+    def step_logprobs(self) -> list[list[float]]:
+        """The token log-probabilities of each step, depth 1 first."""
+        return [list(node.logprobs) for node in self.lineage()]
 
     @property
     def failed(self) -> bool:
@@ -200,6 +209,7 @@ class Driver:
             token_ids=tuple(output.token_ids),
             depth=parent.depth + 1,
             total_tokens=parent.total_tokens + len(output.token_ids),
+            logprobs=tuple(output.logprobs),
         )
         if output.finish_reason == "error":
             child.ended = "error"
@@ -252,7 +262,8 @@ class Driver:
     async def sample(self, count: int, rng: np.random.Generator, score: bool = True) -> list[Node]:
         """``count`` complete answers, sampled in one backend call with the
         whole-response token cap, each stored as its chain of steps (split at
-        the step delimiter; its tokens sit on the last step's node)."""
+        the step delimiter; its tokens, and their log-probabilities, sit on
+        the last step's node: a cut at the delimiter may fall inside a token)."""
         handles = await self.open(count)
         params = StepParams(
             max_tokens=self.settings.max_tokens,
@@ -273,7 +284,8 @@ class Driver:
             for i, piece in enumerate(pieces):
                 last = i == len(pieces) - 1
                 tokens = tuple(output.token_ids) if last else ()
-                node = Node(node, piece, tokens, node.depth + 1, node.total_tokens + len(tokens))
+                logprobs = tuple(output.logprobs) if last else ()
+                node = Node(node, piece, tokens, node.depth + 1, node.total_tokens + len(tokens), logprobs=logprobs)
             node.done = True
             if output.finish_reason == "error":
                 node.ended = "error"
@@ -303,20 +315,35 @@ class Driver:
     async def score(self, nodes: Sequence[Node]) -> None:
         """Set ``score`` on the nodes in one reward call. An outcome-only
         reward (a verifier) scores finished nodes only; failed nodes have
-        nothing to score."""
+        nothing to score. A reward that reads the policy's confidence also
+        gets each step's token log-probabilities."""
         if self.reward is None:
             return
         todo = [n for n in nodes if not n.failed and (n.done or not self.reward.outcome_only)]
         if not todo:
             return
         trajectories = [node.steps() for node in todo]
+        logprobs = [self._logprobs(node) for node in todo] if self.reward.needs_logprobs else None
         scores = await score_trajectories(
-            self.reward, [self.question] * len(todo), trajectories, self.settings.aggregation  # type: ignore[arg-type]
+            self.reward, [self.question] * len(todo), trajectories, self.settings.aggregation,  # type: ignore[arg-type]
+            logprobs=logprobs,
         )
         self.usage.reward_calls += 1
         self.usage.reward_steps += len(todo) if self.settings.aggregation == "model" else sum(map(len, trajectories))
         for node, value in zip(todo, scores):
             node.score = float(value)
+
+    def _logprobs(self, node: Node) -> list[list[float]]:
+        """``node.step_logprobs()``, checked: a backend that returned fewer
+        log-probabilities than tokens would make a confidence of a part of
+        the answer look like one of the whole."""
+        for step in node.lineage():
+            if len(step.logprobs) != len(step.token_ids):
+                raise RuntimeError(
+                    f"backend {self.lm.name!r} returned {len(step.logprobs)} log-probabilities for "
+                    f"{len(step.token_ids)} tokens; reward {self.reward.name!r} needs one per token"  # type: ignore[union-attr]
+                )
+        return node.step_logprobs()
 
 
 @dataclass

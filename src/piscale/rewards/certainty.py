@@ -1,0 +1,140 @@
+r"""Self-certainty: the policy's own confidence in what it wrote, as a reward.
+
+No verifier, no second model: a partial answer x_{<=t} is scored from the
+log-probabilities log p(x_k | c, x_{<k}) that the policy gave its own tokens
+when it wrote them. Confidence-based selection of answers (its_hub; DeepConf,
+Fu et al. 2025, "Deep Think with Confidence") rests on the observation that
+correct reasoning tends to be written with fewer low-probability tokens than
+wrong reasoning. The backend returns these numbers with every step
+(``piscale.lm.base.StepOutput.logprobs``) and the search keeps them on its
+particles, so the reward costs no forward pass at all.
+
+Statistics (``statistic``), over the tokens x_1..x_n of the partial answer:
+
+* ``mean`` (default): the mean token log-probability (1/n) sum_k log p(x_k | .),
+  the log of the geometric-mean token probability, i.e. minus the log
+  perplexity of the answer under the policy;
+* ``group``: DeepConf's "lowest group confidence": the mean log-probability
+  of every run of ``window`` consecutive tokens, and the lowest of them; a
+  shorter answer is one group. Where ``mean`` lets a long confident
+  stretch hide a short confused one, ``group`` scores an answer by its
+  weakest passage.
+
+Step t's score judges the partial answer through step t (as every reward's
+does), so ``last`` and ``model`` aggregation give the statistic of the whole
+answer; ``prod`` (a sum on this scale) and ``min`` combine those of its
+prefixes. A partial answer with no tokens yet scores 0 (certainty 1): no
+evidence either way. Answers sampled whole (best-of-N and its relatives)
+carry all their tokens on their last step, so ``last`` or ``model`` is the
+aggregation to compare them with.
+
+Scale. Scores are on the ``log`` scale: exp(score) is the geometric-mean token
+probability, in (0, 1], and the search treats it as a likelihood. With the
+paper's potential a particle's weight is exp(score / tau), with
+``softmax_temperature`` tau; with the ``incremental`` potential the final
+particles target p(x | c) · exp(score(x) / tau). Mean log-probabilities of
+different answers to one question often differ by only a tenth of a nat, so
+at tau = 1 the weights are nearly flat; a tau around 0.05-0.1 is what makes
+the reward select. The sampling ``temperature`` does not change the scores:
+backends report log-probabilities at temperature 1 (and before ``top_p``), so
+the reward judges answers under the model itself, however they were drawn.
+
+Differences from the papers. DeepConf's token confidence is the negative mean
+log-probability of the k most likely tokens at each position, and Kang et al.
+(2025) measure the divergence of the whole next-token distribution from
+uniform; both need the distribution, which backends do not return. Here the
+sampled token's log-probability stands in for them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from piscale.rewards.base import Reward
+
+STATISTICS: tuple[str, ...] = ("mean", "group")
+DEFAULT_WINDOW = 32
+"""Tokens per group for ``group``. DeepConf uses 2,048 on traces of many
+thousand tokens; a step-by-step answer to a grade-school problem is a few
+hundred tokens and a step a few dozen, so a window of about one step lets one
+confused step show while a single uncertain number token does not decide."""
+
+
+class SelfCertaintyReward(Reward):
+    """The policy's confidence in a partial answer (see the module doc)."""
+
+    scale = "log"
+    needs_logprobs = True
+
+    def __init__(self, statistic: str = "mean", window: int = DEFAULT_WINDOW):
+        if statistic not in STATISTICS:
+            raise ValueError(f"unknown self-certainty statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"the group window must be a positive number of tokens, got {window!r}")
+        self.statistic = statistic
+        self.window = window
+        self.name = "certainty" if statistic == "mean" else f"certainty:group:{window}"
+
+    async def score(self, prompts, trajectories) -> list[list[float]]:
+        raise ValueError(
+            f"reward {self.name!r} scores answers by the policy's own token log-probabilities, which "
+            "texts alone do not carry; use it in a search (piscale solve, eval, serve), where the "
+            "backend returns them with every step, or call score_with_logprobs"
+        )
+
+    async def score_with_logprobs(self, prompts, trajectories, logprobs) -> list[list[float]]:
+        if not len(prompts) == len(trajectories) == len(logprobs):
+            raise ValueError(
+                f"got {len(prompts)} prompts, {len(trajectories)} trajectories and log-probabilities for "
+                f"{len(logprobs)}; they must pair up"
+            )
+        results = []
+        for i, (steps, step_logprobs) in enumerate(zip(trajectories, logprobs)):
+            if isinstance(steps, str):
+                raise TypeError(f"trajectory {i} is a string; pass a list of step strings")
+            if len(step_logprobs) != len(steps):
+                raise ValueError(
+                    f"trajectory {i} has {len(steps)} steps but log-probabilities for {len(step_logprobs)}"
+                )
+            results.append(self.prefix_scores(step_logprobs))
+        return results
+
+    def prefix_scores(self, step_logprobs: Sequence[Sequence[float]]) -> list[float]:
+        """The statistic of every partial answer: entry t covers the tokens of
+        steps 0..t."""
+        values = np.array([float(v) for step in step_logprobs for v in step], dtype=float)
+        if np.isnan(values).any():
+            raise ValueError(
+                "the backend returned no log-probability for some tokens (NaN); self-certainty needs a "
+                "backend that reports the log-probability of every generated token"
+            )
+        if (values > 1e-4).any():
+            raise ValueError(f"log-probabilities must be <= 0, got {values[values > 1e-4][:3].tolist()}")
+        ends = np.cumsum([len(step) for step in step_logprobs])
+        # A token the model deemed impossible makes every statistic that
+        # covers it -inf (a zero likelihood); the sums below skip it so that
+        # -inf - -inf never turns into NaN.
+        impossible = np.isneginf(values)
+        first_impossible = int(np.argmax(impossible)) if impossible.any() else len(values)
+        finite = np.where(impossible, 0.0, values)
+        sums = np.concatenate([[0.0], np.cumsum(finite)])
+        if self.statistic == "group" and len(values) >= self.window:
+            # Mean of tokens [j, j + window) for every j, then the lowest of
+            # those that end by each position.
+            window_means = (sums[self.window :] - sums[: -self.window]) / self.window
+            lowest_by_end = np.minimum.accumulate(window_means)
+        scores = []
+        for end in ends.tolist():
+            if end == 0:
+                scores.append(0.0)
+            elif end > first_impossible:
+                scores.append(-math.inf)
+            elif self.statistic == "group" and end >= self.window:
+                scores.append(float(lowest_by_end[end - self.window]))
+            else:
+                # ``mean``, or a partial answer shorter than one group.
+                scores.append(float(sums[end] / end))
+        return scores
