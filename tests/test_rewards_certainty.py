@@ -241,9 +241,10 @@ def test_sampled_answers_keep_logprobs_with_their_tokens():
         assert len(node.logprobs) == len(node.token_ids) == node.total_tokens
         assert sum(node.logprobs) == pytest.approx(sum(exact_token_logprobs(lm, node.response())))
     assert any(len(node.lineage()) > 1 for node in answers)
-    # Only the last step holds tokens, so "min" sees empty prefixes (score 0,
-    # never the lowest) and the whole answer: the same number as "model".
-    for how in ("min", "last"):
+    # Only the last step holds tokens, so earlier prefixes score 0 (never the
+    # lowest, nothing added to a sum): every aggregation gives the whole
+    # answer's mean.
+    for how in ("prod", "min", "last"):
         driver = Driver(
             lm, SelfCertaintyReward(), QUESTION, lm.prompt_ids(QUESTION, None), Settings(temperature=1.0, aggregation=how)
         )

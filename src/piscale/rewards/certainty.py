@@ -25,17 +25,18 @@ does), so ``last`` and ``model`` aggregation give the statistic of the whole
 answer; ``prod`` (a sum on this scale) and ``min`` combine those of its
 prefixes. A partial answer with no tokens yet scores 0 (certainty 1): no
 evidence either way. Answers sampled whole (best-of-N and its relatives)
-carry all their tokens on their last step, so ``last`` or ``model`` is the
-aggregation to compare them with.
+carry all their tokens on their last step, so their earlier prefixes score 0
+and every aggregation gives them the whole answer's statistic; ``last`` or
+``model`` compares them with step-by-step searches on equal terms.
 
 Scale. Scores are on the ``log`` scale: exp(score) is the geometric-mean token
 probability, in (0, 1], and the search treats it as a likelihood. With the
 paper's potential a particle's weight is exp(score / tau), with
 ``softmax_temperature`` tau; with the ``incremental`` potential the final
-particles target p(x | c) · exp(score(x) / tau). Mean log-probabilities of
-different answers to one question often differ by only a tenth of a nat, so
-at tau = 1 the weights are nearly flat; a tau around 0.05-0.1 is what makes
-the reward select. The sampling ``temperature`` does not change the scores:
+particles target p(x | c) · exp(score(x) / tau). Per-token means spread
+little: answers 0.1 nat apart weigh e^0.1 ~ 1.1 : 1 at tau = 1 but e : 1 at
+tau = 0.1, so tau is chosen by the spread of the scores (best-of-N and
+weighted best-of-N do not depend on it). The sampling ``temperature`` does not change the scores:
 backends report log-probabilities at temperature 1 (and before ``top_p``), so
 the reward judges answers under the model itself, however they were drawn.
 
