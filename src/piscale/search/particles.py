@@ -1,9 +1,9 @@
 """Particles as a tree of steps, and the driver every algorithm shares.
 
 A particle is a ``Node``: its latest step (text, tokens and their
-log-probabilities, score) and a pointer
-to the node it grew from, so a whole partial answer is the chain of parents
-up to the root (the prompt). Resampling copies pointers, never text.
+log-probabilities, score) and a pointer to the node it grew from, so a whole
+partial answer is the chain of parents up to the root (the prompt).
+Resampling copies pointers, never text.
 
 The ``Driver`` does the talking to the backend and the reward, the same way
 for every algorithm:
