@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_COMMAND_MODULES = ("main", "models", "trace", "score", "eval", "annotate", "distill", "serve")
+_COMMAND_MODULES = ("main", "models", "trace", "score", "eval", "annotate", "distill", "serve", "values")
 
 for _name in _COMMAND_MODULES:
     try:

@@ -1,0 +1,184 @@
+"""The learned step value on a tiny random-weight backbone: its scores equal
+the head applied to hidden states of a plain full forward pass, scoring is
+incremental, joined and separate steps give the same score, head files
+round-trip, and the shipped head matches its recorded hash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from piscale.rewards.aggregate import score_trajectories
+from piscale.rewards.value import (
+    HeadFile,
+    HeadFileError,
+    StepValueReward,
+    ValueHead,
+    file_sha256,
+    shipped_head_path,
+    shipped_heads,
+)
+from tiny_models import tiny_causal_lm
+
+PROMPT = "Tom has 3 apples and buys 4 more. How many?"
+STEPS = ["Tom starts with 3 apples.\n\n", "He buys 4, so 3 + 4 = 7.\n\n", "The answer is \\boxed{7}."]
+SYSTEM = "Reason step by step."
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return tiny_causal_lm("qwen2", seed=3)
+
+
+def random_head(size: int, kind: str = "logistic", seed: int = 0) -> ValueHead:
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=size).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, size=size).astype(np.float32)
+    if kind == "logistic":
+        return ValueHead(mean, scale, [rng.normal(size=size).astype(np.float32)], [np.float32(0.3)], kind)
+    hidden = 8
+    return ValueHead(
+        mean,
+        scale,
+        [rng.normal(size=(hidden, size)).astype(np.float32), rng.normal(size=hidden).astype(np.float32)],
+        [rng.normal(size=hidden).astype(np.float32), np.float32(-0.2)],
+        kind,
+    )
+
+
+def make_reward(backbone, head=None, layer=-1, **options) -> StepValueReward:
+    model, tokenizer = backbone
+    head = head or random_head(model.config.hidden_size)
+    return StepValueReward(model, tokenizer, head, layer=layer, system_prompt=SYSTEM, **options)
+
+
+def by_hand(backbone, head: ValueHead, layer: int, steps) -> list[float]:
+    """V at the end of each step, from one plain forward pass over the text
+    written out by hand: chat prompt, then each stripped part and a blank line."""
+    model, tokenizer = backbone
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
+    prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    ends = []
+    for step in steps:
+        ids = ids + tokenizer(step.strip() + "\n\n", add_special_tokens=False)["input_ids"]
+        ends.append(len(ids) - 1)
+    with torch.no_grad():
+        states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]
+    mean, scale, (w,), (b,) = head.mean, head.scale, head.weights, head.biases
+    logits = ((states[ends].numpy() - mean) / scale) @ w + b
+    return list(1 / (1 + np.exp(-logits)))
+
+
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_scores_equal_the_head_on_hidden_states_of_a_full_forward(backbone, layer):
+    reward = make_reward(backbone, layer=layer)
+    [scores] = asyncio.run(reward.score([PROMPT], [STEPS]))
+    assert scores == pytest.approx(by_hand(backbone, reward.head, layer, STEPS), abs=1e-5)
+
+
+def test_mlp_head_matches_its_formula(backbone):
+    model, _ = backbone
+    head = random_head(model.config.hidden_size, "mlp", seed=4)
+    x = np.random.default_rng(5).normal(size=(3, model.config.hidden_size)).astype(np.float32)
+    z = (x - head.mean) / head.scale
+    expected = 1 / (1 + np.exp(-(np.maximum(z @ head.weights[0].T + head.biases[0], 0) @ head.weights[1] + head.biases[1])))
+    assert head.probabilities(x) == pytest.approx(expected, abs=1e-5)
+
+
+def test_incremental_scoring_reads_each_new_step_once(backbone):
+    reward = make_reward(backbone)
+    full_tokens, _ = reward.layout(PROMPT, STEPS)
+    for t in range(1, len(STEPS) + 1):
+        asyncio.run(score_trajectories(reward, [PROMPT], [STEPS[:t]], "model"))
+    # Every token of the final sequence read exactly once over the three calls.
+    assert reward.usage.scored_tokens == len(full_tokens)
+    fresh = make_reward(backbone, head=reward.head)
+    [last] = asyncio.run(score_trajectories(fresh, [PROMPT], [STEPS], "model"))
+    [again] = asyncio.run(score_trajectories(reward, [PROMPT], [STEPS], "model"))
+    assert again == pytest.approx(last, abs=1e-5)
+
+
+def test_joined_and_separate_steps_get_the_same_tokens_and_scores(backbone):
+    reward = make_reward(backbone, cache_tokens=0)
+    joined = ["\n\n".join(s.strip() for s in STEPS)]
+    assert reward.layout(PROMPT, joined)[0] == reward.layout(PROMPT, STEPS)[0]
+    [separate] = asyncio.run(reward.score([PROMPT], [STEPS]))
+    [[together]] = asyncio.run(reward.score([PROMPT], [joined]))
+    assert together == pytest.approx(separate[-1], abs=1e-5)
+
+
+def test_read_features_are_the_features_scoring_uses(backbone):
+    reward = make_reward(backbone, layer=-1)
+    trajectories = [STEPS, STEPS[:2], ["Just guess.\n\n", "\\boxed{5}"]]
+    features = reward.read_features([PROMPT] * 3, trajectories, layers=(1, -1))
+    assert [f.shape for f in features] == [(2, 3, 64), (2, 2, 64), (2, 2, 64)]
+    scores = asyncio.run(reward.score([PROMPT] * 3, trajectories))
+    for f, s in zip(features, scores):
+        assert reward.head.probabilities(f[1]) == pytest.approx(s, abs=1e-5)
+
+
+def test_batched_scores_do_not_depend_on_the_batch(backbone):
+    reward = make_reward(backbone)
+    others = [["Another try.\n\n", "It is 8.\n\n", "So \\boxed{8}, I think, after a long way round."], STEPS[:1]]
+    together = asyncio.run(reward.score([PROMPT] * 3, [STEPS, *others]))
+    alone = asyncio.run(make_reward(backbone, head=reward.head).score([PROMPT], [STEPS]))
+    assert together[0] == pytest.approx(alone[0], abs=1e-5)
+
+
+def test_head_file_round_trip(tmp_path, backbone):
+    model, _ = backbone
+    for kind in ("logistic", "mlp"):
+        head = random_head(model.config.hidden_size, kind)
+        path = tmp_path / f"{kind}.safetensors"
+        digest = HeadFile(head, {"backbone": "tiny", "layer": -1, "layout": {"kind": "parts"}}).save(path)
+        assert digest == file_sha256(path)
+        read = HeadFile.read(path)
+        assert read.head.kind == kind and read.metadata["backbone"] == "tiny"
+        x = np.random.default_rng(1).normal(size=(4, model.config.hidden_size)).astype(np.float32)
+        assert read.head.probabilities(x) == pytest.approx(head.probabilities(x), abs=1e-6)
+
+
+def test_bad_heads_and_files_say_what_is_wrong(tmp_path, backbone):
+    model, _ = backbone
+    size = model.config.hidden_size
+    with pytest.raises(HeadFileError, match="reads 3 features"):
+        ValueHead(np.zeros(size), np.ones(size), [np.zeros(3)], [np.float32(0)])
+    with pytest.raises(HeadFileError, match="scales must be positive"):
+        ValueHead(np.zeros(size), np.zeros(size), [np.zeros(size)], [np.float32(0)])
+    with pytest.raises(ValueError, match="hidden size is 64"):
+        make_reward(backbone, head=random_head(10))
+    with pytest.raises(ValueError, match="layer 9"):
+        make_reward(backbone, layer=9)
+    with pytest.raises(HeadFileError, match="no value head file"):
+        HeadFile.read(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(HeadFileError, match="not a safetensors file"):
+        HeadFile.read(junk)
+    from safetensors.numpy import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": np.zeros(2, dtype=np.float32)}, str(plain))
+    with pytest.raises(HeadFileError, match="not a piscale value head"):
+        HeadFile.read(plain)
+    with pytest.raises(HeadFileError, match="needs 'layout'"):
+        HeadFile(random_head(size), {"backbone": "tiny", "layer": -1}).save(tmp_path / "x.safetensors")
+
+
+def test_shipped_head_matches_its_recorded_hash_and_loads():
+    manifest = shipped_heads()
+    assert "default" in manifest
+    for name, entry in manifest.items():
+        path = shipped_head_path(name)
+        assert file_sha256(path) == entry["sha256"]
+        head_file = HeadFile.read(path)
+        assert head_file.metadata["backbone"] == entry["backbone"]
+        for key in ("command", "data_sha256", "seed"):
+            assert entry["training"][key] not in (None, ""), key
+        assert head_file.head.features == head_file.metadata["features"]
+        json.dumps(head_file.metadata)  # plain JSON
