@@ -111,3 +111,139 @@ def collect(
         for problem_id, message in collection.failed[:5]:
             typer.echo(f"failed: {problem_id}: {message}", err=True)
         raise typer.Exit(1)
+
+
+@prm_app.command(name="train")
+def train(
+    db: list[Path] = typer.Option(..., "--db", help="Collection database(s) from piscale prm collect (repeatable)."),
+    backbone: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--backbone", help="Model whose hidden states the head reads."),
+    layers: str = typer.Option(
+        "auto", "--layers", help="Hidden-state indices to try (0 = embeddings, -1 = last); auto: middle, 3/4 and last."
+    ),
+    kind: str = typer.Option("logistic", "--kind", help="logistic | mlp"),
+    labels: str = typer.Option("outcome", "--labels", help="outcome | mc (Monte-Carlo labels where collected)."),
+    validation_fraction: float = typer.Option(0.25, "--validation-fraction", help="Share of problems held out."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the split and the MLP's initialisation."),
+    out: Path = typer.Option(..., "--out", help="Head file to write (.safetensors)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Feature cache (default: $PISCALE_HOME/value-features)."),
+    batch: int = typer.Option(8, "--batch", help="Rollouts per backbone forward pass when reading features."),
+    baseline: list[str] = typer.Option(["arith"], "--baseline", help="Reward spec to measure on the same held-out rollouts."),
+    report: Path = typer.Option(None, "--report", help="Also write the measures as JSON here."),
+) -> None:
+    """Fit a value head on the backbone's hidden states at step ends; write the head file."""
+    import json
+
+    import numpy as np
+
+    from piscale import models
+    from piscale.eval.runner import model_identity
+    from piscale.eval.store import ResultStore, StoreError
+    from piscale.rewards.spec import from_spec
+    from piscale.rewards.value import HeadFile, StepValueReward, ValueHead
+    from piscale.values.collect import CollectError
+    from piscale.values.train import (
+        FeatureCache,
+        TrainError,
+        data_sha256,
+        evaluate_scores,
+        extract_features,
+        fit_and_choose,
+        labelled_rollouts,
+        reward_step_scores,
+        scores_in_table,
+        step_table,
+        validation_problems,
+    )
+
+    if kind not in ("logistic", "mlp"):
+        fail(f"--kind must be logistic or mlp, got {kind!r}")
+    rollouts, configs = [], []
+    try:
+        for path in db:
+            store = ResultStore(path, read_only=True)
+            rollouts += labelled_rollouts(store)
+            configs += [c for c in store.configs() if c["reward"] == "rollouts"]
+            store.close()
+        systems = {r.system for r in rollouts}
+        if len(systems) != 1:
+            raise TrainError(f"the rollouts were written under {len(systems)} different system prompts; train on one")
+        validation = validation_problems([r.problem_id for r in rollouts], validation_fraction, seed)
+    except (StoreError, CollectError, TrainError) as error:
+        fail(str(error))
+    if any("test" in c["dataset"] or c["dataset"] in ("gsm8k", "math500") for c in configs):
+        fail("these rollouts include an evaluation set's problems; train on training problems only")
+    typer.echo(f"{len(rollouts)} rollouts of {len({r.problem_id for r in rollouts})} problems; "
+               f"{sum(r.correct for r in rollouts)} correct; {len(validation)} problems held out")
+
+    from piscale.models import load_transformers
+
+    model, tokenizer = load_transformers(backbone)
+    total = model.config.num_hidden_layers
+    chosen_layers = (
+        sorted({total // 2, (3 * total) // 4, total}) if layers == "auto" else [int(x) for x in layers.split(",")]
+    )
+    system = systems.pop()
+    hidden = model.config.hidden_size
+    placeholder = ValueHead(np.zeros(hidden, np.float32), np.ones(hidden, np.float32), [np.zeros(hidden, np.float32)], [np.float32(0)])
+    reward = StepValueReward(model, tokenizer, placeholder, system_prompt=system, batch_tokens=8192)
+    layout = {"kind": "parts", "marker": "\n\n", "system_prompt": system, "prompt_format": None}
+    root = cache_dir or (models.piscale_home() / "value-features")
+    cache = FeatureCache(root, backbone, chosen_layers, layout)
+    started = time.perf_counter()
+    features = extract_features(
+        reward, rollouts, chosen_layers, cache, batch=batch,
+        progress=lambda done, todo: typer.echo(f"features: {done}/{todo} rollouts read", err=True),
+    )
+    feature_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    try:
+        fitted = fit_and_choose(rollouts, features, chosen_layers, validation, kind=kind, labels=labels, seed=seed)
+    except TrainError as error:
+        fail(str(error))
+    fit_seconds = time.perf_counter() - started
+
+    table = step_table(rollouts, features, chosen_layers.index(fitted.layer), labels)
+    held_out = np.flatnonzero([r.problem_id in validation for r in rollouts])
+    baselines = {}
+    for spec in baseline:
+        other = from_spec(spec)
+        scores = scores_in_table(reward_step_scores(other, rollouts, held_out), table)
+        baselines[spec] = evaluate_scores(scores, table, rollouts, held_out).to_dict()
+
+    metrics = {
+        "validation": fitted.validation.to_dict(),
+        "train": fitted.train.to_dict(),
+        "baselines_on_validation": baselines,
+        "candidates": fitted.candidates,
+    }
+    metadata = {
+        "backbone": backbone,
+        "backbone_identity": model_identity(backbone),
+        "layer": fitted.layer,
+        "features": hidden,
+        "layout": layout,
+        "head": {"kind": kind, "l2": fitted.l2},
+        "policy": sorted({c["model"] for c in configs}),
+        "training": {
+            "command": " ".join(["piscale", *sys.argv[1:]]),
+            "data_sha256": data_sha256(rollouts),
+            "datasets": sorted({f'{c["dataset"]}:{c["description"]["dataset"]["fingerprint"]}' for c in configs}),
+            "collections": sorted({c["config_key"] for c in configs}),
+            "seed": seed,
+            "labels": labels,
+            "validation_fraction": validation_fraction,
+            "problems": len({r.problem_id for r in rollouts}),
+            "validation_problems": len(validation),
+            "rollouts": len(rollouts),
+            "feature_seconds": round(feature_seconds, 1),
+            "fit_seconds": round(fit_seconds, 1),
+        },
+        "metrics": metrics,
+    }
+    digest = HeadFile(fitted.head, metadata).save(out)
+    summary = {"head": str(out), "sha256": digest, "layer": fitted.layer, "l2": fitted.l2,
+               "feature_seconds": round(feature_seconds, 1), "fit_seconds": round(fit_seconds, 1), **metrics}
+    summary.pop("candidates")
+    typer.echo(json.dumps(summary, indent=2))
+    if report is not None:
+        report.write_text(json.dumps({**summary, "metadata": metadata}, indent=2))

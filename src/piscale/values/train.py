@@ -1,0 +1,407 @@
+"""Fitting a step-value head on stored rollouts, and measuring it on held-out problems.
+
+**Data.** Every step t of every stored rollout is one example: the backbone's
+hidden state h_t at the end of the step (``StepValueReward.read_features``,
+the function that serves the reward) and a label y_t, the rollout's outcome
+1{x correct} (or, where collected, the Monte-Carlo fraction of correct
+completions from x_{<=t}). Features are cached on disk per rollout, so a
+retrain (another layer, another head, another regularisation) reads no
+backbone at all.
+
+**Split.** Rollouts of one problem share their prefix distribution, so
+examples are split by *problem*: a problem's rollouts are all in training or
+all in validation (a deterministic hash of the problem id and the seed).
+
+**Fit.** Logistic regression on standardised features, z = (h - mu) / sigma,
+minimising the mean cross-entropy plus (lambda / 2) ||w||^2 with L-BFGS:
+
+    L(w, b) = -mean_t [ y_t log s(w.z_t + b) + (1 - y_t) log(1 - s(w.z_t + b)) ] + lambda/2 ||w||^2.
+
+With outcome labels the minimiser estimates E[y | h] = V (module doc of
+``piscale.values``); lambda is chosen on the validation problems from a small
+grid. An MLP head (one ReLU layer, Adam) is the option for a non-linear V.
+
+**Measures** on the validation problems:
+
+* AUROC on step labels: the probability that a step of a correct rollout
+  scores above a step of an incorrect one (Mann-Whitney U / (n_+ n_-), ties
+  counting one half);
+* pairwise accuracy: over the pairs (correct, incorrect) of finished rollouts
+  of the same problem, the fraction where the correct one's final score is
+  higher (ties one half), pooled over problems; the number a reward needs
+  for best-of-N or particle filtering to pick correct answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from piscale.eval.store import ResultStore
+from piscale.rewards.value import ValueHead
+from piscale.values.collect import stored_rollouts
+
+
+class TrainError(ValueError):
+    """Bad training input; the message says what."""
+
+
+@dataclass(frozen=True)
+class LabelledRollout:
+    problem_id: str
+    question: str
+    system: str
+    steps: tuple[str, ...]
+    correct: bool
+    mc_values: tuple[float, ...] | None = None
+    """Monte-Carlo estimate of V after each step, where collected."""
+
+    @property
+    def key(self) -> str:
+        """What the backbone reads: the features' cache key."""
+        text = json.dumps([self.system, self.question, list(self.steps)])
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def labelled_rollouts(store: ResultStore) -> list[LabelledRollout]:
+    """Every stored rollout with its labels."""
+    found = []
+    for result in stored_rollouts(store):
+        for rollout in result["rollouts"]:
+            if not rollout["steps"]:
+                continue
+            mc = None
+            if "mc_correct" in rollout:
+                mc = tuple(c / rollout["mc_k"] for c in rollout["mc_correct"])
+            found.append(
+                LabelledRollout(
+                    result["problem_id"], result["question"], result["system"] or "",
+                    tuple(rollout["steps"]), bool(rollout["correct"]), mc,
+                )
+            )
+    return found
+
+
+def data_sha256(rollouts: Sequence[LabelledRollout]) -> str:
+    """sha256 of the training data: every rollout's text and labels, in order."""
+    digest = hashlib.sha256()
+    for r in rollouts:
+        digest.update(json.dumps([r.problem_id, r.key, r.correct, r.mc_values]).encode())
+    return digest.hexdigest()
+
+
+def validation_problems(problem_ids: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """A deterministic ``fraction`` of the problems, by hashing id and seed."""
+    if not 0 < fraction < 1:
+        raise TrainError(f"the validation fraction must be in (0, 1), got {fraction}")
+    unique = sorted(set(problem_ids))
+    ranked = sorted(unique, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    count = max(1, round(fraction * len(unique)))
+    if count >= len(unique):
+        raise TrainError(f"{len(unique)} problems are too few to hold out {fraction:.0%} and still train")
+    return set(ranked[:count])
+
+
+# -- features --------------------------------------------------------------------
+class FeatureCache:
+    """Hidden states of rollouts on disk: one ``.npy`` per rollout
+    ([layers, steps, hidden], float16) in a folder named by the backbone, the
+    layers and the layout, so nothing read with one setting serves another."""
+
+    def __init__(self, root: str | Path, backbone: str, layers: Sequence[int], layout: dict):
+        setting = json.dumps({"backbone": backbone, "layers": list(layers), "layout": layout}, sort_keys=True)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone)[-40:]
+        self.folder = Path(root) / f"{slug}-{hashlib.sha256(setting.encode()).hexdigest()[:12]}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "setting.json").write_text(setting)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        path = self.path(key)
+        return np.load(path) if path.is_file() else None
+
+    def put(self, key: str, features: np.ndarray) -> None:
+        temporary = self.folder / f"{key}.partial.npy"
+        np.save(temporary, features.astype(np.float16))
+        temporary.replace(self.path(key))  # atomic: a kill never leaves half a file
+
+
+def extract_features(
+    reward, rollouts: Sequence[LabelledRollout], layers: Sequence[int], cache: FeatureCache,
+    *, batch: int = 8, progress: Callable[[int, int], None] | None = None,
+) -> list[np.ndarray]:
+    """[layers, steps, hidden] per rollout, from the cache or the backbone."""
+    missing = [i for i, r in enumerate(rollouts) if not cache.path(r.key).is_file()]
+    for start in range(0, len(missing), batch):
+        chosen = [rollouts[i] for i in missing[start : start + batch]]
+        features = reward.read_features([r.question for r in chosen], [list(r.steps) for r in chosen], layers)
+        for r, f in zip(chosen, features):
+            cache.put(r.key, f)
+        if progress is not None:
+            progress(min(start + batch, len(missing)), len(missing))
+    return [cache.get(r.key).astype(np.float32) for r in rollouts]
+
+
+@dataclass
+class StepTable:
+    """One row per step: features of one layer, label, which rollout and problem."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    outcome: np.ndarray
+    rollout: np.ndarray
+    last: np.ndarray
+    """True for a rollout's final step (its score is the answer's score)."""
+
+
+def step_table(
+    rollouts: Sequence[LabelledRollout], features: Sequence[np.ndarray], layer_index: int, labels: str = "outcome"
+) -> StepTable:
+    if labels not in ("outcome", "mc"):
+        raise TrainError(f"labels must be 'outcome' or 'mc', got {labels!r}")
+    rows, ys, outcomes, owners, lasts = [], [], [], [], []
+    for i, (r, f) in enumerate(zip(rollouts, features)):
+        steps = f.shape[1]
+        if steps != len(r.steps):
+            raise TrainError(f"features of a rollout of {r.problem_id} have {steps} steps, the rollout {len(r.steps)}")
+        rows.append(f[layer_index])
+        y = np.full(steps, float(r.correct))
+        if labels == "mc" and r.mc_values is not None:
+            y = np.asarray(r.mc_values, dtype=float)
+        ys.append(y)
+        outcomes.append(np.full(steps, float(r.correct)))
+        owners.append(np.full(steps, i))
+        lasts.append(np.arange(steps) == steps - 1)
+    return StepTable(np.concatenate(rows), np.concatenate(ys), np.concatenate(outcomes),
+                     np.concatenate(owners), np.concatenate(lasts))
+
+
+# -- fitting ---------------------------------------------------------------------
+def standardisation(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = features.mean(axis=0)
+    scale = features.std(axis=0)
+    return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
+
+
+def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-2, iterations: int = 200) -> ValueHead:
+    """Logistic regression (module doc) by L-BFGS; labels may be soft (in [0, 1])."""
+    features, labels = _checked(features, labels)
+    mean, scale = standardisation(features)
+    z = torch.as_tensor((features - mean) / scale, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.float64)
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def loss() -> torch.Tensor:
+        optimiser.zero_grad()
+        value = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + 0.5 * l2 * (w @ w)
+        value.backward()
+        return value
+
+    optimiser.step(loss)
+    return ValueHead(mean, scale, [w.detach().numpy().astype(np.float32)], [np.float32(b.item())], "logistic")
+
+
+def fit_mlp(
+    features: np.ndarray, labels: np.ndarray, *, hidden: int = 64, l2: float = 1e-3, epochs: int = 300, seed: int = 0
+) -> ValueHead:
+    """A one-hidden-layer ReLU head by full-batch Adam with weight decay."""
+    features, labels = _checked(features, labels)
+    mean, scale = standardisation(features)
+    torch.manual_seed(seed)
+    z = torch.as_tensor((features - mean) / scale, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.float32)
+    first, second = torch.nn.Linear(z.shape[1], hidden), torch.nn.Linear(hidden, 1)
+    parameters = [*first.parameters(), *second.parameters()]
+    optimiser = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=l2)
+    for _ in range(epochs):
+        optimiser.zero_grad()
+        logits = second(torch.relu(first(z))).squeeze(-1)
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, y).backward()
+        optimiser.step()
+    as_numpy = lambda t: t.detach().numpy().astype(np.float32)  # noqa: E731
+    return ValueHead(
+        mean, scale, [as_numpy(first.weight), as_numpy(second.weight[0])],
+        [as_numpy(first.bias), np.float32(second.bias.item())], "mlp",
+    )
+
+
+def _checked(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    features, labels = np.asarray(features, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    if features.ndim != 2 or labels.shape != (features.shape[0],):
+        raise TrainError(f"need features [n, h] and labels [n]; got {features.shape} and {labels.shape}")
+    if features.shape[0] < 2:
+        raise TrainError("need at least two examples to fit a head")
+    if not np.all((labels >= 0) & (labels <= 1)):
+        raise TrainError("labels must lie in [0, 1]")
+    return features, labels
+
+
+# -- measures --------------------------------------------------------------------
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties one half; labels 0/1."""
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels) > 0.5
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        raise TrainError("AUROC needs both positive and negative examples")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):  # average ranks over ties
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    u = ranks[labels].sum() - positives * (positives + 1) / 2
+    return float(u / (positives * negatives))
+
+
+@dataclass
+class Pairwise:
+    accuracy: float | None
+    pairs: int
+    problems: int
+    """problems with at least one correct and one incorrect finished rollout."""
+
+
+def pairwise_accuracy(final_scores: Sequence[float], correct: Sequence[bool], problem_ids: Sequence[str]) -> Pairwise:
+    """Over (correct, incorrect) pairs of the same problem: the fraction where
+    the correct answer scores higher, ties one half, pooled over problems."""
+    by_problem: dict[str, list[tuple[float, bool]]] = {}
+    for s, c, p in zip(final_scores, correct, problem_ids):
+        by_problem.setdefault(p, []).append((float(s), bool(c)))
+    wins, pairs, problems = 0.0, 0, 0
+    for answers in by_problem.values():
+        good = [s for s, c in answers if c]
+        bad = [s for s, c in answers if not c]
+        if good and bad:
+            problems += 1
+            for g in good:
+                for b in bad:
+                    wins += 1.0 if g > b else 0.5 if g == b else 0.0
+                    pairs += 1
+    return Pairwise(wins / pairs if pairs else None, pairs, problems)
+
+
+@dataclass
+class Evaluation:
+    step_auroc: float | None
+    pairwise: Pairwise
+    steps: int
+    rollouts: int
+
+    def to_dict(self) -> dict:
+        return {
+            "step_auroc": self.step_auroc,
+            "pairwise_accuracy": self.pairwise.accuracy,
+            "pairs": self.pairwise.pairs,
+            "problems_with_pairs": self.pairwise.problems,
+            "steps": self.steps,
+            "rollouts": self.rollouts,
+        }
+
+
+def evaluate_scores(
+    step_scores: np.ndarray, table: StepTable, rollouts: Sequence[LabelledRollout], chosen: np.ndarray
+) -> Evaluation:
+    """Measures of step scores (one per row of ``table``) on the rows of ``chosen`` rollouts."""
+    rows = np.isin(table.rollout, chosen)
+    outcome = table.outcome[rows]
+    step_auroc = auroc(step_scores[rows], outcome) if 0 < outcome.sum() < len(outcome) else None
+    finals = rows & table.last
+    owners = table.rollout[finals]
+    pairwise = pairwise_accuracy(
+        step_scores[finals], [rollouts[i].correct for i in owners], [rollouts[i].problem_id for i in owners]
+    )
+    return Evaluation(step_auroc, pairwise, int(rows.sum()), int(len(owners)))
+
+
+@dataclass
+class Fitted:
+    head: ValueHead
+    layer: int
+    l2: float
+    validation: Evaluation
+    train: Evaluation
+    seconds: float
+    candidates: list[dict] = field(default_factory=list)
+
+
+def fit_and_choose(
+    rollouts: Sequence[LabelledRollout], features: Sequence[np.ndarray], layers: Sequence[int], validation: set[str],
+    *, kind: str = "logistic", l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), labels: str = "outcome", seed: int = 0,
+) -> Fitted:
+    """Fit a head for every (layer, lambda) and keep the best by validation
+    AUROC on step labels, then pairwise accuracy."""
+    is_validation = np.array([r.problem_id in validation for r in rollouts])
+    train_ids, validation_ids = np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
+    best: Fitted | None = None
+    candidates = []
+    for layer_index, layer in enumerate(layers):
+        table = step_table(rollouts, features, layer_index, labels)
+        training_rows = np.isin(table.rollout, train_ids)
+        for l2 in l2_grid:
+            started = time.perf_counter()
+            if kind == "logistic":
+                head = fit_logistic(table.features[training_rows], table.labels[training_rows], l2)
+            elif kind == "mlp":
+                head = fit_mlp(table.features[training_rows], table.labels[training_rows], l2=l2, seed=seed)
+            else:
+                raise TrainError(f"unknown head kind {kind!r}; expected logistic or mlp")
+            seconds = time.perf_counter() - started
+            scores = head.probabilities(table.features)
+            held_out = evaluate_scores(scores, table, rollouts, validation_ids)
+            fitted = Fitted(head, layer, l2, held_out, evaluate_scores(scores, table, rollouts, train_ids), seconds)
+            candidates.append({"layer": layer, "l2": l2, "seconds": seconds, **held_out.to_dict()})
+            if best is None or _rank(fitted) > _rank(best):
+                best = fitted
+    assert best is not None
+    best.candidates = candidates
+    return best
+
+
+def _rank(fitted: Fitted) -> tuple[float, float]:
+    v = fitted.validation
+    return (v.step_auroc if v.step_auroc is not None else 0.0, v.pairwise.accuracy or 0.0)
+
+
+def reward_step_scores(reward, rollouts: Sequence[LabelledRollout], chosen: Sequence[int]) -> dict[int, np.ndarray]:
+    """Another reward's score of every prefix of the ``chosen`` rollouts, as
+    a search with ``model`` aggregation would see them: rollout -> [steps]."""
+    import asyncio
+
+    from piscale.rewards.aggregate import score_trajectories
+
+    prompts, prefixes, owners = [], [], []
+    for i in chosen:
+        r = rollouts[i]
+        for t in range(len(r.steps)):
+            prompts.append(r.question)
+            prefixes.append(list(r.steps[: t + 1]))
+            owners.append(i)
+    scores = asyncio.run(score_trajectories(reward, prompts, prefixes, "model"))
+    found: dict[int, list[float]] = {}
+    for i, s in zip(owners, scores):
+        found.setdefault(i, []).append(s)
+    return {i: np.asarray(s) for i, s in found.items()}
+
+
+def scores_in_table(per_rollout: dict[int, np.ndarray], table: StepTable) -> np.ndarray:
+    """Per-rollout step scores laid out as the rows of ``table`` (NaN elsewhere)."""
+    scores = np.full(len(table.rollout), np.nan)
+    for i, s in per_rollout.items():
+        scores[table.rollout == i] = s
+    return scores
