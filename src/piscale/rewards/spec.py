@@ -9,6 +9,7 @@
 | ``arith`` | ``ArithmeticReward`` |
 | ``embed:POSITIVE|NEGATIVE`` | ``EmbeddingReward``; several descriptions on a side are separated by ``;`` |
 | ``certainty``, ``certainty:group[:WINDOW]`` | ``SelfCertaintyReward``: the policy's mean token log-probability, or its lowest ``WINDOW``-token group mean; search only |
+| ``value:PATH``, ``value`` | ``StepValueReward`` from a head file (``piscale prm train``), its backbone named in the file; ``value`` alone: the head shipped for the catalog's default math policy |
 
 MODEL is anything ``piscale.lm.load`` accepts (a catalog name, a GGUF file, a
 folder, a hub id). Backends are built with ``load_lm`` (default
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from piscale.lm.base import LanguageModel
 from piscale.rewards.base import Reward
 
-KINDS = ("judge", "prm", "cdr", "verify", "arith", "embed", "certainty")
+KINDS = ("judge", "prm", "cdr", "verify", "arith", "embed", "certainty", "value")
 
 
 def from_spec(
@@ -93,6 +94,10 @@ def from_spec(
         from piscale.rewards.embed import EmbeddingReward
 
         return EmbeddingReward(positive, negative, device=device)
+    if kind == "value":
+        from piscale.rewards.value import load_value_reward
+
+        return load_value_reward(argument or None, device=device)
     # prm
     need_argument("a model (prm:MODEL)")
     from piscale.rewards.prm import load_prm

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# A step value learned from the policy's own graded rollouts (piscale prm
+# collect / train), in order. Every collection step resumes from its
+# database, so running this again after any interruption loses only the
+# problems that were in flight; training reuses the features it cached.
+#
+#   bash experiments/values.sh            # every step, in order
+#   bash experiments/values.sh pilot      # one step
+#
+# Rollouts come from GSM8K *training* problems only (gsm8k_train); the test
+# problems stay untouched for evaluation. The live database is in runs/ (not
+# tracked); experiments/snapshot.sh copies it into experiments/db/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PISCALE=${PISCALE:-.venv/bin/piscale}
+ENGINE=${ENGINE:-llamacpp}
+mkdir -p runs
+
+name=values-gsm8k_train-qwen2.5-coder-0.5b
+live=runs/$name.sqlite snapshot=experiments/db/$name.sqlite
+if [[ ! -e $live && -e $snapshot ]]; then cp "$snapshot" "$live"; fi
+
+# One policy and one sampling setting (the ones particle filtering runs the
+# GSM8K evaluations with: temperature 0.8, steps end at a blank line, 512
+# tokens), so the pilot's problems are the first ones of the larger run.
+collect=(--dataset gsm8k_train --model qwen2.5-coder-0.5b-instruct --engine "$ENGINE"
+         --max-tokens 512 --temperature 0.8 --db "$live"
+         --engine-option n_threads=2 --engine-option max_sequences=128 --engine-option context_length=1024)
+
+# 20 problems x 4 rollouts: does the policy solve some but not all of a
+# problem's rollouts often enough for labels to carry information?
+pilot() { "$PISCALE" prm collect "${collect[@]}" --limit 20 --rollouts 4 --seed 0 --parallel 6; }
+
+# The training set: the first 200 problems x 4 rollouts (the pilot's 20 included).
+rollouts() { "$PISCALE" prm collect "${collect[@]}" --limit 200 --rollouts 4 --seed 0 --parallel 8; }
+
+# Monte-Carlo labels (Math-Shepherd) on a subset: 4 completions from every
+# unfinished prefix of 4 more rollouts (seed 1) of the first 20 problems.
+monte_carlo() {
+  "$PISCALE" prm collect "${collect[@]}" --limit 20 --rollouts 4 --seed 1 --parallel 2 \
+    --mc-completions 4 --mc-problems 20
+}
+
+# Heads on two backbones: the policy itself (Qwen2.5-Coder-0.5B through
+# transformers) and SmolLM2-135M; each tries its middle, 3/4 and last layer
+# and four regularisation strengths, chosen on held-out problems (25%).
+train_qwen() {
+  "$PISCALE" prm train --db "$live" --backbone qwen2.5-coder-0.5b-instruct --seed 0 \
+    --out runs/value-qwen2.5-coder-0.5b.safetensors --report runs/value-qwen2.5-coder-0.5b.json
+}
+train_smollm() {
+  "$PISCALE" prm train --db "$live" --backbone smollm2-135m-instruct --seed 0 \
+    --out runs/value-smollm2-135m.safetensors --report runs/value-smollm2-135m.json
+}
+
+case "${1:-all}" in
+  pilot) pilot ;;
+  rollouts) rollouts ;;
+  monte-carlo) monte_carlo ;;
+  train-qwen) train_qwen ;;
+  train-smollm) train_smollm ;;
+  all) pilot; rollouts; monte_carlo; train_qwen; train_smollm ;;
+  *) echo "unknown step: $1 (pilot | rollouts | monte-carlo | train-qwen | train-smollm | all)" >&2; exit 2 ;;
+esac
