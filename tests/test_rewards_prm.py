@@ -4,6 +4,8 @@ re-scoring while reading fewer tokens."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -164,6 +166,51 @@ async def test_cache_budget_is_respected(classifier, tokenizer):
     for t in range(1, 4):
         await prm.score([PROMPT], [STEPS[:t]])
         assert prm.cached_tokens <= 300
+
+
+class _WithoutCache(torch.nn.Module):
+    """A classifier whose forward takes no key/value cache (as some custom
+    checkpoints' code does)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+class _IgnoresCache(_WithoutCache):
+    """Takes a cache argument but never fills it."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+        # Read the whole row as if nothing were cached: the cache stays empty.
+        return self.inner(input_ids=input_ids, attention_mask=None, position_ids=None)
+
+
+async def test_a_model_without_a_cache_is_scored_whole_and_says_so(classifier, tokenizer):
+    with pytest.warns(RuntimeWarning, match="takes no key/value cache"):
+        prm = ClassificationPRM(_WithoutCache(classifier), tokenizer)
+    assert not prm.caching
+    first = prm.layout(PROMPT, STEPS[:1])[0]
+    both = prm.layout(PROMPT, STEPS[:2])[0]
+    await prm.score([PROMPT], [STEPS[:1]])
+    scores = await prm.score([PROMPT], [STEPS[:2]])
+    # Both trajectories were read whole: the counters show the re-read.
+    assert prm.usage.scored_tokens == len(first) + len(both)
+    assert prm.tokens_reused == 0
+    assert scores[0] == pytest.approx(hand_classification_scores(classifier, tokenizer, PROMPT, STEPS[:2]), abs=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not ClassificationPRM(_WithoutCache(classifier), tokenizer, cache_tokens=0).caching
+
+
+async def test_a_model_that_ignores_its_cache_is_an_error(classifier, tokenizer):
+    prm = ClassificationPRM(_IgnoresCache(classifier), tokenizer)
+    assert prm.caching
+    with pytest.raises(RuntimeError, match="did not use the cache it was given"):
+        await prm.score([PROMPT], [STEPS[:1]])
 
 
 def test_prm_input_errors(classifier, tokenizer):

@@ -45,6 +45,7 @@ from piscale.lm.base import (
     Usage,
     find_stop,
 )
+from piscale.lm.kv import check_cache_filled, output_cache, require_cache_argument
 
 
 @dataclass
@@ -97,6 +98,7 @@ class TransformersLM(LanguageModel):
         if next(model.parameters()).device != self.device:
             self.model = model.to(self.device)
         self.model.eval()
+        self._cache_argument = require_cache_argument(self.model)
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.max_batch_tokens = max_batch_tokens
         self.usage = Usage()
@@ -296,8 +298,9 @@ class TransformersLM(LanguageModel):
         cache = DynamicCache()
         with self._attention_kernels():
             self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_argument: cache}
             )
+        check_cache_filled(cache, width)
         self.usage.prefill_tokens += sum(len(p) for p in prefixes)
         self.usage.forward_passes += 1
         return cache, mask
@@ -399,11 +402,11 @@ class TransformersLM(LanguageModel):
                 input_ids=ids,
                 attention_mask=attention,
                 position_ids=positions,
-                past_key_values=self._cache,
                 cache_position=cache_position,
                 use_cache=True,
+                **{self._cache_argument: self._cache},
             )
-        self._cache = out.past_key_values
+        self._cache = output_cache(out)
         self._mask = torch.cat([self._mask, active_column], dim=1)
         self.usage.forward_passes += 1
         if not by_row:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ import numpy as np
 import torch
 
 from piscale.lm.base import Stopwatch, Usage
+from piscale.lm.kv import cache_argument, check_cache_filled
 from piscale.rewards.aggregate import STEP_JOINER
 from piscale.rewards.base import Reward
 from piscale.rewards.templates import fill, require_fields
@@ -140,7 +142,18 @@ class TransformersPRM(Reward):
         self._locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         parameters = inspect.signature(model.forward).parameters
         # Incremental scoring needs a model that takes and fills a KV cache.
-        self._caching = "past_key_values" in parameters and cache_tokens > 0
+        self._cache_argument = cache_argument(model)
+        self.caching = self._cache_argument is not None and cache_tokens > 0
+        """Whether scoring reuses cached prefixes (incremental) or reads every
+        trajectory whole."""
+        if self._cache_argument is None and cache_tokens > 0:
+            warnings.warn(
+                f"{name}: {type(model).__name__} takes no key/value cache, so every call reads each "
+                "trajectory from its first token (usage.scored_tokens grows with the square of the "
+                "number of steps); pass cache_tokens=0 to say this is intended",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._keeps_logits = "logits_to_keep" in parameters
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -194,7 +207,7 @@ class TransformersPRM(Reward):
         """Model outputs at the positions ``keep`` of the new tokens: [B, K, C]."""
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         if cache is not None:
-            kwargs.update(past_key_values=cache, use_cache=True)
+            kwargs.update({self._cache_argument: cache, "use_cache": True})
         if self._keeps_logits:
             kwargs["logits_to_keep"] = keep
             return self.model(**kwargs).logits
@@ -208,7 +221,7 @@ class TransformersPRM(Reward):
     def _plan(self, prompt: str, steps: Sequence[str]) -> _Job:
         tokens, markers = self.layout(prompt, steps)
         job = _Job(np.asarray(tokens, dtype=np.int64), markers)
-        if not self._caching:
+        if not self.caching:
             return job
         best, best_length = self._find_prefix(job.tokens, markers, self._joined_parent(prompt, steps))
         if best is None:
@@ -272,7 +285,7 @@ class TransformersPRM(Reward):
         return [np.asarray(tokens, dtype=np.int64)]
 
     def _store(self, stored: _Stored) -> None:
-        if not self._caching or len(stored.tokens) > self.cache_tokens:
+        if not self.caching or len(stored.tokens) > self.cache_tokens:
             return
         key = stored.tokens.tobytes()
         if key in self._stored:
@@ -346,7 +359,7 @@ class TransformersPRM(Reward):
             positions[i] = torch.arange(cached[i], cached[i] + width_new)
 
         cache = None
-        if self._caching:
+        if self.caching:
             cache = DynamicCache(self._padded_past(jobs, width_cached)) if width_cached else DynamicCache()
 
         wanted = sorted({p - job.reuse for job in jobs for p in job.markers if p >= job.reuse})
@@ -363,6 +376,7 @@ class TransformersPRM(Reward):
 
         everything = None
         if cache is not None:
+            check_cache_filled(cache, width_cached + width_new)
             flat = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
             everything = torch.stack(flat).unflatten(0, (len(cache.layers), 2))
         for i, job in enumerate(jobs):
