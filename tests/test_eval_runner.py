@@ -257,6 +257,32 @@ async def test_config_changes_do_not_reuse_results(tmp_path: Path, task) -> None
         assert other_model.config_key not in (same.config_key, changed.config_key)
 
 
+async def test_the_same_data_read_from_another_place_resumes_the_same_results(tmp_path: Path, task) -> None:
+    db = tmp_path / "r.sqlite"
+    await run_grid(db, task, ScriptedSearch(), grid=Grid.parse("pf", "1", "0"))
+    moved = tmp_path / "elsewhere" / "q.jsonl"
+    moved.parent.mkdir()
+    moved.write_text(Path(task.source).read_text())
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(Path(task.source).read_text().replace('"answer": "5"', '"answer": "6"'))
+    with ResultStore(db) as store:
+        original = Evaluation(store, task, CONFIG, Grid.parse("pf", "1", "0"), identity={"spec": "toy"})
+        same_data = Evaluation(store, load_task(str(moved)), CONFIG, Grid.parse("pf", "1", "0"), identity={"spec": "toy"})
+        other_data = Evaluation(store, load_task(str(edited)), CONFIG, Grid.parse("pf", "1", "0"), identity={"spec": "toy"})
+        assert same_data.config_key == original.config_key and same_data.pending() == []
+        assert other_data.config_key != original.config_key and len(other_data.pending()[0].problems) == 5
+        # A database whose key still held the file's place (as older versions
+        # wrote it) is found by its description and resumed under that key.
+        store._db.execute("PRAGMA foreign_keys = OFF")
+        for table_name in ("configs", "runs", "searches", "results"):
+            store._db.execute(
+                f"UPDATE {table_name} SET config_key = 'legacy0000000000' WHERE config_key = ?", (original.config_key,)
+            )
+        store._db.commit()
+        resumed = Evaluation(store, load_task(str(moved)), CONFIG, Grid.parse("pf", "1", "0"), identity={"spec": "toy"})
+        assert resumed.config_key == "legacy0000000000" and resumed.pending() == []
+
+
 async def test_scripted_accuracies_match_a_direct_count(tmp_path: Path, task) -> None:
     db = tmp_path / "r.sqlite"
     await run_grid(db, task, ScriptedSearch(), grid=Grid.parse("pf", "4", "0,1"))

@@ -69,7 +69,7 @@ def test_data_dir_comes_from_the_environment(data_dir: Path, monkeypatch: pytest
 
 
 def test_missing_builtin_file_names_the_places_searched(tmp_path: Path) -> None:
-    with pytest.raises(TaskError, match=r"gsm8k_test\.jsonl.*--data-dir"):
+    with pytest.raises(TaskError, match=r"gsm8k_test\.jsonl does not exist"):
         load_task("gsm8k", tmp_path)
 
 
@@ -162,15 +162,53 @@ def test_numbers_normalise_like_the_reference_files() -> None:
     assert normalize_number(-4) == "-4"
 
 
-def test_shipped_data_files_when_present() -> None:
-    folder = next((d for d in data_dirs() if (d / BUILTIN_FILES["gsm8k"]).is_file()), None)
-    if folder is None:
-        pytest.skip("the shared data folder is not on this machine")
-    sizes = {name: len(load_task(name, folder).problems) for name in BUILTIN_FILES}
-    assert sizes == {"math500": 500, "gsm8k": 1319, "aime24": 30, "amc23": 40}
-    assert load_task("gsm8k", folder).problems[0].reference == "18"
-    assert load_task("amc23", folder).problems[0].reference == "27"
-    assert load_task("math500", folder).problems[0].reference == "\\left( 3, \\frac{\\pi}{2} \\right)"
+def test_builtin_tasks_come_from_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PISCALE_DATA", raising=False)
+    sizes = {name: len(load_task(name).problems) for name in BUILTIN_FILES}
+    assert sizes == {"math500": 500, "gsm8k": 1319, "gsm8k_train": 7473, "aime24": 30, "amc23": 40}
+    gsm8k = load_task("gsm8k")
+    assert gsm8k.source == "piscale.data:gsm8k"
+    assert gsm8k.problems[0].reference == "18"
+    assert load_task("amc23").problems[0].reference == "27"
+    assert load_task("math500").problems[0].reference == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    # The fingerprint the stored GSM8K runs (experiments/db/) recorded when
+    # the same file was read from a folder: packaging must not change it.
+    assert gsm8k.fingerprint == "65d6a2a1ff4543c18f983eab6833b837e80a0459f51b05cbf46bee561d12ba29"
+    train_questions = {p.question for p in load_task("gsm8k_train").problems}
+    assert not train_questions & {p.question for p in gsm8k.problems}
+
+
+def test_packaged_data_is_checked_against_its_manifest(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gzip
+
+    from piscale import data
+
+    assert data.names("task") == list(BUILTIN_FILES)
+    assert data.names("corpus") == ["fairytales"]
+    assert len(data.read_text("fairytales").splitlines()) == data.manifest()["fairytales"]["records"]
+    with pytest.raises(data.DataError, match="no packaged data set 'gsm8k_dev'"):
+        data.read_text("gsm8k_dev")
+
+    class Tampered:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def joinpath(self, name):
+            resource = self.inner.joinpath(name)
+            if not name.endswith(".gz"):
+                return resource
+            text = gzip.decompress(resource.read_bytes()).replace(b"#### 18", b"#### 19", 1)
+            return type("R", (), {"is_file": lambda _: True, "read_bytes": lambda _: gzip.compress(text)})()
+
+    real_files = data.resources.files
+    monkeypatch.setattr(data.resources, "files", lambda package: Tampered(real_files(package)))
+    data.read_text.cache_clear()
+    try:
+        with pytest.raises(data.DataError, match="has sha256 .* the manifest says"):
+            data.read_text("gsm8k")
+    finally:
+        monkeypatch.undo()
+        data.read_text.cache_clear()
 
 
 def test_hub_ids_go_through_the_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -219,6 +219,20 @@ def _for_key(identity: Mapping) -> dict:
     return {k: v for k, v in identity.items() if k != "identity_unavailable"}
 
 
+def _keyed(description: Mapping) -> dict:
+    """What of a configuration's description decides its key: of the data,
+    only its fingerprint (not what it was called or where it was read from:
+    the same problems moved elsewhere resume their results); everything else
+    but the wording of unavailable identities."""
+    reward = description["reward"]
+    return {
+        **description,
+        "dataset": {"fingerprint": description["dataset"]["fingerprint"]},
+        "model": _for_key(description["model"]),
+        "reward": {**reward, "models": [_for_key(m) for m in reward.get("models", [])]},
+    }
+
+
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": sys.version.split()[0]}
     for name in PACKAGES:
@@ -314,12 +328,14 @@ class Evaluation:
             "system": config.system,
             "prompt_template": config.prompt_template,
         }
-        keyed = {
-            **description,
-            "model": _for_key(self.model_identity),
-            "reward": {**description["reward"], "models": [_for_key(m) for m in description["reward"].get("models", [])]},
-        }
+        keyed = _keyed(description)
         self.config_key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+        # A database written when the key still held where the data was read
+        # from keeps its key: the same data, model and reward resume there.
+        for stored in store.configs():
+            if stored["config_key"] != self.config_key and _keyed(stored["description"]) == keyed:
+                self.config_key = stored["config_key"]
+                break
         store.ensure_config(self.config_key, task.label, config.model, config.reward, description)
 
     def budgets_for(self, algorithm: str) -> tuple[int, ...]:

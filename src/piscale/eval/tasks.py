@@ -3,9 +3,10 @@
 A task is a list of :class:`Problem` (an id, the question, the reference final
 answer). Tasks come from
 
-* a built-in name (``math500``, ``gsm8k``, ``aime24``, ``amc23``): a JSON-lines
-  file found in the data directory (``--data-dir``, else ``$PISCALE_DATA``,
-  else ``../shared/data`` beside the repository, else ``./data``);
+* a built-in name (``math500``, ``gsm8k``, ``gsm8k_train``, ``aime24``,
+  ``amc23``): the data set shipped inside the package (``piscale.data``,
+  hash-checked), unless a data directory (``--data-dir``, else
+  ``$PISCALE_DATA``) holds a file of that name, which then takes its place;
 * any JSON-lines (or JSON array) file of the same shapes: the question in
   ``problem`` or ``question``; the reference in ``answer`` (GSM8K's
   ``... #### 42`` solutions and numbers such as ``27.0`` are normalised) or,
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from piscale import data as packaged_data
 from piscale.grading import extract_boxed, gsm8k_reference
 from piscale.search import DEFAULT_SYSTEM_PROMPT as SEARCH_SYSTEM_PROMPT
 
@@ -42,11 +44,9 @@ DEFAULT_PROMPT_TEMPLATE = "{question}"
 """The user message: the problem itself. ``{question}`` is replaced by it."""
 
 BUILTIN_FILES: Mapping[str, str] = {
-    "math500": "math500.jsonl",
-    "gsm8k": "gsm8k_test.jsonl",
-    "aime24": "aime24.jsonl",
-    "amc23": "amc23.jsonl",
+    name: packaged_data.manifest()[name]["file"].removesuffix(".gz") for name in packaged_data.names("task")
 }
+"""Built-in task name -> the file name looked for in a data directory."""
 
 QUESTION_FIELDS = ("problem", "question")
 ID_FIELDS = ("unique_id", "id", "idx")
@@ -105,17 +105,13 @@ def check_template(template: str) -> None:
 
 
 def data_dirs(explicit: str | os.PathLike | None = None) -> list[Path]:
-    """The directories searched for built-in tasks, in order."""
+    """The directories whose files override the packaged built-in tasks, in
+    order: ``explicit`` alone when given, else ``$PISCALE_DATA`` if set."""
     if explicit is not None:
         return [Path(explicit)]
-    candidates = []
     if os.environ.get("PISCALE_DATA"):
-        candidates.append(Path(os.environ["PISCALE_DATA"]))
-    # src/piscale/eval/tasks.py -> the repository root is three levels above the package.
-    repo_root = Path(__file__).resolve().parents[3]
-    candidates.append(repo_root.parent / "shared" / "data")
-    candidates.append(Path.cwd() / "data")
-    return candidates
+        return [Path(os.environ["PISCALE_DATA"])]
+    return []
 
 
 def load_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
@@ -129,10 +125,10 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
         for path in tried:
             if path.is_file():
                 return _task_from_records(name, str(path), read_records(path), name)
-        raise TaskError(
-            f"data file for {name!r} not found; looked at {', '.join(map(str, tried))}. "
-            "Pass --data-dir or set PISCALE_DATA."
-        )
+        if data_dir is not None:
+            raise TaskError(f"data file for {name!r} not found: {tried[0]} does not exist")
+        text = packaged_data.read_text(name)
+        return _task_from_records(name, f"piscale.data:{name}", parse_records(text, name), name)
     path = Path(name)
     if path.is_file():
         return _task_from_records(name, str(path.resolve()), read_records(path), path.stem)
@@ -144,7 +140,11 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
 
 def read_records(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed value) for a JSON-lines file or a JSON array."""
-    text = path.read_text(encoding="utf-8")
+    return parse_records(path.read_text(encoding="utf-8"), path)
+
+
+def parse_records(text: str, path: object) -> list[tuple[int, object]]:
+    """``read_records`` on text already read; ``path`` names it in errors."""
     if text.lstrip().startswith("["):
         try:
             values = json.loads(text)
