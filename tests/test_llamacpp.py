@@ -186,11 +186,11 @@ def test_random_tables_end_with_members_consecutive_and_every_slot_kept():
 
 
 @pytest.fixture(scope="module")
-def model_path(default_model_path) -> str:
+def model_path(small_model_path) -> str:
     """The packaged default model (conftest pulls it once)."""
     if not available():
         pytest.skip("llama-cpp-python is not installed")
-    return str(default_model_path)
+    return str(small_model_path)
 
 
 @pytest.fixture(scope="module")

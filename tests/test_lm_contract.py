@@ -65,9 +65,9 @@ def _tiny_cuda() -> EngineCase:
 
 
 def _default_model() -> EngineCase:
-    from piscale.models import DEFAULT_MODEL, load_transformers
+    from piscale.models import SMALL_MODEL, load_transformers
 
-    model, tokenizer = load_transformers(DEFAULT_MODEL, device="cpu", dtype="float32")
+    model, tokenizer = load_transformers(SMALL_MODEL, device="cpu", dtype="float32")
     return transformers_case(model, tokenizer)
 
 
@@ -81,9 +81,9 @@ def _llamacpp_default_model() -> EngineCase:
     import llama_cpp
     import numpy as np
 
-    from piscale.models import DEFAULT_MODEL, gguf_path
+    from piscale.models import SMALL_MODEL, gguf_path
 
-    path = str(gguf_path(DEFAULT_MODEL))
+    path = str(gguf_path(SMALL_MODEL))
     # 32 tokens per pass, as the engine reads: llama.cpp uses another attention
     # kernel from 64 query tokens on, and its logits differ slightly.
     reference = llama_cpp.Llama(

@@ -25,6 +25,7 @@ from piscale import models
 from piscale.models import (
     CATALOG,
     DEFAULT_MODEL,
+    SMALL_MODEL,
     CatalogModel,
     Chunk,
     ModelDownloadError,
@@ -119,7 +120,7 @@ def fake_catalog(monkeypatch: pytest.MonkeyPatch) -> tuple[CatalogModel, list[by
 
 
 def test_catalog_holds_the_three_packaged_models_with_their_hashes() -> None:
-    assert DEFAULT_MODEL == "smollm2-135m-instruct"
+    assert (DEFAULT_MODEL, SMALL_MODEL) == ("qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct")
     assert {name: (m.size, m.sha256[:12], len(m.chunks)) for name, m in CATALOG.items()} == {
         "smollm2-135m-instruct": (98_362_432, "b179c9523d0e", 1),
         "qwen2.5-coder-0.5b-instruct": (491_400_064, "1d9614638d18", 6),
@@ -166,7 +167,7 @@ def test_home_honours_the_argument_then_the_environment(monkeypatch: pytest.Monk
     monkeypatch.setenv("PISCALE_HOME", str(tmp_path / "env"))
     assert models.piscale_home() == tmp_path / "env"
     assert models.piscale_home(tmp_path / "arg") == tmp_path / "arg"
-    assert model_path(DEFAULT_MODEL) == tmp_path / "env/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert model_path(SMALL_MODEL) == tmp_path / "env/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
     monkeypatch.delenv("PISCALE_HOME")
     assert models.piscale_home() == Path.home() / ".cache/piscale"
 
@@ -338,9 +339,9 @@ def test_a_marker_for_another_hash_is_not_trusted(tmp_path: Path) -> None:
 
 
 def test_catalog_name_without_download_gives_the_future_path(tmp_path: Path) -> None:
-    resolved = resolve(DEFAULT_MODEL, home=tmp_path, download=False)
+    resolved = resolve(SMALL_MODEL, home=tmp_path, download=False)
     assert resolved.kind == "catalog"
-    assert resolved.path == model_path(DEFAULT_MODEL, home=tmp_path)
+    assert resolved.path == model_path(SMALL_MODEL, home=tmp_path)
     assert resolved.identity == "sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert resolved.gguf_file == resolved.path
     assert not tmp_path.joinpath("models").exists()
@@ -545,7 +546,7 @@ def test_failed_conversion_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.M
 
 def test_unknown_dtype_is_rejected_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'int8'"):
-        load_transformers(DEFAULT_MODEL, dtype="int8", home=tmp_path)
+        load_transformers(SMALL_MODEL, dtype="int8", home=tmp_path)
     assert not tmp_path.joinpath("models").exists()
 
 
@@ -619,25 +620,25 @@ def test_commands_report_a_model_that_does_not_exist_without_a_traceback(
 
 
 @pytest.mark.slow
-def test_default_model_is_pulled_and_verified(default_model_path: Path) -> None:
-    entry = CATALOG[DEFAULT_MODEL]
-    assert default_model_path == model_path(entry)  # under $PISCALE_HOME, or ~/.cache/piscale
+def test_default_model_is_pulled_and_verified(small_model_path: Path) -> None:
+    entry = CATALOG[SMALL_MODEL]
+    assert small_model_path == model_path(entry)  # under $PISCALE_HOME, or ~/.cache/piscale
     assert is_pulled(entry)
-    assert default_model_path.stat().st_size == entry.size
-    assert models.file_sha256(default_model_path) == entry.sha256
+    assert small_model_path.stat().st_size == entry.size
+    assert models.file_sha256(small_model_path) == entry.sha256
 
 
 @pytest.mark.slow
-def test_default_model_converts_once_and_keeps_its_chat_template(default_model_path: Path, tmp_path: Path) -> None:
+def test_default_model_converts_once_and_keeps_its_chat_template(small_model_path: Path, tmp_path: Path) -> None:
     # A fresh home that borrows the verified file, so the conversion really runs.
-    entry = CATALOG[DEFAULT_MODEL]
+    entry = CATALOG[SMALL_MODEL]
     local = model_path(entry, home=tmp_path)
     local.parent.mkdir(parents=True)
-    os.symlink(default_model_path, local)
+    os.symlink(small_model_path, local)
     local.with_name(local.name + ".sha256").write_text(f"{entry.sha256}  {entry.filename}\n")
 
-    first, tokenizer = load_transformers(DEFAULT_MODEL, home=tmp_path)
-    second, cached_tokenizer = load_transformers(DEFAULT_MODEL, home=tmp_path)
+    first, tokenizer = load_transformers(SMALL_MODEL, home=tmp_path)
+    second, cached_tokenizer = load_transformers(SMALL_MODEL, home=tmp_path)
     assert (tmp_path / "converted" / f"{entry.sha256[:16]}-float32" / "model.safetensors").is_file()
     for tok in (tokenizer, cached_tokenizer):
         prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)

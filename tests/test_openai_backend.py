@@ -251,20 +251,20 @@ async def test_echo_scoring_retries_with_one_token_where_zero_is_refused():
 
 
 @pytest.mark.slow
-async def test_greedy_search_on_the_default_model_loses_nothing_through_the_server(default_model_path):
+async def test_greedy_search_on_the_default_model_loses_nothing_through_the_server(small_model_path):
     """Particle filtering with greedy steps and the model judging itself, run
     on the default model's engine directly and through ``piscale serve`` in
     front of the same model: the same text, the same judge scores."""
-    from piscale.models import DEFAULT_MODEL
+    from piscale.models import SMALL_MODEL
     from piscale.rewards.judge import LLMJudge
 
     options = dict(temperature=0.0, max_steps=2, max_step_tokens=12, max_tokens=24)
     question = "What is 12 + 30?"
-    local_lm = load(DEFAULT_MODEL)
+    local_lm = load(SMALL_MODEL)
     local = await search.run(local_lm, LLMJudge(local_lm), question, "pf", 3, seed=0, **options)
     await local_lm.close()
-    with serve_subprocess("--model", DEFAULT_MODEL, startup_s=300) as url:
-        remote = OpenAILM(DEFAULT_MODEL, url + "/v1")
+    with serve_subprocess("--model", SMALL_MODEL, startup_s=300) as url:
+        remote = OpenAILM(SMALL_MODEL, url + "/v1")
         through = await search.run(remote, LLMJudge(remote), question, "pf", 3, seed=0, **options)
         await remote.close()
     assert through.text == local.text and len(through.text) >= 20

@@ -1,7 +1,7 @@
 """The Python entry points: build a backend and a reward from specs, then search.
 
 >>> import piscale
->>> result = piscale.solve("What is 12 * 7?", model="smollm2-135m-instruct", algorithm="pf", budget=8)
+>>> result = piscale.solve("What is 12 * 7?", model="smollm2-135m-instruct", reward="arith", budget=8)
 >>> result.answer, result.usage["generated_tokens"]
 
 Backends and rewards are cached per process by spec, so repeated calls reuse
@@ -11,13 +11,14 @@ loaded models. Pass ``lm=`` / ``reward=`` objects to bypass the specs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 
 from piscale.lm.base import LanguageModel, StepParams
+from piscale.models import DEFAULT_MODEL
 from piscale.rewards.base import Reward
+from piscale.search import DEFAULT_SYSTEM_PROMPT, SearchResult
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_REWARD = "judge"
 """An LLM judge over the policy model itself: needs no extra weights."""
 
@@ -60,10 +61,21 @@ def load_lm(
 
 
 def load_reward(
-    spec: str | None, *, policy: LanguageModel, policy_spec: str, engine: str = "auto", device: str | None = None
+    spec: str | None,
+    *,
+    policy: LanguageModel,
+    policy_spec: str,
+    engine: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Reward | None:
     """A reward for ``spec`` (see ``piscale.rewards.from_spec``); ``"judge"``
-    alone means a judge over the policy model. None stays None."""
+    alone means a judge over the policy model. None stays None.
+
+    Local reward models go on ``device`` when given, else on the policy's
+    device (a policy on CUDA gets its PRM on CUDA too), else the CPU.
+    ``trust_remote_code`` lets a checkpoint run its own code (Qwen2.5-Math-PRM
+    needs it); it is off unless asked for."""
     if spec is None or spec == "none":
         return None
     from piscale.rewards import from_spec
@@ -74,12 +86,20 @@ def load_reward(
         spec,
         policy=policy,
         policy_spec=policy_spec,
-        device=device or "cpu",
+        device=reward_device(device, policy),
         load_lm=lambda s: load_lm(s, engine=engine, device=device),
+        trust_remote_code=trust_remote_code,
     )
 
 
-def _resolve(model, reward, engine, device, engine_options=None):
+def reward_device(device: str | None, policy: LanguageModel) -> str:
+    """``device`` if given, else where the policy's tensors are, else "cpu"."""
+    if device is not None:
+        return device
+    return str(policy.device) if policy.device is not None else "cpu"
+
+
+def _resolve(model, reward, engine, device, engine_options=None, trust_remote_code=False):
     if isinstance(model, LanguageModel):
         lm = model
     else:
@@ -87,7 +107,10 @@ def _resolve(model, reward, engine, device, engine_options=None):
     model_spec = model if isinstance(model, str) else lm.name
     if isinstance(reward, Reward) or reward is None:
         return lm, reward
-    return lm, load_reward(reward, policy=lm, policy_spec=model_spec, engine=engine, device=device)
+    reward_model = load_reward(
+        reward, policy=lm, policy_spec=model_spec, engine=engine, device=device, trust_remote_code=trust_remote_code
+    )
+    return lm, reward_model
 
 
 async def asolve_many(
@@ -101,38 +124,74 @@ async def asolve_many(
     engine: str = "auto",
     device: str | None = None,
     engine_options: Mapping | None = None,
+    trust_remote_code: bool = False,
+    system: str | None = DEFAULT_SYSTEM_PROMPT,
+    trace: bool = False,
+    progress: Callable[[int, dict], None] | None = None,
     **options,
-):
+) -> list[SearchResult]:
     """Search every question at once; the backend batches them together.
-    ``engine_options`` go to the engine's constructor (e.g. llama.cpp's
-    ``max_sequences``); ``options`` to the algorithm."""
+
+    ``model`` and ``reward`` are specs (``piscale models list``;
+    ``piscale.rewards.from_spec``) or objects; ``engine`` is auto, hf,
+    llamacpp or openai; ``engine_options`` go to the engine's constructor
+    (e.g. llama.cpp's ``max_sequences``); ``trust_remote_code`` lets a reward
+    checkpoint run its own code; ``system`` is the system prompt; ``trace``
+    keeps each search's genealogy; ``progress(i, summary)`` is called after
+    every step of question i (``piscale.search.trace.progress``). ``options`` are the algorithm's settings
+    (``piscale.search.Settings``: ``temperature``, ``potential``,
+    ``resampler``, ``selection`` ...)."""
     from piscale.search import run_many
 
     if isinstance(model, str):
         engine_options = engine_options_for(model, engine, device, engine_options, budget * len(questions))
-    lm, reward_model = _resolve(model, reward, engine, device, engine_options)
+    lm, reward_model = _resolve(model, reward, engine, device, engine_options, trust_remote_code)
     if algorithm == "sc" and reward == DEFAULT_REWARD:
         reward_model = None  # self-consistency votes; it needs no reward
-    return await run_many(lm, reward_model, list(questions), algorithm=algorithm, budget=budget, seed=seed, **options)
+    return await run_many(
+        lm, reward_model, list(questions), algorithm=algorithm, budget=budget, seed=seed,
+        system=system, trace=trace, progress=progress, **options,
+    )
 
 
-async def asolve(question: str, **kwargs):
+async def asolve(question: str, **kwargs) -> SearchResult:
+    """``solve`` inside a running event loop."""
     [result] = await asolve_many([question], **kwargs)
     return result
 
 
-def solve(question: str, **kwargs):
-    """Answer one question with an inference-time scaling algorithm.
+def solve(
+    question: str,
+    *,
+    model: str | LanguageModel = DEFAULT_MODEL,
+    reward: str | Reward | None = DEFAULT_REWARD,
+    algorithm: str = "pf",
+    budget: int = 8,
+    seed: int = 0,
+    engine: str = "auto",
+    device: str | None = None,
+    engine_options: Mapping | None = None,
+    trust_remote_code: bool = False,
+    system: str | None = DEFAULT_SYSTEM_PROMPT,
+    trace: bool = False,
+    progress: Callable[[int, dict], None] | None = None,
+    **options,
+) -> SearchResult:
+    """Answer one question with an inference-time scaling algorithm
+    (``algorithm``: pf, pg, pt, bon, wbon, sc, beam or dvts) at ``budget``;
+    the arguments are those of ``asolve_many``. Returns a ``SearchResult``."""
+    return asyncio.run(
+        asolve(
+            question, model=model, reward=reward, algorithm=algorithm, budget=budget, seed=seed, engine=engine,
+            device=device, engine_options=engine_options, trust_remote_code=trust_remote_code, system=system,
+            trace=trace, progress=progress, **options,
+        )
+    )
 
-    Keyword arguments: ``model`` (spec or backend), ``reward`` (spec or
-    reward), ``algorithm`` (pf, pg, pt, bon, wbon, sc, beam, dvts), ``budget``,
-    ``seed``, ``engine``, ``device``, ``engine_options``, and algorithm options
-    (see ``piscale.search``). Returns a ``SearchResult``."""
-    return asyncio.run(asolve(question, **kwargs))
 
-
-def solve_many(questions: Sequence[str], **kwargs):
-    """``solve`` for many questions, batched through the same backend."""
+def solve_many(questions: Sequence[str], **kwargs) -> list[SearchResult]:
+    """``solve`` for many questions, batched through the same backend; the
+    arguments are those of ``asolve_many``."""
     return asyncio.run(asolve_many(questions, **kwargs))
 
 

@@ -50,7 +50,11 @@ if TYPE_CHECKING:
 
 HOME_ENV = "PISCALE_HOME"
 DEFAULT_HOME = Path("~/.cache/piscale")
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+"""The model the commands and the Python API use unless told otherwise: the
+smallest catalog model that gets grade-school arithmetic right."""
+SMALL_MODEL = "smollm2-135m-instruct"
+"""The smallest catalog model: fluent but weak at arithmetic; for smoke tests."""
 
 _BLOCK = 1 << 20  # bytes copied and hashed per read
 

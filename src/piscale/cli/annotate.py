@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from piscale.cli.common import fail, parse_pairs
+from piscale.cli.common import TRUST_REMOTE_CODE_HELP, fail, parse_pairs
+from piscale.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def register(app: typer.Typer) -> None:
@@ -45,6 +45,7 @@ def annotate_command(
     engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | openai"),
     engine_option: list[str] = typer.Option([], "--engine-option", help="Engine argument KEY=VALUE (repeatable)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Sample K responses per prompt, score them with a reward, and write (chosen, rejected) pairs.
 
@@ -64,7 +65,9 @@ def annotate_command(
     try:
         options = engine_options_for(model, engine, device, parse_pairs(engine_option, "--engine-option"), k * batch_size)
         lm = load_lm(model, engine=engine, device=device, options=options)
-        reward_model = load_reward(reward, policy=lm, policy_spec=model, engine=engine, device=device)
+        reward_model = load_reward(
+            reward, policy=lm, policy_spec=model, engine=engine, device=device, trust_remote_code=trust_remote_code
+        )
     except (ValueError, TypeError, ImportError, FileNotFoundError, OSError) as error:
         fail(str(error))
     if reward_model is None:

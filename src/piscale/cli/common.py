@@ -6,6 +6,8 @@ import json
 
 import typer
 
+TRUST_REMOTE_CODE_HELP = "Let a reward checkpoint run its own code (Qwen2.5-Math-PRM needs it). Off by default."
+
 
 def fail(message: str) -> None:
     """Print ``message`` as an error and exit with status 2 (bad usage)."""

@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 
 from piscale.cli.common import fail
+from piscale.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def register(app: typer.Typer) -> None:

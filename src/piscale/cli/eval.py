@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from piscale.cli.common import fail, parse_pairs
+from piscale.cli.common import TRUST_REMOTE_CODE_HELP, fail, parse_pairs
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -35,9 +35,11 @@ def register(app: typer.Typer) -> None:
 
 
 def evaluate(
-    dataset: str = typer.Option(..., "--dataset", help="math500 | gsm8k | aime24 | amc23, a JSONL file, or hf:ID."),
+    dataset: str = typer.Option(
+        ..., "--dataset", help="math500 | gsm8k | gsm8k_train | aime24 | amc23 (shipped), a JSONL file, or hf:ID."
+    ),
     limit: int = typer.Option(None, "--limit", help="Use the first N problems."),
-    data_dir: Path = typer.Option(None, "--data-dir", help="Where the built-in tasks' files are."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="A folder whose files replace the shipped built-in tasks."),
     model: str = typer.Option(None, "--model", help="Policy model spec (default: the catalog's default model)."),
     reward: str = typer.Option(
         None, "--reward", help="Reward spec, as for piscale solve (default: judge); 'verify' checks each problem's "
@@ -71,6 +73,7 @@ def evaluate(
     max_failures_in_a_row: int = typer.Option(
         10, "--max-failures-in-a-row", help="Stop after this many failed searches with no success between them."
     ),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Run algorithms x budgets x seeds on a task; store every result at once; resume on re-run."""
     from rich.console import Console
@@ -123,7 +126,7 @@ def evaluate(
             f"(config {evaluation.config_key}, database {db})"
         )
         engine_options = _slots_for_the_grid(config, device, engine_options, jobs, chunk_size, parallel, console)
-        lm, reward_model = _load(config, device, engine_options, console, evaluation)
+        lm, reward_model = _load(config, device, engine_options, console, evaluation, trust_remote_code)
         run_id = evaluation.start_run(
             {
                 "lm": _describe(lm),
@@ -179,7 +182,12 @@ def _slots_for_the_grid(
 
 
 def _load(
-    config: EvalConfig, device: str | None, engine_options: dict, console: Console, evaluation: Evaluation
+    config: EvalConfig,
+    device: str | None,
+    engine_options: dict,
+    console: Console,
+    evaluation: Evaluation,
+    trust_remote_code: bool = False,
 ) -> tuple[object, object]:
     from piscale.api import load_lm, load_reward
     from piscale.eval.runner import ORACLE_REWARD, oracle_reward
@@ -191,7 +199,8 @@ def _load(
                 reward = oracle_reward(evaluation.problems, config.prompt_template)
             else:
                 reward = load_reward(
-                    config.reward, policy=lm, policy_spec=config.model, engine=config.engine, device=device
+                    config.reward, policy=lm, policy_spec=config.model, engine=config.engine, device=device,
+                    trust_remote_code=trust_remote_code,
                 )
         except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as error:
             fail(f"could not load the model or reward: {error}")

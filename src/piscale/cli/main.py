@@ -9,12 +9,10 @@ from pathlib import Path
 
 import typer
 
-from piscale.cli.common import fail, parse_pairs
+from piscale.cli.common import TRUST_REMOTE_CODE_HELP, fail, parse_pairs
+from piscale.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 ALGORITHM_NAMES = "pf|pg|pt|bon|wbon|sc|beam|dvts"
-
-
 
 
 def register(app: typer.Typer) -> None:
@@ -100,6 +98,12 @@ def register(app: typer.Typer) -> None:
             [], "--engine-option", help="Engine argument KEY=VALUE, e.g. max_sequences=64 for llama.cpp (repeatable)."
         ),
         option: list[str] = typer.Option([], "--option", "-o", help="Algorithm option KEY=VALUE (repeatable)."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+        reference: str = typer.Option(None, help="The right answer, if known: the answer is graded against it."),
+        progress: bool = typer.Option(False, "--progress", help="Show every step as the search runs."),
+        compare: bool = typer.Option(
+            False, "--compare", help="Also draw one sample at the same seed, and compare it with the search."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
         trace: Path = typer.Option(None, help="Write the run's trace (genealogy) to this JSON file."),
     ) -> None:
@@ -112,22 +116,37 @@ def register(app: typer.Typer) -> None:
 
         options = parse_pairs(option)
         console = Console(stderr=True)
+        common = dict(
+            model=model,
+            seed=seed,
+            engine=engine,
+            device=device,
+            engine_options=parse_pairs(engine_option, "--engine-option"),
+        )
         try:
+            started = time.perf_counter()
             result = asyncio.run(
                 asolve(
                     question,
-                    model=model,
                     reward=None if reward == "none" else reward,
                     algorithm=algorithm,
                     budget=budget,
-                    seed=seed,
-                    engine=engine,
-                    device=device,
-                    engine_options=parse_pairs(engine_option, "--engine-option"),
+                    trust_remote_code=trust_remote_code,
                     trace=trace is not None,
+                    progress=(lambda _, summary: console.print(progress_line(summary), markup=False))
+                    if progress
+                    else None,
+                    **common,
                     **options,
                 )
             )
+            searched = time.perf_counter() - started
+            single = None
+            if compare:
+                started = time.perf_counter()
+                single_options = {k: v for k, v in options.items() if k in _GENERATION_OPTIONS}
+                single = asyncio.run(asolve(question, reward=None, algorithm="bon", budget=1, **common, **single_options))
+                single_seconds = time.perf_counter() - started
         except (ValueError, TypeError, KeyError, OSError, RuntimeError) as error:
             fail(str(error).strip("'\""))
         data = result.to_dict()
@@ -147,10 +166,49 @@ def register(app: typer.Typer) -> None:
         if result.answer is None:
             out.print("answer: none (the chosen response has no \\boxed{} answer)")
         else:
-            out.print(Text.assemble("answer: ", (result.answer, "bold")))
+            out.print(Text.assemble("answer: ", (result.answer, "bold"), grade(result.answer, reference)))
         usage = result.usage
         out.print(
             "usage: "
             + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
                         for k, v in usage.items())
         )
+        if single is not None:
+            out.print(
+                Text(
+                    f"one sample (seed {seed}): {single.answer or 'no answer'}{grade(single.answer, reference)}, "
+                    f"{single.usage['generated_tokens']} tokens, {single_seconds:.0f}s  |  "
+                    f"{algorithm} at budget {budget}: {result.answer or 'no answer'}{grade(result.answer, reference)}, "
+                    f"{usage['generated_tokens']} tokens, {searched:.0f}s"
+                )
+            )
+
+
+_GENERATION_OPTIONS = ("temperature", "top_p", "max_tokens", "max_step_tokens", "max_steps", "step_delimiter")
+
+
+def grade(answer: str | None, reference: str | None) -> str:
+    """`` (right)`` or `` (wrong)`` against a known reference; nothing without one."""
+    if reference is None:
+        return ""
+    from piscale.grading import answers_equal
+
+    return " (right)" if answer is not None and answers_equal(answer, reference) else " (wrong)"
+
+
+def progress_line(summary: dict) -> str:
+    """One line per step of a search: where it is, what is alive, how fast."""
+    if "event" in summary:
+        return f"  {summary['event']} (iteration {summary['iteration']}, chain {summary['chain']})"
+    where = f"step {summary['step']:>2}"
+    if summary["iteration"] or summary["chain"]:
+        where = f"iteration {summary['iteration']} chain {summary['chain']} " + where
+    alive = summary["particles"] - summary["finished"]
+    parts = [where, f"{alive}/{summary['particles']} particles alive"]
+    if summary["ess"] is not None:
+        parts.append(f"ESS {summary['ess']:.1f}" + (", resampled" if summary["resampled"] else ""))
+    if summary["best_score"] is not None:
+        parts.append(f"best score {summary['best_score']:.3f}")
+    seconds = max(summary["seconds"], 1e-9)
+    parts.append(f"{summary['generated_tokens']} tokens, {summary['generated_tokens'] / seconds:.1f} tokens/s")
+    return "  " + " · ".join(parts)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from piscale.cli.common import fail, parse_pairs
+from piscale.cli.common import TRUST_REMOTE_CODE_HELP, fail, parse_pairs
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(None, "--timeout", help="Per-request timeout in seconds (default 600)."),
         sequence_cache: int = typer.Option(None, help="Finished sequences kept for continuation (default 32; 0: off)."),
         log_level: str = typer.Option("info", help="uvicorn log level."),
+        trust_remote_code: bool = typer.Option(None, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     ) -> None:
         """Serve a model behind the OpenAI API, with inference-time scaling per request."""
         import uvicorn
@@ -56,6 +57,7 @@ def register(app: typer.Typer) -> None:
                 max_tokens=max_tokens,
                 request_timeout=timeout,
                 sequence_cache=sequence_cache,
+                trust_remote_code=trust_remote_code,
                 rewards=(*base.rewards, *allow_reward) if allow_reward else None,
                 options={**base.options, **parse_pairs(option)} if option else None,
                 engine_options={**base.engine_options, **parse_pairs(engine_option, "--engine-option")} if engine_option else None,

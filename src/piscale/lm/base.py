@@ -148,6 +148,10 @@ class LanguageModel(abc.ABC):
     usage: Usage
     eos_token_ids: frozenset[int]
     context_length: int
+    device: object = None
+    """Where the model's torch tensors live (a ``torch.device``), for engines
+    that run torch in this process; None for the others (llama.cpp, remote
+    servers). Local reward models default to the same device."""
 
     # -- text ---------------------------------------------------------------
     @abc.abstractmethod

@@ -23,6 +23,7 @@ when it is solved alone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ async def run(
     trace: bool = False,
     prompt_ids: Sequence[int] | None = None,
     recorder: TraceRecorder | None = None,
+    progress: Callable[[dict], None] | None = None,
     **options: Any,
 ) -> SearchResult:
     """Answer ``question`` with ``algorithm`` at ``budget``; see the module doc.
@@ -132,14 +134,24 @@ async def run(
     ``prompt_ids`` replaces the chat prompt built from ``question`` and
     ``system`` (a server passes the prompt its client sent; the reward still
     reads ``question``). ``recorder`` watches the search instead of the
-    trace that ``trace=True`` keeps (a server reports progress with one)."""
+    trace that ``trace=True`` keeps (a server reports progress with one);
+    ``progress`` is called with a summary of every step (see
+    ``piscale.search.trace.progress``) plus the tokens generated so far and
+    the seconds since the search began."""
     spec, settings, shape = prepare(algorithm, budget, seed, options)
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question must be a non-empty string")
     if reward is None and not spec.reward_optional(shape):
         raise ValueError(f"{spec.title} ({spec.name}) needs a reward; only sc and bon at budget 1 run without one")
-    if recorder is None and trace:
-        recorder = TraceRecorder(spec.name, question)
+    keep_trace = trace or recorder is not None
+
+    def report(summary: dict) -> None:
+        # Called during the search only, when ``driver`` and ``started`` exist.
+        elapsed = time.perf_counter() - started
+        progress({**summary, "generated_tokens": driver.usage.generated_tokens, "seconds": elapsed})
+
+    if recorder is None and (trace or progress is not None):
+        recorder = TraceRecorder(spec.name, question, report=None if progress is None else report)
     prompt = list(prompt_ids) if prompt_ids is not None else lm.prompt_ids(question, system)
     driver = Driver(lm, reward, question, prompt, settings, recorder)
     started = time.perf_counter()
@@ -164,7 +176,7 @@ async def run(
         candidates=candidates,
         usage=driver.usage.to_dict(wall_time),
         failures=driver.failures,
-        trace=recorder.finish(outcome.nodes[outcome.chosen], chosen.answer) if recorder is not None else None,
+        trace=recorder.finish(outcome.nodes[outcome.chosen], chosen.answer) if keep_trace else None,
     )
 
 
@@ -178,17 +190,25 @@ async def run_many(
     *,
     system: str | None = DEFAULT_SYSTEM_PROMPT,
     trace: bool = False,
+    progress: Callable[[int, dict], None] | None = None,
     **options: Any,
 ) -> list[SearchResult]:
     """``run`` for every question, concurrently (one backend batch per step
-    across all questions); each result equals solving its question alone."""
+    across all questions); each result equals solving its question alone.
+    ``progress(i, summary)`` reports the steps of question i."""
     if isinstance(questions, str):
         raise TypeError("questions must be a list of strings, not one string")
     questions = list(questions)
     prepare(algorithm, budget, seed, options)
     return list(
         await asyncio.gather(
-            *(run(lm, reward, q, algorithm, budget, seed, system=system, trace=trace, **options) for q in questions)
+            *(
+                run(
+                    lm, reward, q, algorithm, budget, seed, system=system, trace=trace,
+                    progress=None if progress is None else functools.partial(progress, i), **options,
+                )
+                for i, q in enumerate(questions)
+            )
         )
     )
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from piscale.search.particles import Node
@@ -57,6 +57,9 @@ class TraceRecorder:
 
     algorithm: str
     question: str
+    report: Callable[[dict], None] | None = None
+    """Called with a summary of every step and event as it happens (``progress``
+    below): how a command line or a server shows a search at work."""
     _steps: list[_Step] = field(default_factory=list)
     _events: list[tuple[tuple[int, int, int], dict]] = field(default_factory=list)
 
@@ -95,10 +98,14 @@ class TraceRecorder:
                 reference_slot,
             )
         )
+        if self.report is not None:
+            self.report(progress(self._steps[-1]))
 
     def event(self, kind: str, *, iteration: int = 0, chain: int = 0, **details) -> None:
         """Something an algorithm did between steps (a reference drawn, a swap)."""
         self._events.append(((iteration, chain, len(self._events)), {"kind": kind, "iteration": iteration, "chain": chain, **details}))
+        if self.report is not None:
+            self.report({"event": kind, "iteration": iteration, "chain": chain})
 
     def finish(self, chosen: Node | None, answer: str | None) -> dict:
         ids: dict[int, int] = {}
@@ -160,6 +167,23 @@ class TraceRecorder:
             "events": events,
             "answer": {"node": None if chosen is None else number(chosen), "answer": answer},
         }
+
+
+def progress(record: _Step) -> dict:
+    """What a progress report says of one step: where the sweep is, how many
+    particles are still being extended, the effective sample size, whether
+    it resampled, the best score so far and the tokens its particles hold."""
+    scores = [n.score for n in record.nodes if n.score is not None]
+    return {
+        "iteration": record.iteration,
+        "chain": record.chain,
+        "step": record.step,
+        "particles": len(record.nodes),
+        "finished": sum(1 for n in record.nodes if n.done),
+        "ess": record.ess,
+        "resampled": record.resampled,
+        "best_score": max(scores) if scores else None,
+    }
 
 
 def _finite_or_none(value: float | None) -> float | None:

@@ -29,8 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from piscale.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 CHEAP_REWARD_KINDS = ("verify", "arith")
 """Reward kinds any request may name: they load no model."""
@@ -71,6 +71,10 @@ class ServerConfig:
     """the name clients use (default: ``model``)."""
     engine: str = "auto"
     device: str | None = None
+    """where the model runs; local reward models follow it unless it is None
+    and the model says where its tensors are."""
+    trust_remote_code: bool = False
+    """let reward checkpoints run their own code (Qwen2.5-Math-PRM needs it)."""
     engine_options: Mapping[str, Any] = field(default_factory=dict)
     """keyword arguments of the engine (``piscale.lm.load``), e.g. llama.cpp's
     ``max_sequences`` and ``context_length``."""

@@ -231,32 +231,6 @@ class SearchOutput:
     """particles dropped because the backend failed to write their step."""
 
 
-class ProgressRecorder(TraceRecorder):
-    """Instead of keeping a trace, hands a summary of every step to a callback."""
-
-    def __init__(self, algorithm: str, question: str, report: Callable[[dict[str, Any]], None]):
-        super().__init__(algorithm, question)
-        self._report = report
-
-    def step(self, nodes, log_weights, *, step, origins, iteration=0, chain=0, ess=None, resampled=False, ancestors=None, reference_slot=None) -> None:  # type: ignore[override]
-        scores = [n.score for n in nodes if n.score is not None]
-        self._report(
-            {
-                "iteration": iteration,
-                "chain": chain,
-                "step": step,
-                "particles": len(nodes),
-                "finished": sum(1 for n in nodes if n.done),
-                "ess": None if ess is None else float(ess),
-                "resampled": bool(resampled),
-                "best_score": max(scores) if scores else None,
-            }
-        )
-
-    def event(self, kind: str, *, iteration: int = 0, chain: int = 0, **details) -> None:
-        self._report({"event": kind, "iteration": iteration, "chain": chain})
-
-
 async def search(
     view: MeteredLM,
     reward: Reward | None,
@@ -267,7 +241,7 @@ async def search(
 ) -> SearchOutput:
     """Run the chosen algorithm on ``prompt`` (``piscale.search.run``), with
     the reward reading ``question``."""
-    recorder = ProgressRecorder(choice.algorithm, question, report) if report is not None else None
+    recorder = TraceRecorder(choice.algorithm, question, report=report) if report is not None else None
     result = await run(
         view, reward, question, choice.algorithm, choice.budget, choice.seed,
         prompt_ids=prompt, recorder=recorder, **dict(choice.options),

@@ -98,7 +98,9 @@ class RewardPool:
         if kind in _SHARED_KINDS:
             reward = self._shared.get(spec)
             if reward is None:
-                reward = from_spec(spec, device=self.config.device or "cpu")
+                reward = from_spec(
+                    spec, device=self._reward_device(), trust_remote_code=self.config.trust_remote_code
+                )
                 self._shared[spec] = reward
             usage = getattr(reward, "usage", None)
             if isinstance(usage, Usage):
@@ -115,10 +117,17 @@ class RewardPool:
             spec,
             policy=metered(self.config.model),
             policy_spec=self.config.model,
-            device=self.config.device or "cpu",
+            device=self._reward_device(),
             load_lm=metered,
+            trust_remote_code=self.config.trust_remote_code,
         )
         return RequestReward(reward, views)
+
+    def _reward_device(self) -> str:
+        """The configured device, else the served model's, else the CPU."""
+        from piscale.api import reward_device
+
+        return reward_device(self.config.device, self._backend(self.config.model))
 
     def _backend(self, spec: str) -> LanguageModel:
         backend = self._backends.get(spec)
