@@ -127,6 +127,9 @@ def train(
     out: Path = typer.Option(..., "--out", help="Head file to write (.safetensors)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Feature cache (default: $PISCALE_HOME/value-features)."),
     batch: int = typer.Option(8, "--batch", help="Rollouts per backbone forward pass when reading features."),
+    dtype: str = typer.Option(
+        "bfloat16", "--dtype", help="Backbone dtype for features (the reward serves in the same one): bfloat16 | float32."
+    ),
     baseline: list[str] = typer.Option(["arith"], "--baseline", help="Reward spec to measure on the same held-out rollouts."),
     report: Path = typer.Option(None, "--report", help="Also write the measures as JSON here."),
 ) -> None:
@@ -177,7 +180,7 @@ def train(
 
     from piscale.models import load_transformers
 
-    model, tokenizer = load_transformers(backbone)
+    model, tokenizer = load_transformers(backbone, dtype=dtype)
     total = model.config.num_hidden_layers
     chosen_layers = (
         sorted({total // 2, (3 * total) // 4, total}) if layers == "auto" else [int(x) for x in layers.split(",")]
@@ -188,7 +191,7 @@ def train(
     reward = StepValueReward(model, tokenizer, placeholder, system_prompt=system, batch_tokens=8192)
     layout = {"kind": "parts", "marker": "\n\n", "system_prompt": system, "prompt_format": None}
     root = cache_dir or (models.piscale_home() / "value-features")
-    cache = FeatureCache(root, backbone, chosen_layers, layout)
+    cache = FeatureCache(root, backbone, chosen_layers, {**layout, "dtype": dtype})
     started = time.perf_counter()
     features = extract_features(
         reward, rollouts, chosen_layers, cache, batch=batch,
@@ -219,6 +222,7 @@ def train(
     metadata = {
         "backbone": backbone,
         "backbone_identity": model_identity(backbone),
+        "dtype": dtype,
         "layer": fitted.layer,
         "features": hidden,
         "layout": layout,

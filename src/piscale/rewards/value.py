@@ -358,11 +358,12 @@ def shipped_head_path(name: str = DEFAULT_HEAD) -> Path:
 
 
 def load_value_reward(
-    path: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32", **options
+    path: str | Path | None = None, *, device: str = "cpu", dtype: str | None = None, **options
 ) -> StepValueReward:
     """The reward of a head file (the shipped default head when ``path`` is
     None), its backbone loaded with ``piscale.models.load_transformers``
-    from the spec in the file's metadata."""
+    from the spec in the file's metadata, in the dtype its features were
+    read in (unless ``dtype`` says otherwise)."""
     from piscale.models import load_transformers
 
     path = shipped_head_path() if path is None else Path(path)
@@ -371,7 +372,7 @@ def load_value_reward(
     layout = meta["layout"]
     if layout.get("kind") != "parts":
         raise HeadFileError(f"{path}: unknown layout {layout.get('kind')!r}; this piscale reads the 'parts' layout")
-    model, tokenizer = load_transformers(meta["backbone"], device=device, dtype=dtype)
+    model, tokenizer = load_transformers(meta["backbone"], device=device, dtype=dtype or meta.get("dtype", "float32"))
     return StepValueReward(
         model,
         tokenizer,
