@@ -156,8 +156,8 @@ def test_piscale_score_reports_that_it_needs_a_search():
     from piscale.cli import app
 
     result = CliRunner().invoke(app, ["score", "q", "Add 1", "--reward", "certainty"])
-    assert result.exit_code != 0
-    assert "log-probabilities" in str(result.exception) + result.output
+    assert result.exit_code == 2  # a usage error, not a traceback
+    assert "reads the policy's token log-probabilities, which only a search has" in result.stderr
 
 
 def test_bad_values_and_statistics():

@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         model: str = typer.Option(DEFAULT_MODEL, help="Catalog name, .gguf file, folder or hub id."),
         reward: str = typer.Option(
-            "judge", help="judge[:MODEL] | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | embed:POS|NEG | none"
+            "judge", help="judge[:MODEL] | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | certainty | value[:PATH] | embed:POS|NEG | none"
         ),
         engine: str = typer.Option("auto", help="auto | hf | llamacpp | openai"),
         device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda if present)"),

@@ -23,7 +23,7 @@ def score_command(
         typer.Option(
             "--reward",
             "-r",
-            help="judge:MODEL | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | embed:POSITIVE|NEGATIVE",
+            help="judge:MODEL | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | embed:POSITIVE|NEGATIVE | value[:PATH]",
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -47,6 +47,13 @@ def score_command(
     except (ValueError, ImportError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    if reward_model.needs_logprobs:
+        typer.echo(
+            f"error: the reward {reward!r} reads the policy's token log-probabilities, which only a search "
+            "has; score it inside piscale solve or piscale eval",
+            err=True,
+        )
+        raise typer.Exit(2)
 
     async def run() -> tuple[list[list[float]], list[float]]:
         try:

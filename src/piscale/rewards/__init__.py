@@ -11,6 +11,7 @@ other modules are the reward sources:
 * ``verify``: a final-answer verifier and an arithmetic step checker;
 * ``cdr``: customizable density ratios of a strong over a weak LM;
 * ``embed``: cosine similarity to attribute descriptions;
+* ``certainty``: the policy's own confidence (mean token log-probability);
 * ``compose``: weighted sums and transforms of rewards;
 * ``spec``: rewards from a short text spec (``judge:MODEL``, ``prm:MODEL`` ...).
 
@@ -39,6 +40,7 @@ _LAZY = {
     "KeywordRouter": "piscale.rewards.cdr",
     "JudgeRouter": "piscale.rewards.cdr",
     "EmbeddingReward": "piscale.rewards.embed",
+    "SelfCertaintyReward": "piscale.rewards.certainty",
     "from_spec": "piscale.rewards.spec",
 }
 

@@ -32,7 +32,7 @@ from typing import Any
 from piscale.models import DEFAULT_MODEL
 
 
-CHEAP_REWARD_KINDS = ("verify", "arith")
+CHEAP_REWARD_KINDS = ("verify", "arith", "certainty")
 """Reward kinds any request may name: they load no model."""
 
 _PRESET = re.compile(r"^(?P<algorithm>[a-z]+)-(?P<budget>[0-9]+)$")
