@@ -53,12 +53,36 @@ train_smollm() {
     --out runs/value-smollm2-135m.safetensors --report runs/value-smollm2-135m.json
 }
 
+# Ship the chosen head (HEAD=runs/value-....safetensors) as the package's
+# default: copied into src/piscale/rewards/heads/ with its sha256, backbone,
+# and the command, data hash and seed that trained it in manifest.json.
+ship() {
+  local head=${HEAD:?set HEAD to the head file to ship}
+  cp "$head" src/piscale/rewards/heads/default.safetensors
+  .venv/bin/python - src/piscale/rewards/heads <<'PY'
+import json, sys
+from pathlib import Path
+from piscale.rewards.value import HeadFile, file_sha256
+folder = Path(sys.argv[1])
+path = folder / "default.safetensors"
+meta = HeadFile.read(path).metadata
+entry = {
+    "file": path.name, "sha256": file_sha256(path), "backbone": meta["backbone"], "dtype": meta.get("dtype"),
+    "layer": meta["layer"], "policy": meta["policy"], "training": meta["training"],
+    "validation": meta["metrics"]["validation"], "baselines_on_validation": meta["metrics"]["baselines_on_validation"],
+}
+(folder / "manifest.json").write_text(json.dumps({"default": entry}, indent=2, sort_keys=True) + "\n")
+print(json.dumps(entry, indent=2))
+PY
+}
+
 case "${1:-all}" in
   pilot) pilot ;;
   rollouts) rollouts ;;
   monte-carlo) monte_carlo ;;
   train-qwen) train_qwen ;;
   train-smollm) train_smollm ;;
+  ship) ship ;;
   all) pilot; rollouts; monte_carlo; train_qwen; train_smollm ;;
-  *) echo "unknown step: $1 (pilot | rollouts | monte-carlo | train-qwen | train-smollm | all)" >&2; exit 2 ;;
+  *) echo "unknown step: $1 (pilot | rollouts | monte-carlo | train-qwen | train-smollm | ship | all)" >&2; exit 2 ;;
 esac
