@@ -76,13 +76,18 @@ print(json.dumps(entry, indent=2))
 PY
 }
 
-case "${1:-all}" in
-  pilot) pilot ;;
-  rollouts) rollouts ;;
-  monte-carlo) monte_carlo ;;
-  train-qwen) train_qwen ;;
-  train-smollm) train_smollm ;;
-  ship) ship ;;
-  all) pilot; rollouts; monte_carlo; train_qwen; train_smollm ;;
-  *) echo "unknown step: $1 (pilot | rollouts | monte-carlo | train-qwen | train-smollm | ship | all)" >&2; exit 2 ;;
-esac
+# Parsed whole before it runs, so editing this file during a long step is safe.
+main() {
+  case "${1:-all}" in
+    pilot) pilot ;;
+    rollouts) rollouts ;;
+    monte-carlo) monte_carlo ;;
+    train-qwen) train_qwen ;;
+    train-smollm) train_smollm ;;
+    ship) ship ;;
+    all) pilot; rollouts; monte_carlo; train_qwen; train_smollm ;;
+    *) echo "unknown step: $1 (pilot | rollouts | monte-carlo | train-qwen | train-smollm | ship | all)" >&2; exit 2 ;;
+  esac
+}
+
+main "$@"; exit

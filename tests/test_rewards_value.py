@@ -182,3 +182,28 @@ def test_shipped_head_matches_its_recorded_hash_and_loads():
             assert entry["training"][key] not in (None, ""), key
         assert head_file.head.features == head_file.metadata["features"]
         json.dumps(head_file.metadata)  # plain JSON
+
+
+def test_spec_value_path_loads_the_head_and_its_backbone(tmp_path, backbone, monkeypatch):
+    from piscale import models
+    from piscale.rewards.spec import from_spec
+
+    model, tokenizer = backbone
+    requested = []
+
+    def load(spec, **options):
+        requested.append((spec, options.get("dtype")))
+        return model, tokenizer
+
+    monkeypatch.setattr(models, "load_transformers", load)
+    head = random_head(model.config.hidden_size)
+    path = tmp_path / "head.safetensors"
+    layout = {"kind": "parts", "marker": "\n\n", "system_prompt": SYSTEM, "prompt_format": None}
+    HeadFile(head, {"backbone": "some-backbone", "dtype": "float32", "layer": 1, "layout": layout}).save(path)
+    reward = from_spec(f"value:{path}")
+    assert isinstance(reward, StepValueReward) and reward.layer == 1
+    assert requested == [("some-backbone", "float32")]
+    [scores] = asyncio.run(reward.score([PROMPT], [STEPS]))
+    assert scores == pytest.approx(by_hand(backbone, head, 1, STEPS), abs=1e-5)
+    with pytest.raises(HeadFileError, match="no value head file"):
+        from_spec(f"value:{tmp_path / 'missing.safetensors'}")
