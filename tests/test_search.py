@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from piscale.grading import extract_answer, normalize_answer
 from piscale.lm.toy import ToyLM
 from piscale.rewards.base import Reward
-from piscale.search import ALGORITHMS, DEFAULT_SYSTEM_PROMPT, render_html, run, run_many, split_steps
+from piscale.search import ALGORITHMS, DEFAULT_SYSTEM_PROMPT, run, run_many, split_steps
 from piscale.search.select import group_answers, heaviest_group, max_weight, tied_answers, weighted_vote
+from piscale.tracepage import render_html
 
 QUESTION = "Count up from where you start."
 

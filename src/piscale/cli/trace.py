@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(None, "-o", "--output", help="Where to write the page (default: FILE with .html)."),
     ) -> None:
         """Write a self-contained HTML page drawing the particle tree of a search."""
-        from piscale.search.trace import render_html
+        from piscale.tracepage import render_html
 
         try:
             data = json.loads(file.read_text())

@@ -7,7 +7,9 @@
 (``pg``), parallel tempering (``pt``), best-of-N (``bon``), weighted best-of-N
 (``wbon``), self-consistency (``sc``), beam search (``beam``) and DVTS
 (``dvts``). Each is a short module reading like its pseudocode; all share the
-particle tree and the backend/reward driver of ``piscale.search.particles``.
+particle tree (``piscale.search.node``) and the backend/reward driver
+(``piscale.search.driver``); the SMC ones share one kernel
+(``piscale.search.kernel``).
 
 The budget means what Puri et al. (2025) mean: particles for ``pf``;
 particles x iterations for ``pg``; particles x chains x iterations for ``pt``;
@@ -35,10 +37,11 @@ from piscale.grading import extract_answer
 from piscale.lm.base import LanguageModel
 from piscale.rewards.base import Reward
 from piscale.search import beam, bon, dvts, pf, pg, pt, sc, wbon
-from piscale.search.particles import Driver, Node, Outcome, split_steps
-from piscale.search.result import Candidate, SearchResult
+from piscale.search.driver import Driver
+from piscale.search.node import Node, split_steps
+from piscale.search.result import Candidate, Outcome, SearchResult
 from piscale.search.settings import Settings, build_settings
-from piscale.search.trace import TraceRecorder, load_trace, render_html
+from piscale.search.trace import TraceRecorder, load_trace
 
 __all__ = [
     "ALGORITHMS",
@@ -48,7 +51,6 @@ __all__ = [
     "SearchResult",
     "Settings",
     "load_trace",
-    "render_html",
     "run",
     "run_many",
     "split_steps",

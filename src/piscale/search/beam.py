@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from piscale.search.particles import Driver, Outcome
+from piscale.search.driver import Driver
+from piscale.search.result import Outcome
 from piscale.search.settings import Settings
 from piscale.search.tree import shape_of, tree_search
 

@@ -31,7 +31,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from piscale.grading import extract_answer
-from piscale.search.particles import Driver, Node, Outcome, ready
+from piscale.search.driver import Driver
+from piscale.search.node import Node, ready
+from piscale.search.result import Outcome
 from piscale.search import select
 from piscale.search.settings import Settings
 from piscale.smc import (

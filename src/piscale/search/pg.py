@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from piscale.search.particles import Driver, Node, Outcome
+from piscale.search.driver import Driver
+from piscale.search.node import Node
+from piscale.search.result import Outcome
 from piscale.search.pf import choose, smc_sweep
 from piscale.search.settings import Settings
 from piscale.smc import multinomial, normalize

@@ -20,7 +20,9 @@ import asyncio
 
 import numpy as np
 
-from piscale.search.particles import Driver, Node, Outcome
+from piscale.search.driver import Driver
+from piscale.search.node import Node
+from piscale.search.result import Outcome
 from piscale.search.pf import choose, smc_sweep
 from piscale.search.pg import draw_reference, split_budget
 from piscale.search.settings import Settings

@@ -1,9 +1,27 @@
-"""What a search returns: the chosen answer, every final candidate, the work done."""
+"""What a search returns.
+
+An algorithm returns an ``Outcome``: its final particles (nodes of the step
+tree), their log-weights and the index of the one it chose.
+``piscale.search.run`` turns it into a ``SearchResult``: the chosen answer,
+every final candidate as text, the work done, and (when asked) the trace.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from piscale.search.node import Node
+
+
+@dataclass
+class Outcome:
+    """A search's final candidates and the one it chose."""
+
+    nodes: list[Node]
+    log_weights: list[float | None]
+    """final log-weights (SMC), or logit-scale potentials of the scores."""
+    chosen: int
 
 
 @dataclass

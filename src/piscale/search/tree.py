@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from piscale.lm.base import Handle
-from piscale.search.particles import Driver, Node, Outcome
+from piscale.search.driver import Driver
+from piscale.search.node import Node
+from piscale.search.result import Outcome
 from piscale.search.select import max_weight
 
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from piscale.grading import extract_answer
 from piscale.search.bon import outcome_weights, record
-from piscale.search.particles import Driver, Outcome
+from piscale.search.driver import Driver
+from piscale.search.result import Outcome
 from piscale.search.select import group_answers, heaviest_group, max_weight
 from piscale.search.settings import Settings
 
