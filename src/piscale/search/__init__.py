@@ -38,6 +38,7 @@ from piscale.lm.base import LanguageModel
 from piscale.rewards.base import Reward
 from piscale.search import beam, bon, dvts, pf, pg, pt, sc, wbon
 from piscale.search.driver import Driver
+from piscale.search.layout import Layout
 from piscale.search.node import Node, split_steps
 from piscale.search.result import Candidate, Outcome, SearchResult
 from piscale.search.settings import Settings, build_settings
@@ -66,12 +67,14 @@ _SMC = ("aggregation", "potential", "softmax_temperature", "ess_threshold", "sel
 class Algorithm:
     name: str
     title: str
-    search: Callable[[Driver, dict[str, int], Settings, np.random.Generator], Awaitable[Outcome]]
-    layout: Callable[[int, Settings], dict[str, int]]
+    search: Callable[[Driver, Any, Settings, np.random.Generator], Awaitable[Outcome]]
+    """runs the search on the ``Layout`` that ``layout`` returned."""
+    layout: Callable[[int, Settings], Layout]
     """how the budget is spent (particles, iterations, ...); raises if it cannot be."""
     options: tuple[str, ...]
     defaults: dict[str, Any] = field(default_factory=dict)
-    reward_optional: Callable[[dict[str, int]], bool] = lambda shape: False
+    reward_optional: Callable[[Any], bool] = lambda layout: False
+    """whether the search can run without a reward at this layout."""
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -85,12 +88,12 @@ ALGORITHMS: dict[str, Algorithm] = {
         ),
         Algorithm(
             "bon", "best-of-N", bon.search, bon.layout, (*_GENERATION, "aggregation"),
-            reward_optional=lambda shape: shape["samples"] == 1,
+            reward_optional=bon.reward_optional,
         ),
         Algorithm("wbon", "weighted best-of-N", wbon.search, wbon.layout, (*_GENERATION, "aggregation")),
         Algorithm(
             "sc", "self-consistency", sc.search, sc.layout, (*_GENERATION, "aggregation"),
-            reward_optional=lambda shape: True,
+            reward_optional=lambda layout: True,
         ),
         Algorithm("beam", "beam search", beam.search, beam.layout, (*_GENERATION, "aggregation", "beam_width")),
         Algorithm("dvts", "diverse verifier tree search", dvts.search, dvts.layout, (*_GENERATION, "aggregation", "beam_width")),
@@ -105,7 +108,7 @@ def algorithm(name: str) -> Algorithm:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}") from None
 
 
-def prepare(name: str, budget: int, seed: int, options: dict[str, Any]) -> tuple[Algorithm, Settings, dict[str, int]]:
+def prepare(name: str, budget: int, seed: int, options: dict[str, Any]) -> tuple[Algorithm, Settings, Layout]:
     """Validate a request before any work is done."""
     spec = algorithm(name)
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
@@ -140,10 +143,10 @@ async def run(
     ``progress`` is called with a summary of every step (see
     ``piscale.search.trace.progress``) plus the tokens generated so far and
     the seconds since the search began."""
-    spec, settings, shape = prepare(algorithm, budget, seed, options)
+    spec, settings, layout = prepare(algorithm, budget, seed, options)
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question must be a non-empty string")
-    if reward is None and not spec.reward_optional(shape):
+    if reward is None and not spec.reward_optional(layout):
         raise ValueError(f"{spec.title} ({spec.name}) needs a reward; only sc and bon at budget 1 run without one")
     keep_trace = trace or recorder is not None
 
@@ -157,7 +160,7 @@ async def run(
     prompt = list(prompt_ids) if prompt_ids is not None else lm.prompt_ids(question, system)
     driver = Driver(lm, reward, question, prompt, settings, recorder)
     started = time.perf_counter()
-    outcome = await spec.search(driver, shape, settings, np.random.default_rng(int(seed)))
+    outcome = await spec.search(driver, layout, settings, np.random.default_rng(int(seed)))
     wall_time = time.perf_counter() - started
     driver.check_survivors(outcome.nodes)
     if outcome.nodes[outcome.chosen].failed:
@@ -171,7 +174,7 @@ async def run(
         algorithm=spec.name,
         budget=int(budget),
         seed=int(seed),
-        settings={**{name: _setting(settings, name) for name in spec.options}, **shape},
+        settings={**{name: _setting(settings, name) for name in spec.options}, **layout.as_dict()},
         answer=chosen.answer,
         text=chosen.text,
         chosen=outcome.chosen,

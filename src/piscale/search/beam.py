@@ -12,14 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 from piscale.search.driver import Driver
+from piscale.search.layout import Beams, per_expansion
 from piscale.search.result import Outcome
 from piscale.search.settings import Settings
-from piscale.search.tree import shape_of, tree_search
+from piscale.search.tree import tree_search
 
 
-def layout(budget: int, settings: Settings) -> dict[str, int]:
-    return {"beams": shape_of(budget, settings.beam_width, "beams"), "beam_width": settings.beam_width}
+def layout(budget: int, settings: Settings) -> Beams:
+    return Beams(beams=per_expansion(budget, settings.beam_width, "beams"), beam_width=settings.beam_width)
 
 
-async def search(driver: Driver, shape: dict[str, int], settings: Settings, rng: np.random.Generator) -> Outcome:
-    return await tree_search(driver, rng, groups=1, keep=shape["beams"], width=shape["beam_width"])
+async def search(driver: Driver, layout: Beams, settings: Settings, rng: np.random.Generator) -> Outcome:
+    return await tree_search(driver, rng, groups=1, keep=layout.beams, width=layout.beam_width)

@@ -11,31 +11,23 @@ from __future__ import annotations
 import numpy as np
 
 from piscale.search.driver import Driver
-from piscale.search.node import Node
+from piscale.search.layout import Samples
 from piscale.search.result import Outcome
-from piscale.search.settings import Settings
+from piscale.search.samples import sample_answers
 from piscale.search.select import max_weight
+from piscale.search.settings import Settings
 
 
-def layout(budget: int, settings: Settings) -> dict[str, int]:
-    return {"samples": budget}
+def layout(budget: int, settings: Settings) -> Samples:
+    return Samples(samples=budget)
 
 
-def record(driver: Driver, answers: list[Node], log_weights: list[float | None]) -> None:
-    """Complete samples form one column of the trace."""
-    if driver.trace is not None:
-        driver.trace.step(answers, log_weights, step=1, origins=[None] * len(answers))
+def reward_optional(layout: Samples) -> bool:
+    """One sample needs no reward to be chosen: it is plain sampling."""
+    return layout.samples == 1
 
 
-def outcome_weights(driver: Driver, answers: list[Node]) -> list[float | None]:
-    """The logit-scale potential of each sample's score (None if unscored)."""
-    potentials = driver.potentials(answers, "paper") * driver.settings.softmax_temperature
-    return [None if node.score is None else float(p) for node, p in zip(answers, potentials)]
-
-
-async def search(driver: Driver, shape: dict[str, int], settings: Settings, rng: np.random.Generator) -> Outcome:
-    answers = await driver.sample(shape["samples"], rng)
-    log_weights = outcome_weights(driver, answers)
-    record(driver, answers, log_weights)
+async def search(driver: Driver, layout: Samples, settings: Settings, rng: np.random.Generator) -> Outcome:
+    answers, log_weights = await sample_answers(driver, layout, rng)
     scores = [-np.inf if node.score is None else node.score for node in answers]
     return Outcome(answers, log_weights, max_weight(scores))

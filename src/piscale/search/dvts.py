@@ -14,14 +14,15 @@ from __future__ import annotations
 import numpy as np
 
 from piscale.search.driver import Driver
+from piscale.search.layout import Subtrees, per_expansion
 from piscale.search.result import Outcome
 from piscale.search.settings import Settings
-from piscale.search.tree import shape_of, tree_search
+from piscale.search.tree import tree_search
 
 
-def layout(budget: int, settings: Settings) -> dict[str, int]:
-    return {"subtrees": shape_of(budget, settings.beam_width, "subtrees"), "beam_width": settings.beam_width}
+def layout(budget: int, settings: Settings) -> Subtrees:
+    return Subtrees(subtrees=per_expansion(budget, settings.beam_width, "subtrees"), beam_width=settings.beam_width)
 
 
-async def search(driver: Driver, shape: dict[str, int], settings: Settings, rng: np.random.Generator) -> Outcome:
-    return await tree_search(driver, rng, groups=shape["subtrees"], keep=1, width=shape["beam_width"])
+async def search(driver: Driver, layout: Subtrees, settings: Settings, rng: np.random.Generator) -> Outcome:
+    return await tree_search(driver, rng, groups=layout.subtrees, keep=1, width=layout.beam_width)

@@ -32,6 +32,7 @@ import numpy as np
 
 from piscale.grading import extract_answer
 from piscale.search.driver import Driver
+from piscale.search.layout import Population
 from piscale.search.node import Node, ready
 from piscale.search.result import Outcome
 from piscale.search import select
@@ -46,12 +47,12 @@ from piscale.smc import (
 )
 
 
-def layout(budget: int, settings: Settings) -> dict[str, int]:
-    return {"particles": budget}
+def layout(budget: int, settings: Settings) -> Population:
+    return Population(particles=budget)
 
 
-async def search(driver: Driver, shape: dict[str, int], settings: Settings, rng: np.random.Generator) -> Outcome:
-    nodes, log_weights = await smc_sweep(driver, shape["particles"], rng)
+async def search(driver: Driver, layout: Population, settings: Settings, rng: np.random.Generator) -> Outcome:
+    nodes, log_weights = await smc_sweep(driver, layout.particles, rng)
     return choose(nodes, log_weights, settings.selection)
 
 

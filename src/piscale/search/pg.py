@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from piscale.search.driver import Driver
+from piscale.search.layout import Sweeps, particles_per_sweep
 from piscale.search.node import Node
 from piscale.search.result import Outcome
 from piscale.search.pf import choose, smc_sweep
@@ -29,21 +30,9 @@ from piscale.search.settings import Settings
 from piscale.smc import multinomial, normalize
 
 
-def layout(budget: int, settings: Settings) -> dict[str, int]:
-    return split_budget(budget, {"iterations": settings.iterations})
-
-
-def split_budget(budget: int, factors: dict[str, int]) -> dict[str, int]:
-    """``{"particles": budget / prod(factors), **factors}``, requiring an
-    exact split with at least two particles (one fresh besides the reference)."""
-    product = int(np.prod(list(factors.values())))
-    described = " x ".join(f"{name}={value}" for name, value in factors.items())
-    if budget % product or budget // product < 2:
-        raise ValueError(
-            f"budget {budget} must be a multiple of {described} = {product} with at least 2 particles each; "
-            f"use a budget of at least {2 * product} or change {', '.join(factors)}"
-        )
-    return {"particles": budget // product, **factors}
+def layout(budget: int, settings: Settings) -> Sweeps:
+    particles = particles_per_sweep(budget, iterations=settings.iterations)
+    return Sweeps(particles=particles, iterations=settings.iterations)
 
 
 def draw_reference(nodes: list[Node], log_weights: np.ndarray, rng: np.random.Generator) -> list[Node]:
@@ -52,11 +41,11 @@ def draw_reference(nodes: list[Node], log_weights: np.ndarray, rng: np.random.Ge
     return nodes[index].lineage()
 
 
-async def search(driver: Driver, shape: dict[str, int], settings: Settings, rng: np.random.Generator) -> Outcome:
+async def search(driver: Driver, layout: Sweeps, settings: Settings, rng: np.random.Generator) -> Outcome:
     reference: list[Node] | None = None
-    for iteration in range(shape["iterations"]):
-        nodes, log_weights = await smc_sweep(driver, shape["particles"], rng, reference=reference, iteration=iteration)
-        if iteration + 1 < shape["iterations"]:
+    for iteration in range(layout.iterations):
+        nodes, log_weights = await smc_sweep(driver, layout.particles, rng, reference=reference, iteration=iteration)
+        if iteration + 1 < layout.iterations:
             reference = draw_reference(nodes, log_weights, rng)
             if driver.trace is not None:
                 driver.trace.event("reference", iteration=iteration + 1, steps=[n.text for n in reference])

@@ -21,36 +21,38 @@ import asyncio
 import numpy as np
 
 from piscale.search.driver import Driver
+from piscale.search.layout import Ladder, particles_per_sweep
 from piscale.search.node import Node
 from piscale.search.result import Outcome
 from piscale.search.pf import choose, smc_sweep
-from piscale.search.pg import draw_reference, split_budget
+from piscale.search.pg import draw_reference
 from piscale.search.settings import Settings
 from piscale.smc import swap_probability
 
 
-def layout(budget: int, settings: Settings) -> dict[str, int]:
+def layout(budget: int, settings: Settings) -> Ladder:
     if settings.chains < 2:
         raise ValueError(f"parallel tempering needs chains >= 2, got {settings.chains}")
-    return split_budget(budget, {"chains": settings.chains, "iterations": settings.iterations})
+    particles = particles_per_sweep(budget, chains=settings.chains, iterations=settings.iterations)
+    return Ladder(particles=particles, chains=settings.chains, iterations=settings.iterations)
 
 
-async def search(driver: Driver, shape: dict[str, int], settings: Settings, rng: np.random.Generator) -> Outcome:
+async def search(driver: Driver, layout: Ladder, settings: Settings, rng: np.random.Generator) -> Outcome:
     ladder = settings.ladder
     chains = len(ladder)
     chain_rngs = rng.spawn(chains)
     references: list[list[Node] | None] = [None] * chains
-    for iteration in range(shape["iterations"]):
+    for iteration in range(layout.iterations):
         sweeps = await asyncio.gather(
             *(
                 smc_sweep(
-                    driver, shape["particles"], chain_rngs[k], temperature=ladder[k],
+                    driver, layout.particles, chain_rngs[k], temperature=ladder[k],
                     reference=references[k], iteration=iteration, chain=k,
                 )
                 for k in range(chains)
             )
         )
-        if iteration + 1 == shape["iterations"]:
+        if iteration + 1 == layout.iterations:
             break
         references = [draw_reference(nodes, weights, chain_rngs[k]) for k, (nodes, weights) in enumerate(sweeps)]
         for k in range(chains - 1):

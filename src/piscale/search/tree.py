@@ -36,15 +36,6 @@ class _Kept:
     group: int
 
 
-def shape_of(budget: int, width: int, what: str) -> int:
-    """N / M, requiring M to divide N."""
-    if budget % width or budget < width:
-        raise ValueError(
-            f"budget {budget} must be a positive multiple of beam_width={width} ({what} = budget / beam_width)"
-        )
-    return budget // width
-
-
 async def tree_search(driver: Driver, rng: np.random.Generator, *, groups: int, keep: int, width: int) -> Outcome:
     root_handles = await driver.open(groups * keep * width)
     # Each frontier entry is a kept partial answer and the sequences its

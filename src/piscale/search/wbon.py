@@ -13,21 +13,20 @@ from __future__ import annotations
 import numpy as np
 
 from piscale.grading import extract_answer
-from piscale.search.bon import outcome_weights, record
 from piscale.search.driver import Driver
+from piscale.search.layout import Samples
 from piscale.search.result import Outcome
+from piscale.search.samples import sample_answers
 from piscale.search.select import group_answers, heaviest_group, max_weight
 from piscale.search.settings import Settings
 
 
-def layout(budget: int, settings: Settings) -> dict[str, int]:
-    return {"samples": budget}
+def layout(budget: int, settings: Settings) -> Samples:
+    return Samples(samples=budget)
 
 
-async def search(driver: Driver, shape: dict[str, int], settings: Settings, rng: np.random.Generator) -> Outcome:
-    answers = await driver.sample(shape["samples"], rng)
-    log_weights = outcome_weights(driver, answers)
-    record(driver, answers, log_weights)
+async def search(driver: Driver, layout: Samples, settings: Settings, rng: np.random.Generator) -> Outcome:
+    answers, log_weights = await sample_answers(driver, layout, rng)
     scores = np.array([-np.inf if node.score is None else node.score for node in answers])
     if driver.reward is not None and driver.reward.scale == "log" and np.isfinite(scores).any():
         mass = np.exp(scores - scores[np.isfinite(scores)].max())
