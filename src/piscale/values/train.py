@@ -18,8 +18,9 @@ minimising the mean cross-entropy plus (lambda / 2) ||w||^2 with L-BFGS:
     L(w, b) = -mean_t [ y_t log s(w.z_t + b) + (1 - y_t) log(1 - s(w.z_t + b)) ] + lambda/2 ||w||^2.
 
 With outcome labels the minimiser estimates E[y | h] = V (module doc of
-``piscale.values``); lambda is chosen on the validation problems from a small
-grid. An MLP head (one ReLU layer, Adam) is the option for a non-linear V.
+``piscale.values``); the layer and lambda are chosen on a part of the
+training problems held out from the fit, never on the validation problems.
+An MLP head (one ReLU layer, Adam) is the option for a non-linear V.
 
 **Measures** on the validation problems:
 
@@ -342,40 +343,52 @@ class Fitted:
 
 def fit_and_choose(
     rollouts: Sequence[LabelledRollout], features: Sequence[np.ndarray], layers: Sequence[int], validation: set[str],
-    *, kind: str = "logistic", l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), labels: str = "outcome", seed: int = 0,
+    *, kind: str = "logistic", l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), labels: str = "outcome",
+    seed: int = 0, selection_fraction: float = 0.2,
 ) -> Fitted:
-    """Fit a head for every (layer, lambda) and keep the best by validation
-    AUROC on step labels, then pairwise accuracy."""
+    """Choose (layer, lambda) without looking at the validation problems,
+    then measure the choice on them once.
+
+    The training problems are split again: heads for every (layer, lambda)
+    are fitted on most of them and ranked on the rest (the *selection*
+    problems) by AUROC on step labels, then pairwise accuracy; the best
+    setting is refitted on all training problems and evaluated on the
+    validation problems."""
+    if kind not in ("logistic", "mlp"):
+        raise TrainError(f"unknown head kind {kind!r}; expected logistic or mlp")
     is_validation = np.array([r.problem_id in validation for r in rollouts])
     train_ids, validation_ids = np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
-    best: Fitted | None = None
-    candidates = []
+    selection = validation_problems([rollouts[i].problem_id for i in train_ids], selection_fraction, seed + 1)
+    is_selection = np.array([r.problem_id in selection for r in rollouts]) & ~is_validation
+    fit_ids, selection_ids = np.flatnonzero(~is_validation & ~is_selection), np.flatnonzero(is_selection)
+
+    def fit(table: StepTable, ids: np.ndarray, l2: float) -> tuple[ValueHead, float]:
+        rows = np.isin(table.rollout, ids)
+        started = time.perf_counter()
+        if kind == "logistic":
+            head = fit_logistic(table.features[rows], table.labels[rows], l2)
+        else:
+            head = fit_mlp(table.features[rows], table.labels[rows], l2=l2, seed=seed)
+        return head, time.perf_counter() - started
+
+    candidates, tables = [], {}
     for layer_index, layer in enumerate(layers):
-        table = step_table(rollouts, features, layer_index, labels)
-        training_rows = np.isin(table.rollout, train_ids)
+        tables[layer] = step_table(rollouts, features, layer_index, labels)
         for l2 in l2_grid:
-            started = time.perf_counter()
-            if kind == "logistic":
-                head = fit_logistic(table.features[training_rows], table.labels[training_rows], l2)
-            elif kind == "mlp":
-                head = fit_mlp(table.features[training_rows], table.labels[training_rows], l2=l2, seed=seed)
-            else:
-                raise TrainError(f"unknown head kind {kind!r}; expected logistic or mlp")
-            seconds = time.perf_counter() - started
-            scores = head.probabilities(table.features)
-            held_out = evaluate_scores(scores, table, rollouts, validation_ids)
-            fitted = Fitted(head, layer, l2, held_out, evaluate_scores(scores, table, rollouts, train_ids), seconds)
-            candidates.append({"layer": layer, "l2": l2, "seconds": seconds, **held_out.to_dict()})
-            if best is None or _rank(fitted) > _rank(best):
-                best = fitted
-    assert best is not None
-    best.candidates = candidates
-    return best
-
-
-def _rank(fitted: Fitted) -> tuple[float, float]:
-    v = fitted.validation
-    return (v.step_auroc if v.step_auroc is not None else 0.0, v.pairwise.accuracy or 0.0)
+            head, seconds = fit(tables[layer], fit_ids, l2)
+            measured = evaluate_scores(head.probabilities(tables[layer].features), tables[layer], rollouts, selection_ids)
+            candidates.append({"layer": layer, "l2": l2, "seconds": seconds, **measured.to_dict()})
+    best = max(candidates, key=lambda c: (c["step_auroc"] or 0.0, c["pairwise_accuracy"] or 0.0))
+    table = tables[best["layer"]]
+    head, seconds = fit(table, train_ids, best["l2"])
+    scores = head.probabilities(table.features)
+    return Fitted(
+        head, best["layer"], best["l2"],
+        validation=evaluate_scores(scores, table, rollouts, validation_ids),
+        train=evaluate_scores(scores, table, rollouts, train_ids),
+        seconds=seconds,
+        candidates=candidates,
+    )
 
 
 def reward_step_scores(reward, rollouts: Sequence[LabelledRollout], chosen: Sequence[int]) -> dict[int, np.ndarray]:
