@@ -178,3 +178,68 @@ def test_swap_probability_matches_the_tempered_targets():
     # The better state moving to the cold chain is always accepted.
     assert smc.swap_probability(phi["y"], phi["x"], *temperatures) == 1.0
     assert smc.swap_probability(phi["x"], phi["y"], *temperatures) == pytest.approx(math.exp(-2.0))
+
+
+# -- the weights record and the evidence ---------------------------------------
+
+
+def test_weights_record_properties():
+    weights = smc.Weights.equal(4)
+    assert weights.log_z == 0.0 and weights.ess == pytest.approx(4.0)
+    np.testing.assert_allclose(weights.normalized, np.full(4, 0.25))
+    step = weights.reweighted(np.log([0.1, 0.2, 0.3, 0.4]))
+    assert step.log_z == pytest.approx(math.log(0.25))  # mean of the increments
+    np.testing.assert_allclose(step.normalized, [0.1, 0.2, 0.3, 0.4])
+    assert step.ess == pytest.approx(1 / (0.01 + 0.04 + 0.09 + 0.16))
+    assert weights.log_z == 0.0, "records are immutable: reweighting returns a new one"
+    with pytest.raises(ValueError):
+        step.log_weights[0] = 0.0
+    with pytest.raises(AttributeError):
+        step.banked_log_z = 1.0  # type: ignore[misc]
+
+
+def test_evidence_multiplies_the_mean_weight_of_each_resampled_step():
+    g1, g2 = np.log([0.5, 0.1, 0.9]), np.log([0.3, 0.6, 0.2])
+    # Resampling between the steps: Ẑ = mean(G1) · mean(G2).
+    resampled = smc.Weights.equal(3).reweighted(g1).resampled().reweighted(g2)
+    assert resampled.log_z == pytest.approx(math.log(np.mean(np.exp(g1)) * np.mean(np.exp(g2))))
+    # No resampling: the weights carry over, Ẑ = mean(G1 · G2), which is
+    # mean(G1) · Σ_i W1_i G2_i (the step's average under the carried weights).
+    carried = smc.Weights.equal(3).reweighted(g1).reweighted(g2)
+    expected = np.mean(np.exp(g1 + g2))
+    assert carried.log_z == pytest.approx(math.log(expected))
+    w1 = np.exp(g1) / np.exp(g1).sum()
+    assert carried.log_z == pytest.approx(math.log(np.mean(np.exp(g1)) * np.sum(w1 * np.exp(g2))))
+
+
+def test_set_weights_carry_no_estimate_and_zero_weights_give_zero_evidence():
+    replaced = smc.Weights.equal(2).reweighted(np.log([0.5, 0.5])).replaced(np.array([1.0, 2.0]))
+    assert replaced.log_z is None and replaced.resampled().log_z is None
+    dead = smc.Weights.equal(2).reweighted(np.array([-np.inf, -np.inf]))
+    assert dead.log_z == -np.inf
+    restarted = dead.restarted(np.zeros(2))
+    assert restarted.log_z == -np.inf and restarted.ess == pytest.approx(2.0)
+
+
+def test_evidence_estimate_is_unbiased_on_a_two_step_model():
+    # A Feynman-Kac model small enough to sum: x1 ~ P1, x2 | x1 ~ P2[x1],
+    # potentials G1(x1), G2(x1, x2). Z = Σ P1 G1 Σ P2 G2. A particle filter's
+    # Ẑ is unbiased for every N, even N = 3: the mean over many runs must
+    # lie within four standard errors of Z, with or without resampling.
+    p1, g1 = np.array([0.3, 0.7]), np.array([0.2, 0.9])
+    p2, g2 = np.array([[0.5, 0.5], [0.1, 0.9]]), np.array([[1.0, 0.1], [0.4, 0.8]])
+    z = float(np.sum(p1 * g1 * np.sum(p2 * g2, axis=1)))
+    rng = np.random.default_rng(7)
+    for resample in (True, False):
+        estimates = []
+        for _ in range(4000):
+            x1 = rng.choice(2, size=3, p=p1)
+            weights = smc.Weights.equal(3).reweighted(np.log(g1[x1]))
+            if resample:
+                x1 = x1[smc.multinomial(weights.normalized, 3, rng)]
+                weights = weights.resampled()
+            x2 = (rng.random(3) < p2[x1, 1]).astype(int)
+            estimates.append(np.exp(weights.reweighted(np.log(g2[x1, x2])).log_z))
+        estimates = np.array(estimates)
+        standard_error = estimates.std(ddof=1) / math.sqrt(len(estimates))
+        assert abs(estimates.mean() - z) < 4 * standard_error, (resample, estimates.mean(), z, standard_error)

@@ -46,6 +46,36 @@ ESS = 1 / Σ w_i² is N for equal weights and 1 when one particle carries all
 the weight; resampling is usually triggered when ESS / N drops under a
 threshold.
 
+``Weights`` is the record a particle filter carries from step to step: the
+unnormalised log-weights since the last resampling, with the normalised
+weights, the ESS and the running estimate of the normalising constant as
+properties.
+
+The normalising constant
+------------------------
+Z_T = E_p[ prod_t G_t(x_{1:t}) ] is the mass of the unnormalised target, the
+*evidence* that the observations o_{1:T} = 1 give the prompt. A particle
+filter estimates it without bias (Del Moral 2004; Chopin & Papaspiliopoulos
+2020, section 10.3) by the product, over the steps, of the average weight
+the step's potentials give the population:
+
+    Ẑ_T = prod_t  sum_i W_{t-1}^i G_t(x^i_{1:t}),
+
+where W_{t-1} are the normalised weights the population carried into step t:
+equal (1/N) right after a resampling, the accumulated weights otherwise. In
+log-weights that are reset to zero at every resampling, this is
+
+    log Ẑ_t = log Ẑ_s + log mean_i exp(log w_t^i),
+
+with s the last step that resampled (log Ẑ_0 = 0): whatever the weights
+accumulated since s, their mean is the factor by which the evidence grew.
+Ẑ is unbiased for Z; log Ẑ is biased low by about Var(Ẑ/Z)/2, which falls
+like 1/N. With the incremental potential divided by τ,
+Z = E_p[r(x)^{1/τ}]. The paper's weights are *set* to the current score at
+every step instead of multiplied by an increment, so they are not importance
+weights of a fixed target and yield no estimate: ``Weights.replaced``
+records that by dropping it (``log_z`` is None).
+
 A resampling scheme maps weights w (length M) to ``n`` ancestor indices such
 that the expected number of copies of particle i is n·w_i (unbiasedness).
 All schemes here share the signature ``ancestors = scheme(weights, n, rng)``:
@@ -70,6 +100,7 @@ exchanging the states of two chains whose targets are p(x) exp(Φ(x) / T).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -118,6 +149,78 @@ def effective_sample_size(weights: np.ndarray) -> float:
     """ESS = 1 / Σ w_i² of normalised weights (between 1 and len(weights))."""
     weights = _check_weights(weights)
     return float(1.0 / np.sum(weights**2))
+
+
+@dataclass(frozen=True, eq=False)
+class Weights:
+    """The weights of a population of particles (immutable).
+
+    ``log_weights`` are the unnormalised log-weights accumulated since the
+    last resampling (all zero: equal weights). ``banked_log_z`` is log Ẑ up
+    to that resampling, or None when the weights were set rather than
+    multiplied and no estimate exists. Every operation returns a new record.
+    """
+
+    log_weights: np.ndarray
+    banked_log_z: float | None = 0.0
+
+    def __post_init__(self) -> None:
+        log_weights = np.array(self.log_weights, dtype=float)
+        if log_weights.ndim != 1 or log_weights.size == 0:
+            raise ValueError(f"log_weights must be a non-empty 1-d array, got shape {log_weights.shape}")
+        log_weights.setflags(write=False)
+        object.__setattr__(self, "log_weights", log_weights)
+
+    @classmethod
+    def equal(cls, n: int) -> Weights:
+        """N equal weights and log Ẑ_0 = 0: a population before its first step."""
+        return cls(np.zeros(n))
+
+    def __len__(self) -> int:
+        return len(self.log_weights)
+
+    @property
+    def normalized(self) -> np.ndarray:
+        """W_i = w_i / Σ_j w_j (raises when every weight is zero)."""
+        return normalize(self.log_weights)
+
+    @property
+    def ess(self) -> float:
+        """The effective sample size 1 / Σ W_i²."""
+        return effective_sample_size(self.normalized)
+
+    @property
+    def log_mean(self) -> float:
+        """log mean_i w_i: the factor by which the evidence grew since the
+        last resampling."""
+        return log_mean_exp(self.log_weights)
+
+    @property
+    def log_z(self) -> float | None:
+        """The running estimate log Ẑ_t (None when there is none; -inf when
+        every weight is zero)."""
+        if self.banked_log_z is None:
+            return None
+        return self.banked_log_z + self.log_mean
+
+    def reweighted(self, log_increments: np.ndarray) -> Weights:
+        """w_i · G_i: the importance step, weights carried over."""
+        return Weights(self.log_weights + np.asarray(log_increments, dtype=float), self.banked_log_z)
+
+    def resampled(self) -> Weights:
+        """Equal weights after resampling, the estimate so far banked."""
+        return Weights(np.zeros(len(self)), self.log_z)
+
+    def replaced(self, log_weights: np.ndarray) -> Weights:
+        """Weights set outright, not multiplied: no longer importance
+        weights, so the estimate is dropped."""
+        return Weights(log_weights, None)
+
+    def restarted(self, log_weights: np.ndarray) -> Weights:
+        """New weights after every weight became zero. The estimate keeps
+        the value it had, Ẑ = 0 (log -inf): an empty population carries no
+        evidence, whatever a search does next."""
+        return Weights(log_weights, self.log_z)
 
 
 def _check_weights(weights: np.ndarray) -> np.ndarray:
@@ -271,21 +374,26 @@ def paper_log_weights(potentials: np.ndarray, temperature: float = 1.0) -> np.nd
 def incremental_log_weights(
     log_weights: np.ndarray, potentials: np.ndarray, previous_potentials: np.ndarray, temperature: float = 1.0
 ) -> np.ndarray:
-    """log w_i += (Φ_t(x_i) - Φ_{t-1}(x_i)) / τ. A particle whose potential
-    did not change (it finished earlier) keeps its weight. A new potential of
-    -inf zeroes the weight; a previous one of -inf cannot be left (its weight
-    already was zero), so its increment is taken as zero."""
+    """log w_i += (Φ_t(x_i) - Φ_{t-1}(x_i)) / τ (see ``log_increments``)."""
+    return np.asarray(log_weights, dtype=float) + log_increments(potentials, previous_potentials, temperature)
+
+
+def log_increments(potentials: np.ndarray, previous_potentials: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """log G_t(x_i) = (Φ_t(x_i) - Φ_{t-1}(x_i)) / τ. A particle whose
+    potential did not change (it finished earlier) gets G = 1. A new
+    potential of -inf zeroes the weight; a previous one of -inf cannot be
+    left (its weight already was zero), so its increment is taken as zero."""
     _check_temperature(temperature)
     potentials = np.asarray(potentials, dtype=float)
     previous = np.asarray(previous_potentials, dtype=float)
     with np.errstate(invalid="ignore"):
         increments = np.where(np.isneginf(previous), 0.0, potentials - previous)
-    return np.asarray(log_weights, dtype=float) + increments / temperature
+    return increments / temperature
 
 
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
-        raise ValueError(f"a softmax temperature must be > 0, got {temperature}")
+        raise ValueError(f"a temperature dividing potentials must be > 0, got {temperature}")
 
 
 def swap_probability(

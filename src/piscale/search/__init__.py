@@ -181,6 +181,7 @@ async def run(
         candidates=candidates,
         usage=driver.usage.to_dict(wall_time),
         failures=driver.failures,
+        log_evidence=_finite_or_none(outcome.log_evidence),
         trace=recorder.finish(outcome.nodes[outcome.chosen], chosen.answer) if keep_trace else None,
     )
 
@@ -230,7 +231,12 @@ def _candidate(node: Node, log_weight: float | None) -> Candidate:
     )
 
 
+def _finite_or_none(value: float | None) -> float | None:
+    """JSON has no infinities: an estimate of zero evidence is stored as None."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
 def _setting(settings: Settings, name: str) -> Any:
-    value = settings.ladder if name == "temperatures" else getattr(settings, name)
+    value = settings.chain_temperatures if name == "temperatures" else getattr(settings, name)
     return list(value) if isinstance(value, tuple) else value
 

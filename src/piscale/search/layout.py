@@ -3,7 +3,7 @@
 The budget counts what Puri et al. (2025) count, roughly complete answers'
 worth of generation, and each algorithm splits it its own way:
 
-    pf          N particles                          Population(particles)
+    pf          N particles                          Particles(particles)
     pg          N particles x T iterations           Sweeps(particles, iterations)
     pt          N particles x M chains x T iter.     Ladder(particles, chains, iterations)
     bon/wbon/sc N samples                            Samples(samples)
@@ -29,7 +29,7 @@ class Layout:
 
 
 @dataclass(frozen=True)
-class Population(Layout):
+class Particles(Layout):
     """One particle filter: ``particles`` = the budget."""
 
     particles: int

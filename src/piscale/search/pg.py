@@ -15,6 +15,10 @@ option here. Conditional SMC leaves the target invariant, so the iterations form
 chain whose reference trajectories are (with incremental potentials) samples
 from p(x | c) · r(x); each iteration can only improve on the reference it was
 given, because the reference competes in every resampling step.
+
+The evidence estimate (``log_evidence``) is the first sweep's: that sweep
+is plain particle filtering, while a conditional sweep's estimate is biased
+by the reference it was handed.
 """
 
 from __future__ import annotations
@@ -22,12 +26,11 @@ from __future__ import annotations
 import numpy as np
 
 from piscale.search.driver import Driver
+from piscale.search.kernel import Sweep, draw_reference, outcome, sweep
 from piscale.search.layout import Sweeps, particles_per_sweep
 from piscale.search.node import Node
 from piscale.search.result import Outcome
-from piscale.search.pf import choose, smc_sweep
 from piscale.search.settings import Settings
-from piscale.smc import multinomial, normalize
 
 
 def layout(budget: int, settings: Settings) -> Sweeps:
@@ -35,18 +38,15 @@ def layout(budget: int, settings: Settings) -> Sweeps:
     return Sweeps(particles=particles, iterations=settings.iterations)
 
 
-def draw_reference(nodes: list[Node], log_weights: np.ndarray, rng: np.random.Generator) -> list[Node]:
-    """The lineage of one final particle drawn from the normalised weights."""
-    index = int(multinomial(normalize(log_weights), 1, rng)[0])
-    return nodes[index].lineage()
-
-
 async def search(driver: Driver, layout: Sweeps, settings: Settings, rng: np.random.Generator) -> Outcome:
     reference: list[Node] | None = None
+    sweeps: list[Sweep] = []
     for iteration in range(layout.iterations):
-        nodes, log_weights = await smc_sweep(driver, layout.particles, rng, reference=reference, iteration=iteration)
+        sweeps.append(
+            await sweep(driver, layout.particles, rng, reference=reference, hook=driver.trace, iteration=iteration)
+        )
         if iteration + 1 < layout.iterations:
-            reference = draw_reference(nodes, log_weights, rng)
+            reference = draw_reference(sweeps[-1], rng)
             if driver.trace is not None:
                 driver.trace.event("reference", iteration=iteration + 1, steps=[n.text for n in reference])
-    return choose(nodes, log_weights, settings.selection)
+    return outcome(sweeps[-1], settings.selection, sweeps[0].log_z)

@@ -11,7 +11,12 @@
 Hot chains see flattened rewards and explore; swaps carry what they find to
 the cold chain. Chains run concurrently (their steps share the backend's
 batches), each with its own random generator, so the result does not depend
-on how their calls interleave.
+on how their calls interleave. The chain temperatures T_k (the
+``temperatures`` option) are the kernel's ``tempering``; they multiply the
+softmax temperature τ of the weights and have nothing to do with the LM's
+sampling temperature. The evidence estimate is the coldest chain's first,
+unconditional sweep's: log E_p[r(x)^{1/(τ T_1)}] with the incremental
+potential.
 """
 
 from __future__ import annotations
@@ -21,11 +26,10 @@ import asyncio
 import numpy as np
 
 from piscale.search.driver import Driver
+from piscale.search.kernel import Sweep, draw_reference, outcome, sweep
 from piscale.search.layout import Ladder, particles_per_sweep
 from piscale.search.node import Node
 from piscale.search.result import Outcome
-from piscale.search.pf import choose, smc_sweep
-from piscale.search.pg import draw_reference
 from piscale.search.settings import Settings
 from piscale.smc import swap_probability
 
@@ -38,27 +42,32 @@ def layout(budget: int, settings: Settings) -> Ladder:
 
 
 async def search(driver: Driver, layout: Ladder, settings: Settings, rng: np.random.Generator) -> Outcome:
-    ladder = settings.ladder
-    chains = len(ladder)
+    chain_temperatures = settings.chain_temperatures
+    chains = len(chain_temperatures)
     chain_rngs = rng.spawn(chains)
     references: list[list[Node] | None] = [None] * chains
+    log_evidence: float | None = None
     for iteration in range(layout.iterations):
-        sweeps = await asyncio.gather(
-            *(
-                smc_sweep(
-                    driver, layout.particles, chain_rngs[k], temperature=ladder[k],
-                    reference=references[k], iteration=iteration, chain=k,
+        sweeps: list[Sweep] = list(
+            await asyncio.gather(
+                *(
+                    sweep(
+                        driver, layout.particles, chain_rngs[k], tempering=chain_temperatures[k],
+                        reference=references[k], hook=driver.trace, iteration=iteration, chain=k,
+                    )
+                    for k in range(chains)
                 )
-                for k in range(chains)
             )
         )
+        if iteration == 0:
+            log_evidence = sweeps[0].log_z
         if iteration + 1 == layout.iterations:
             break
-        references = [draw_reference(nodes, weights, chain_rngs[k]) for k, (nodes, weights) in enumerate(sweeps)]
+        references = [draw_reference(final, chain_rngs[k]) for k, final in enumerate(sweeps)]
         for k in range(chains - 1):
             colder, hotter = references[k], references[k + 1]
             final = driver.potentials([colder[-1], hotter[-1]])
-            probability = swap_probability(final[0], final[1], ladder[k], ladder[k + 1])
+            probability = swap_probability(final[0], final[1], chain_temperatures[k], chain_temperatures[k + 1])
             accepted = bool(rng.random() < probability)
             if accepted:
                 references[k], references[k + 1] = hotter, colder
@@ -70,5 +79,4 @@ async def search(driver: Driver, layout: Ladder, settings: Settings, rng: np.ran
         if driver.trace is not None:
             for k, reference in enumerate(references):
                 driver.trace.event("reference", iteration=iteration + 1, chain=k, steps=[n.text for n in reference])
-    nodes, log_weights = sweeps[0]
-    return choose(nodes, log_weights, settings.selection)
+    return outcome(sweeps[0], settings.selection, log_evidence)

@@ -22,6 +22,9 @@ class Outcome:
     log_weights: list[float | None]
     """final log-weights (SMC), or logit-scale potentials of the scores."""
     chosen: int
+    log_evidence: float | None = None
+    """log Ẑ, the SMC estimate of the target's normalising constant
+    (``piscale.smc``); None for searches that make none."""
 
 
 @dataclass
@@ -64,6 +67,18 @@ class SearchResult:
     failures: list[dict] = field(default_factory=list)
     """{"depth", "reason"} of each particle dropped because the backend failed
     to write its step (a remote request that failed after its retries)."""
+    log_evidence: float | None = None
+    """the particle methods' estimate of log Z, the log normalising constant
+    of the target their weighted particles approximate (with the
+    ``incremental`` potential and softmax temperature τ, log E_p[r(x)^{1/τ}]
+    under the model's own distribution p(x | c)); for particle Gibbs the
+    estimate of its first, unconditional sweep, for parallel tempering that
+    of its coldest chain's first sweep. None when the search makes no
+    estimate: the sampling and tree searches, and the ``paper`` potential,
+    whose weights are set from the current score rather than multiplied,
+    so are not importance weights of any fixed target. Also None when every
+    particle reached zero weight (the estimate is Z = 0; JSON has no
+    infinities)."""
     trace: dict | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:

@@ -19,9 +19,26 @@ SELECTIONS: tuple[str, ...] = ("max-weight", "weighted-vote")
 
 @dataclass(frozen=True)
 class Settings:
+    """Every option of every algorithm; each algorithm accepts its own subset.
+
+    Four different temperatures meet in a search, and the option names are
+    kept as stored in result databases, so here is which is which:
+
+    * ``temperature``: the language model's sampling temperature, dividing
+      its logits when it writes a step (``StepParams.temperature``);
+    * ``softmax_temperature`` τ: divides every particle's log-potential, so
+      its weights are a softmax of Φ / τ (``Driver.potentials``); below 1
+      sharpens resampling toward high scores;
+    * ``temperatures``: parallel tempering's chain temperatures T_1 < ... <
+      T_M, read through ``chain_temperatures``; chain k divides its
+      potentials by T_k on top of τ;
+    * the SMC kernel's ``tempering`` argument (``piscale.search.kernel``) is
+      where a chain temperature enters a sweep (1 for pf and pg).
+    """
+
     # generation
     temperature: float = 0.8
-    """LM sampling temperature."""
+    """the LM's sampling temperature."""
     top_p: float = 1.0
     max_steps: int = 40
     """a particle stops after this many steps."""
@@ -38,6 +55,7 @@ class Settings:
     """``paper`` (weight = logit of the current score) or ``incremental``
     (weight *= r_t / r_{t-1}: targets p(x|c) r(x))."""
     softmax_temperature: float = 1.0
+    """τ, dividing the log-potentials of the particle weights."""
     resampler: str = "multinomial"
     ess_threshold: float | None = None
     """resample only when ESS / N falls under this; None resamples every step."""
@@ -48,7 +66,8 @@ class Settings:
     chains: int = 1
     """parallel tempering chains."""
     temperatures: tuple[float, ...] | None = None
-    """parallel tempering ladder T_1 < ... < T_M (default 1, 2, 4, ...)."""
+    """parallel tempering's chain temperatures T_1 < ... < T_M (default 1,
+    2, 4, ...; see ``chain_temperatures``)."""
     # tree search
     beam_width: int = 4
     """beam search / DVTS: expansions per kept partial answer (M)."""
@@ -76,8 +95,8 @@ class Settings:
                 raise ValueError(f"temperatures must be positive and strictly increasing, got {list(ladder)}")
 
     @property
-    def ladder(self) -> tuple[float, ...]:
-        """The tempering temperatures, 1, 2, 4, ... unless given."""
+    def chain_temperatures(self) -> tuple[float, ...]:
+        """Parallel tempering's chain temperatures, 1, 2, 4, ... unless given."""
         return self.temperatures or tuple(2.0**k for k in range(self.chains))
 
 
