@@ -233,7 +233,9 @@ def _candidate(node: Node, log_weight: float | None) -> Candidate:
 
 def _finite_or_none(value: float | None) -> float | None:
     """JSON has no infinities: an estimate of zero evidence is stored as None."""
-    return float(value) if value is not None and np.isfinite(value) else None
+    if value is None or not np.isfinite(value):
+        return None
+    return float(value)
 
 
 def _setting(settings: Settings, name: str) -> Any:

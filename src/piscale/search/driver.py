@@ -161,7 +161,7 @@ class Driver:
         self,
         nodes: Sequence[Node],
         handles: Sequence[Handle | None],
-        ancestors: Sequence[int],
+        ancestors: Sequence[int] | np.ndarray,
         pinned: int | None = None,
     ) -> tuple[list[Node], list[Handle | None]]:
         """The generation ``nodes[ancestors[i]]``. Live copies get backend

@@ -137,7 +137,7 @@ async def sweep(
             ess = effective_sample_size(normalized)
             finished = population.finished
             due = not finished and (s.ess_threshold is None or ess < s.ess_threshold * particles)
-            ancestors = None
+            ancestors: np.ndarray | None = None
             if due:
                 if population.pinned is not None:
                     ancestors = conditional_multinomial(normalized, particles, rng, population.pinned)
@@ -151,10 +151,10 @@ async def sweep(
                 )
             if finished:
                 return Sweep(list(population.nodes), weights)
-            if due:
-                await population.resample(ancestors)  # type: ignore[arg-type]
+            if ancestors is not None:
+                await population.resample(ancestors)
                 weights = weights.resampled()
-                origins = [int(a) for a in ancestors]  # type: ignore[union-attr]
+                origins = [int(a) for a in ancestors]
             else:
                 origins = list(range(particles))
     raise AssertionError("every particle is done after max_steps steps")

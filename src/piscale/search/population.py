@@ -67,7 +67,7 @@ class Population:
         if self.pinned is not None and not self.nodes[self.pinned].done:
             self.nodes[self.pinned] = self.reference[step - 1]  # type: ignore[index]
 
-    async def resample(self, ancestors: Sequence[int]) -> None:
+    async def resample(self, ancestors: Sequence[int] | np.ndarray) -> None:
         """Slot i becomes a copy of slot ``ancestors[i]``."""
         self.nodes, self.handles = await self.driver.resample(self.nodes, self.handles, ancestors, self.pinned)
 

@@ -63,20 +63,21 @@ async def search(driver: Driver, layout: Ladder, settings: Settings, rng: np.ran
             log_evidence = sweeps[0].log_z
         if iteration + 1 == layout.iterations:
             break
-        references = [draw_reference(final, chain_rngs[k]) for k, final in enumerate(sweeps)]
+        drawn = [draw_reference(ended, chain_rngs[k]) for k, ended in enumerate(sweeps)]
         for k in range(chains - 1):
-            colder, hotter = references[k], references[k + 1]
+            colder, hotter = drawn[k], drawn[k + 1]
             final = driver.potentials([colder[-1], hotter[-1]])
             probability = swap_probability(final[0], final[1], chain_temperatures[k], chain_temperatures[k + 1])
             accepted = bool(rng.random() < probability)
             if accepted:
-                references[k], references[k + 1] = hotter, colder
+                drawn[k], drawn[k + 1] = hotter, colder
             if driver.trace is not None:
                 driver.trace.event(
                     "swap", iteration=iteration + 1, chain=k, chains=[k, k + 1],
                     potentials=[float(final[0]), float(final[1])], probability=probability, accepted=accepted,
                 )
+        references = list(drawn)
         if driver.trace is not None:
-            for k, reference in enumerate(references):
+            for k, reference in enumerate(drawn):
                 driver.trace.event("reference", iteration=iteration + 1, chain=k, steps=[n.text for n in reference])
     return outcome(sweeps[0], settings.selection, log_evidence)
