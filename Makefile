@@ -47,7 +47,8 @@ test-latest:
 	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install --quiet --upgrade pip
 	.venv-latest/bin/python -m pip install --quiet "$(TORCH)"
-	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(LOCK_EXTRAS)]"
+	# torch stays the CPU build named above: a newer torch within the range is a multi-gigabyte CUDA build.
+	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(LOCK_EXTRAS)]" "$(TORCH)"
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|tokenizers|numpy|llama.cpp.python|math.verify|fastapi|openai)=='
 	.venv-latest/bin/python -m pytest -q
 
