@@ -261,3 +261,26 @@ def test_commands_refuse_evaluation_sets(tmp_path):
 
     result = CliRunner().invoke(app, ["prm", "collect", "--dataset", "gsm8k", "--db", str(tmp_path / "x.sqlite")])
     assert result.exit_code == 2 and "evaluation set" in result.output
+
+
+def test_cross_validation_scores_every_step_out_of_fold_and_finds_a_planted_signal():
+    from piscale.values.train import LabelledRollout, cross_validated_scores, fold_problems, step_table
+
+    rng = np.random.default_rng(2)
+    rollouts, features = [], []
+    for p in range(40):
+        for k in range(4):
+            correct = bool(rng.random() < 0.4)
+            steps = int(rng.integers(2, 6))
+            rollouts.append(LabelledRollout(f"p{p}", "q", "s", tuple(["step\n\n"] * steps), correct))
+            f = rng.normal(size=(2, steps, 6))
+            f[1, :, 0] += 2.0 if correct else -2.0  # the second layer carries the outcome
+            features.append(f)
+    folds = fold_problems([r.problem_id for r in rollouts], 4, seed=0)
+    assert sorted(len(f) for f in folds) == [10, 10, 10, 10] and set().union(*folds) == {f"p{p}" for p in range(40)}
+    scores, layers = cross_validated_scores(rollouts, features, [0, 1], 4, l2_grid=(1e-2,))
+    assert not np.isnan(scores).any() and layers == [1, 1, 1, 1]
+    table = step_table(rollouts, features, 0)
+    assert auroc(scores, table.outcome) > 0.95
+    with pytest.raises(TrainError, match="folds"):
+        fold_problems(["a", "b"], 3, seed=0)

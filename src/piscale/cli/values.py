@@ -132,6 +132,9 @@ def train(
     ),
     baseline: list[str] = typer.Option(["arith"], "--baseline", help="Reward spec to measure on the same held-out rollouts."),
     report: Path = typer.Option(None, "--report", help="Also write the measures as JSON here."),
+    folds: int = typer.Option(
+        4, "--folds", help="Also cross-validate by problem over this many folds (0: no), measuring on every problem."
+    ),
 ) -> None:
     """Fit a value head on the backbone's hidden states at step ends; write the head file."""
     import json
@@ -147,6 +150,7 @@ def train(
     from piscale.values.train import (
         FeatureCache,
         TrainError,
+        cross_validated_scores,
         data_sha256,
         evaluate_scores,
         extract_features,
@@ -213,8 +217,21 @@ def train(
         scores = scores_in_table(reward_step_scores(other, rollouts, held_out), table)
         baselines[spec] = evaluate_scores(scores, table, rollouts, held_out).to_dict()
 
+    cross_validation = {}
+    if folds:
+        every = np.arange(len(rollouts))
+        out_of_fold, fold_layers = cross_validated_scores(
+            rollouts, features, chosen_layers, folds, seed=seed, kind=kind, labels=labels
+        )
+        cross_validation = {"folds": folds, "layers_chosen": fold_layers,
+                            "value": evaluate_scores(out_of_fold, table, rollouts, every).to_dict()}
+        for spec in baseline:
+            scores = scores_in_table(reward_step_scores(from_spec(spec), rollouts, every), table)
+            cross_validation[spec] = evaluate_scores(scores, table, rollouts, every).to_dict()
+
     metrics = {
         "validation": fitted.validation.to_dict(),
+        "cross_validation": cross_validation,
         "train": fitted.train.to_dict(),
         "baselines_on_validation": baselines,
         "candidates": fitted.candidates,

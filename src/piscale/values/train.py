@@ -418,3 +418,33 @@ def scores_in_table(per_rollout: dict[int, np.ndarray], table: StepTable) -> np.
     for i, s in per_rollout.items():
         scores[table.rollout == i] = s
     return scores
+
+
+def fold_problems(problem_ids: Sequence[str], folds: int, seed: int) -> list[set[str]]:
+    """The problems dealt into ``folds`` groups of near-equal size (by a hash
+    of id and seed), for cross-validation by problem."""
+    unique = sorted(set(problem_ids), key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    if not 2 <= folds <= len(unique):
+        raise TrainError(f"cross-validation needs 2 <= folds <= {len(unique)} problems, got {folds}")
+    return [set(unique[k::folds]) for k in range(folds)]
+
+
+def cross_validated_scores(
+    rollouts: Sequence[LabelledRollout], features: Sequence[np.ndarray], layers: Sequence[int],
+    folds: int, *, seed: int = 0, **options,
+) -> tuple[np.ndarray, list[int]]:
+    """Out-of-fold step scores: each fold's problems scored by a head chosen
+    and fitted (``fit_and_choose``) on the other folds alone. Every problem
+    is then held out once, so the measures use all of them. Returns the
+    scores aligned with the rows of ``step_table(..., layer_index=0)``
+    (rows are the same steps for every layer) and the layer each fold chose."""
+    reference = step_table(rollouts, features, 0, options.get("labels", "outcome"))
+    scores = np.full(len(reference.rollout), np.nan)
+    chosen = []
+    for held_out in fold_problems([r.problem_id for r in rollouts], folds, seed):
+        fitted = fit_and_choose(rollouts, features, layers, held_out, seed=seed, **options)
+        table = step_table(rollouts, features, list(layers).index(fitted.layer), options.get("labels", "outcome"))
+        rows = np.isin(table.rollout, [i for i, r in enumerate(rollouts) if r.problem_id in held_out])
+        scores[rows] = fitted.head.probabilities(table.features[rows])
+        chosen.append(fitted.layer)
+    return scores, chosen
