@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from piscale.eval.grade import samples_of
-from piscale.eval.report import summarize
 from piscale.eval.subsample import first_subset_choice
+from piscale.eval.summary import summarize
 
 CLI = [sys.executable, "-c", "from piscale.cli import app; app()"]
 GRID = ["--algorithms", "pf,bon,wbon,sc,dvts", "--budgets", "1,2,4,8", "--seeds", "0,1"]

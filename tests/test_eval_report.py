@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from piscale.eval.report import markdown, summarize, wilson_interval, write_plots
+from piscale.eval.plots import write_plots
+from piscale.eval.render import markdown
+from piscale.eval.stats import wilson_interval
 from piscale.eval.store import ResultRow, ResultStore
+from piscale.eval.summary import summarize
 
 
 def test_wilson_interval_known_values() -> None:
@@ -157,7 +160,7 @@ def test_report_restricted_to_chosen_problems(db: Path, tmp_path: Path) -> None:
 
 
 def test_paired_difference_known_values() -> None:
-    from piscale.eval.report import paired_difference
+    from piscale.eval.stats import paired_difference
 
     # differences 1, 0, 0, -1, 1: mean 0.2, sample sd sqrt(0.7), se sqrt(0.7 / 5)
     mean, low, high = paired_difference([1, 1, 0, 0, 1], [0, 1, 0, 1, 0])
@@ -198,7 +201,7 @@ def test_comparisons_pair_problems_and_common_problems_drop_partial_ones(tmp_pat
     # The terminal report shows the same paired table as the Markdown one.
     from rich.console import Console
 
-    from piscale.eval.report import print_report
+    from piscale.eval.render import print_report
 
     console = Console(record=True, width=200)
     print_report([common], console=console)
@@ -229,7 +232,7 @@ def test_report_counts_searches_whose_largest_weight_was_tied_across_answers(tmp
     assert "an arbitrary pick (pf at budget 2: 1 of 3)" in markdown([group])
     # What the final candidates hold, one row per stored search cell (the
     # reference is "1"; "1.0" is the same answer, so p2 has one distinct answer)
-    from piscale.eval.report import Population
+    from piscale.eval.summary import Population
 
     assert group.populations == [
         Population("pf", 2, 3, distinct_answers=pytest.approx(5 / 3), covered=pytest.approx(2 / 3),
@@ -311,7 +314,7 @@ def test_report_adds_the_other_selection_rule_for_stored_particle_searches(tmp_p
     # On the terminal too: rich would read "[selection=weighted-vote]" as a markup tag and drop it.
     from rich.console import Console
 
-    from piscale.eval.report import print_report
+    from piscale.eval.render import print_report
 
     console = Console(record=True, width=200)
     print_report([group], console=console)

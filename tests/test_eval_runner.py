@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from piscale.eval.report import markdown, summarize
+from piscale.eval.render import markdown
 from piscale.eval.runner import EvalConfig, EvalError, Evaluation, Grid
 from piscale.eval.store import ResultStore
+from piscale.eval.summary import summarize
 from piscale.eval.tasks import load_task
 
 
@@ -108,7 +109,7 @@ async def test_chunks_fit_an_engine_with_a_fixed_number_of_slots(tmp_path: Path,
         evaluation = Evaluation(store, task, CONFIG, GRID, identity={"spec": "toy"})
         await evaluation.run(Slots(), None, run_id=evaluation.start_run(), solve_many=search, chunk_size=4)
     sizes = {}
-    for questions, algorithm, budget, _seed in search.calls:
+    for questions, _algorithm, budget, _seed in search.calls:
         sizes.setdefault(budget, set()).add(len(questions))
     # 5 slots: budget 1 takes chunks of 4 (the chunk size), budget 2 of 2, budget 4 of 1
     assert max(sizes[1]) == 4 and max(sizes[2]) == 2 and max(sizes[4]) == 1

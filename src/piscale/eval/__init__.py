@@ -8,7 +8,8 @@
 * ``grade`` and ``subsample``: grading through ``piscale.grading`` and the
   budgets of best-of-N, weighted best-of-N and self-consistency computed from
   the samples of one run.
-* ``report``: accuracy tables with confidence intervals, and plots.
+* ``report``: accuracy tables with confidence intervals, and plots
+  (``stats``, ``summary``, ``render``, ``plots``).
 
 The command line is ``piscale eval`` and ``piscale report``.
 """
