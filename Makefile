@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF
 export CMAKE_ARGS := $(LLAMA_CMAKE_ARGS)
 
-.PHONY: setup demo test test-latest lock test-integration bench clean
+.PHONY: setup demo test lint test-latest lock test-integration bench clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ demo:
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# ruff's rules and mypy's modules are set in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 
 # The newest versions pyproject.toml allows, in their own venv: upstream drift shows here first.
 test-latest:

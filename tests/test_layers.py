@@ -152,7 +152,7 @@ def test_applications_do_not_import_each_other_beyond_the_known_ones():
         if LAYERS[rank][0] == "applications" and rank == target_rank and unit != target_unit:
             found.add((name, target, line))
     new = sorted((name, target, line) for name, target, line in found if (name, target) not in BETWEEN_APPLICATIONS)
-    assert not new, "an application imports another one:\n" + "\n".join(f"{n} (line {l}) imports {t}" for n, t, l in new)
+    assert not new, "an application imports another one:\n" + "\n".join(f"{n} (line {at}) imports {t}" for n, t, at in new)
 
 
 def test_the_search_package_has_no_import_cycle():

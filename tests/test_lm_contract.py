@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

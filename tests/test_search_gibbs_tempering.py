@@ -89,7 +89,7 @@ def test_particle_gibbs_reference_is_copied_by_reopening():
         )
         later = [r for r in result.trace["steps"] if r["iteration"] == 1]
         for previous, record in zip(later, later[1:]):
-            for slot, particle in enumerate(record["particles"][1:], start=1):
+            for particle in record["particles"][1:]:
                 if particle["ancestor"] == 0 and not previous["particles"][0]["finished"]:
                     copies += 1
         # Candidates are still answers the model can write.

@@ -269,7 +269,7 @@ def test_cross_validation_scores_every_step_out_of_fold_and_finds_a_planted_sign
     rng = np.random.default_rng(2)
     rollouts, features = [], []
     for p in range(40):
-        for k in range(4):
+        for _ in range(4):
             correct = bool(rng.random() < 0.4)
             steps = int(rng.integers(2, 6))
             rollouts.append(LabelledRollout(f"p{p}", "q", "s", tuple(["step\n\n"] * steps), correct))

@@ -142,7 +142,7 @@ def evaluate(
             )
         except KeyboardInterrupt:
             console.print(f"Interrupted. Finished results are stored in {db}; run the same command to resume.")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except EvalError as error:
             fail(f"{error}\nFinished results are stored in {db}; run the same command to resume.")
     accuracy = "n/a" if progress.accuracy is None else f"{100 * progress.accuracy:.1f}%"

@@ -273,8 +273,7 @@ class TransformersLM(LanguageModel):
                 for chunk in _chunks_by_tokens(prompts, self.max_batch_tokens):
                     cache, mask = self._prefill([p[:-1] for p in chunk])
                     first_row = self._append_rows(cache, mask)
-                    for offset, prompt in enumerate(chunk):
-                        handles.append(first_row + offset)
+                    handles.extend(first_row + offset for offset in range(len(chunk)))
                 result = []
                 for row, prompt, count in zip(handles, prompts, counts):
                     result.append([self._new_handle(list(prompt), row) for _ in range(count)])
