@@ -12,7 +12,8 @@ a request chooses a search with extra body fields or a model-name preset::
 
 Without them (budget 1, no reward) the server is an ordinary completion
 server over the backend protocol. Modules: ``config`` (settings, presets),
-``schema`` (request bodies), ``service`` (planning and running requests),
+``schema`` (request bodies), ``plan`` (requests checked into plans),
+``service`` (running plans), ``render`` (OpenAI-format responses),
 ``generation`` (plain generation, streaming, search), ``kept`` (sequences
 kept for continuation), ``metered`` (per-request accounting), ``rewards``,
 ``metrics``, ``app`` (routes). See docs/serving.md.

@@ -37,8 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from piscale.lm.base import LanguageModel
 from piscale.serve.config import ServerConfig
 from piscale.serve.errors import APIError, bad_request
+from piscale.serve.plan import Plan
+from piscale.serve.render import json_safe
 from piscale.serve.schema import ChatRequest, CompletionRequest, parse
-from piscale.serve.service import ClientGone, Plan, Service, json_safe
+from piscale.serve.service import ClientGone, Service
 
 log = logging.getLogger(__name__)
 
