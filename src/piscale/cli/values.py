@@ -132,6 +132,7 @@ def train(
     ),
     baseline: list[str] = typer.Option(["arith"], "--baseline", help="Reward spec to measure on the same held-out rollouts."),
     report: Path = typer.Option(None, "--report", help="Also write the measures as JSON here."),
+    l2: str = typer.Option(None, "--l2", help="Comma-separated L2 strengths to choose from (default 0.01,0.1,1,10,100)."),
     folds: int = typer.Option(
         4, "--folds", help="Also cross-validate by problem over this many folds (0: no), measuring on every problem."
     ),
@@ -164,6 +165,14 @@ def train(
 
     if kind not in ("logistic", "mlp"):
         fail(f"--kind must be logistic or mlp, got {kind!r}")
+    from piscale.values.train import L2_GRID
+
+    try:
+        l2_grid = tuple(float(x) for x in l2.split(",")) if l2 else L2_GRID
+    except ValueError:
+        fail(f"--l2 takes comma-separated numbers, got {l2!r}")
+    if any(x < 0 for x in l2_grid):
+        fail(f"--l2 strengths must be >= 0, got {l2}")
     rollouts, configs = [], []
     try:
         for path in db:
@@ -204,7 +213,9 @@ def train(
     feature_seconds = time.perf_counter() - started
     started = time.perf_counter()
     try:
-        fitted = fit_and_choose(rollouts, features, chosen_layers, validation, kind=kind, labels=labels, seed=seed)
+        fitted = fit_and_choose(
+            rollouts, features, chosen_layers, validation, kind=kind, labels=labels, seed=seed, l2_grid=l2_grid
+        )
     except TrainError as error:
         fail(str(error))
     fit_seconds = time.perf_counter() - started
@@ -221,7 +232,7 @@ def train(
     if folds:
         every = np.arange(len(rollouts))
         out_of_fold, fold_layers = cross_validated_scores(
-            rollouts, features, chosen_layers, folds, seed=seed, kind=kind, labels=labels
+            rollouts, features, chosen_layers, folds, seed=seed, kind=kind, labels=labels, l2_grid=l2_grid
         )
         cross_validation = {"folds": folds, "layers_chosen": fold_layers,
                             "value": evaluate_scores(out_of_fold, table, rollouts, every).to_dict()}

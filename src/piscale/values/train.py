@@ -51,6 +51,12 @@ from piscale.rewards.value import ValueHead
 from piscale.values.collect import stored_rollouts
 
 
+L2_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0)
+"""Regularisation strengths tried (on standardised features and a mean loss,
+lambda = 1 already shrinks hard: examples are steps, strongly correlated
+within a rollout, so there are far fewer independent ones than rows)."""
+
+
 class TrainError(ValueError):
     """Bad training input; the message says what."""
 
@@ -343,7 +349,7 @@ class Fitted:
 
 def fit_and_choose(
     rollouts: Sequence[LabelledRollout], features: Sequence[np.ndarray], layers: Sequence[int], validation: set[str],
-    *, kind: str = "logistic", l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), labels: str = "outcome",
+    *, kind: str = "logistic", l2_grid: Sequence[float] = L2_GRID, labels: str = "outcome",
     seed: int = 0, selection_fraction: float = 0.2,
 ) -> Fitted:
     """Choose (layer, lambda) without looking at the validation problems,
