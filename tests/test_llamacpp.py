@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from piscale.lm.base import StepParams
-from piscale.lm.llamacpp import available, plan_gather, render_chat_template, sample_token
+from piscale.lm.chat_template import render_chat_template
+from piscale.lm.llamacpp import available
+from piscale.lm.llamacpp_gather import plan_gather
+from piscale.lm.llamacpp_sampling import sample_token
 
 needs_llama_cpp = pytest.mark.skipif(not available(), reason="llama-cpp-python is not installed")
 

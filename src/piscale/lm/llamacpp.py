@@ -31,10 +31,10 @@ llama.cpp splits a batch into one micro-batch per run of consecutive sequence
 ids, and a micro-batch of a few rows costs nearly what a full one does. So
 before each pass the slots being decoded are moved onto consecutive ids
 (``gather_slots``; a move copies one cache stream, about a millisecond, and
-``plan_gather`` picks the fewest copies). Without it, particles that finish a
-step at different times scatter the ids: 32 of 64 sequences decoded at 45
-instead of 158 tokens/s (``bench/bench_llamacpp.py --part scatter``, 2
-threads).
+``plan_gather`` in ``piscale.lm.llamacpp_gather`` picks the fewest copies).
+Without it, particles that finish a step at different times scatter the ids:
+32 of 64 sequences decoded at 45 instead of 158 tokens/s
+(``bench/bench_llamacpp.py --part scatter``, 2 threads).
 
 With ``unified_cache=True`` all sequences share one pool of cells; copies
 only tag cells, but the attention kernels see the whole pool, so logits move
@@ -48,8 +48,10 @@ logits of the prompt's last position are kept, so the first token of every
 copy is sampled without another pass.
 
 Sampling is done in numpy from the logits, with a ``numpy.random.Generator``
-per sequence and step seeded by the caller. Log-probabilities are
-log-softmax at temperature 1, whatever the sampling temperature.
+per sequence and step seeded by the caller (``piscale.lm.llamacpp_sampling``).
+Log-probabilities are log-softmax at temperature 1, whatever the sampling
+temperature. Chat prompts come from the GGUF's chat template
+(``piscale.lm.chat_template``).
 
 Concurrent ``extend`` calls join one decoding loop between two passes
 (continuous batching at token granularity); the passes run in a worker thread
@@ -70,14 +72,12 @@ import collections
 import ctypes
 import importlib
 import itertools
-import json
 import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,9 @@ from piscale.lm.base import (
     Usage,
     find_stop,
 )
+from piscale.lm.chat_template import render_chat_template
+from piscale.lm.llamacpp_gather import plan_gather
+from piscale.lm.llamacpp_sampling import log_softmax_at, sample_token
 
 __all__ = ["LlamaCppLM", "available", "render_chat_template", "resolve_model_path", "sample_token"]
 
@@ -101,13 +104,6 @@ __all__ = ["LlamaCppLM", "available", "render_chat_template", "resolve_model_pat
 # output buffer stays near 64 MiB even for 150k-token vocabularies (scoring
 # asks for a row at every position).
 _MAX_OUTPUT_FLOATS = 1 << 24
-
-# Sampling draws a block of the vocabulary first, then a token inside it.
-_SAMPLING_BLOCK = 1024
-
-# Weight floors (relative to the most likely token) tried in turn to find a
-# small set of tokens that contains the top-p nucleus.
-_NUCLEUS_FLOORS = (np.float32(1e-2), np.float32(1e-4), np.float32(1e-6), np.float32(1e-8), np.float32(0))
 
 
 def available() -> bool:
@@ -127,141 +123,6 @@ def _import_llama_cpp():
             "the llama.cpp engine needs llama-cpp-python: pip install 'piscale[llamacpp]' "
             "(or make setup EXTRAS=llamacpp); it compiles llama.cpp, which takes a few minutes"
         ) from error
-
-
-# -- sampling -------------------------------------------------------------------
-
-
-def sample_token(
-    logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None
-) -> tuple[int, float]:
-    """Choose the next token from one row of logits.
-
-    Returns the token and its log-probability under the model at temperature
-    1. ``temperature == 0`` is greedy (the first maximum); otherwise the token
-    is drawn from softmax(logits / temperature), restricted to the smallest set
-    of most likely tokens whose probability reaches ``top_p``, with one
-    uniform draw from ``rng`` (inverse-CDF sampling).
-
-    Exponentials are taken in float32 and sums in float64: with vocabularies
-    of 150k tokens this is the engine's main cost per token, so the draws
-    below avoid sorting or accumulating the whole vocabulary when they can,
-    without changing the distribution.
-    """
-    x = np.asarray(logits, dtype=np.float32)
-    top = x.max()
-    shifted = x - top
-    unnormalised = np.exp(shifted)
-    log_normaliser = float(np.log(unnormalised.sum(dtype=np.float64)))
-    if temperature == 0:
-        token = int(np.argmax(x))
-        return token, float(shifted[token]) - log_normaliser
-    if rng is None:
-        raise ValueError("sampling at temperature > 0 needs a random generator")
-    weights = unnormalised if temperature == 1 else np.exp(shifted * np.float32(1.0 / temperature))
-    if top_p < 1.0:
-        token = _sample_nucleus(weights, top_p, rng)
-    else:
-        token = _sample_all(weights, rng)
-    return token, float(shifted[token]) - log_normaliser
-
-
-def _sample_all(weights: np.ndarray, rng: np.random.Generator) -> int:
-    """Inverse-CDF draw over the vocabulary in two levels: find the block of
-    ``_SAMPLING_BLOCK`` tokens holding the draw from the block sums, then the
-    token inside that block."""
-    starts = np.arange(0, len(weights), _SAMPLING_BLOCK)
-    block_cumulative = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
-    target = rng.random() * block_cumulative[-1]
-    block = min(int(np.searchsorted(block_cumulative, target, side="right")), len(starts) - 1)
-    before = block_cumulative[block - 1] if block else 0.0
-    inside = before + np.cumsum(weights[starts[block] : starts[block] + _SAMPLING_BLOCK], dtype=np.float64)
-    index = min(int(np.searchsorted(inside, target, side="right")), len(inside) - 1)
-    while weights[starts[block] + index] == 0 and index > 0:  # rounding at the block's end
-        index -= 1
-    return int(starts[block] + index)
-
-
-def _sample_nucleus(weights: np.ndarray, top_p: float, rng: np.random.Generator) -> int:
-    """Inverse-CDF draw from the top-p nucleus of unnormalised ``weights``.
-
-    The nucleus is a prefix of the tokens sorted by weight, so once the tokens
-    above some weight floor hold ``top_p`` of the mass, it lies among them and
-    only they need sorting. Floors fall until that holds (the last is 0)."""
-    threshold = top_p * float(weights.sum(dtype=np.float64))
-    for floor in _NUCLEUS_FLOORS:
-        candidates = np.flatnonzero(weights >= floor)
-        if weights[candidates].sum(dtype=np.float64) >= threshold:
-            break
-    order = candidates[np.argsort(-weights[candidates], kind="stable")]
-    sorted_weights = weights[order].astype(np.float64)
-    mass_before = np.cumsum(sorted_weights) - sorted_weights
-    keep = max(int(np.count_nonzero(mass_before < threshold)), 1)
-    kept = np.cumsum(sorted_weights[:keep])
-    index = int(np.searchsorted(kept, rng.random() * kept[-1], side="right"))
-    return int(order[min(index, keep - 1)])
-
-
-def _log_softmax_at(rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log softmax(rows[i])[targets[i]] for every row, in float64."""
-    x = rows.astype(np.float64)
-    top = x.max(axis=1, keepdims=True)
-    log_normaliser = np.log(np.exp(x - top).sum(axis=1)) + top[:, 0]
-    return x[np.arange(len(targets)), targets] - log_normaliser
-
-
-# -- chat templates -------------------------------------------------------------
-
-
-def render_chat_template(
-    template: str,
-    messages: Sequence[dict],
-    *,
-    add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
-    bos_token: str = "",
-    eos_token: str = "",
-) -> str:
-    """Render a Hugging Face style Jinja chat template (as stored in a GGUF's
-    ``tokenizer.chat_template``) in a sandbox.
-
-    With ``continue_final_message`` the text is cut right after the content of
-    the last message, so that the model goes on writing that message.
-    """
-    import jinja2
-    import jinja2.ext
-    import jinja2.sandbox
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.TemplateError(message)
-
-    def tojson(value: Any, indent: int | None = None) -> str:
-        return json.dumps(value, ensure_ascii=False, indent=indent)
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    messages = list(messages)
-    rendered = env.from_string(template).render(
-        messages=messages,
-        add_generation_prompt=add_generation_prompt and not continue_final_message,
-        bos_token=bos_token,
-        eos_token=eos_token,
-    )
-    if continue_final_message:
-        if not messages:
-            raise ValueError("continue_final_message needs at least one message")
-        content = messages[-1].get("content")
-        if not isinstance(content, str):
-            raise ValueError("continue_final_message needs the last message's content to be a string")
-        end = rendered.rfind(content.strip())
-        if end < 0:
-            raise ValueError("the chat template does not reproduce the last message's content verbatim")
-        rendered = rendered[: end + len(content.strip())]
-    return rendered
 
 
 # -- engine state ---------------------------------------------------------------
@@ -1025,7 +886,7 @@ class LlamaCppLM(LanguageModel):
         for g, (prompt, members) in enumerate(wave):
             for seq_id, i in zip(continuation_ids[g], members):
                 continuation = pairs[i][1]
-                first = _log_softmax_at(last_logits[g][None, :], np.array([continuation[0]]))[0]
+                first = log_softmax_at(last_logits[g][None, :], np.array([continuation[0]]))[0]
                 results[i] = ScoreOutput(list(continuation), [float(first)])
                 if len(continuation) > 1:
                     self._seq_copy(prompt_ids[g], seq_id)
@@ -1035,7 +896,7 @@ class LlamaCppLM(LanguageModel):
         def collect(feed_index: int, token_index: int, row: np.ndarray) -> None:
             i = owners[feed_index]
             target = pairs[i][1][token_index + 1]
-            results[i].logprobs.append(float(_log_softmax_at(row[None, :], np.array([target]))[0]))
+            results[i].logprobs.append(float(log_softmax_at(row[None, :], np.array([target]))[0]))
 
         self._run_feeds(feeds, collect)
         self.usage.scored_tokens += sum(len(f.tokens) for f in feeds)
@@ -1045,61 +906,6 @@ class LlamaCppLM(LanguageModel):
         with self._context_lock:
             self._sequences.clear()
             self._finalizer()
-
-
-def plan_gather(
-    member_ids: Sequence[int], free_ids: Sequence[int], n_ids: int, pinned: Collection[int] = ()
-) -> list[tuple[int, int]]:
-    """Copies ``(source id, destination id)``, to be run in order, that put
-    ``member_ids`` on consecutive ids with the fewest copies; empty when they
-    already are consecutive, or when no id is free to move through.
-
-    Ids that are neither members nor free belong to other live slots. Those
-    inside the chosen window move out to free ids outside it; when there are
-    too few, each swaps with a member outside the window through a free id
-    (three copies). Then the remaining members outside move into the window's
-    free and vacated ids. A copy reads its source as the copies before it
-    left it, which is how llama.cpp runs them at the next pass. ``pinned``
-    ids must not move: no window may hold one."""
-    members = sorted(set(member_ids))
-    k = len(members)
-    if k < 2 or members[-1] - members[0] == k - 1 or not free_ids:
-        return []
-
-    def counted_before(ids: Collection[int]) -> np.ndarray:
-        """counted_before(ids)[i]: how many of ``ids`` are below ``i``."""
-        marks = np.zeros(n_ids + 1, np.int64)
-        marks[np.fromiter(ids, np.int64, len(ids)) + 1] = 1
-        return np.cumsum(marks)
-
-    members_before, free_before, pinned_before = counted_before(members), counted_before(free_ids), counted_before(pinned)
-    starts = np.arange(n_ids - k + 1)
-    members_inside = members_before[starts + k] - members_before[starts]
-    free_inside = free_before[starts + k] - free_before[starts]
-    squatters = k - members_inside - free_inside
-    evicted = np.minimum(squatters, free_before[-1] - free_inside)
-    copies = (k - members_inside) + evicted + 2 * (squatters - evicted)
-    copies[pinned_before[starts + k] - pinned_before[starts] > 0] = np.iinfo(np.int64).max
-    if (copies == np.iinfo(np.int64).max).all():
-        return []
-    start = int(np.argmin(copies))
-    window = range(start, start + k)
-    member_set, free_set = set(members), set(free_ids)
-    outside_free = [i for i in sorted(free_set) if i not in window]
-    vacant = [i for i in window if i in free_set]
-    arrivals = [i for i in members if i not in window]
-    plan: list[tuple[int, int]] = []
-    for i in window:
-        if i in member_set or i in free_set:
-            continue
-        if outside_free:  # another slot's id: move it out
-            plan.append((i, outside_free.pop(0)))
-            vacant.append(i)
-        else:  # swap it with a member outside, through a free id in the window
-            member, temporary = arrivals.pop(), vacant[0]
-            plan += [(i, temporary), (member, i), (temporary, member)]
-    plan += list(zip(arrivals, sorted(vacant)))
-    return plan
 
 
 def _waves(groups: dict[tuple[int, ...], list[int]], capacity: int):
