@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from piscale.cli.common import TRUST_REMOTE_CODE_HELP, fail, parse_pairs
+from piscale.search import ALGORITHMS
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -45,7 +46,7 @@ def evaluate(
         None, "--reward", help="Reward spec, as for piscale solve (default: judge); 'verify' checks each problem's "
         "reference answer (an oracle: an upper bound, not a fair comparison)."
     ),
-    algorithms: str = typer.Option("pf,bon", "--algorithms", help="Comma-separated: pf,pg,pt,bon,wbon,sc,beam,dvts."),
+    algorithms: str = typer.Option("pf,bon", "--algorithms", help="Comma-separated: " + ",".join(ALGORITHMS) + "."),
     budgets: str = typer.Option("1,2,4,8", "--budgets", help="Comma-separated budgets."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
     db: Path = typer.Option(Path("results.sqlite"), "--db", help="SQLite results database (created if missing)."),

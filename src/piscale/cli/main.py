@@ -11,8 +11,8 @@ import typer
 
 from piscale.cli.common import TRUST_REMOTE_CODE_HELP, fail, parse_pairs
 from piscale.models import DEFAULT_MODEL
+from piscale.search import ALGORITHMS
 
-ALGORITHM_NAMES = "pf|pg|pt|bon|wbon|sc|beam|dvts"
 
 
 def register(app: typer.Typer) -> None:
@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def solve(
         question: str = typer.Argument(..., help="The question to answer."),
-        algorithm: str = typer.Option("pf", help=ALGORITHM_NAMES),
+        algorithm: str = typer.Option("pf", help=" | ".join(ALGORITHMS)),
         budget: int = typer.Option(8, help="Particles or samples (times iterations for pg)."),
         seed: int = typer.Option(0),
         model: str = typer.Option(DEFAULT_MODEL, help="Catalog name, .gguf file, folder or hub id."),

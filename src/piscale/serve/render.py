@@ -12,6 +12,7 @@ from typing import Any
 from piscale.lm.base import LanguageModel
 from piscale.serve.generation import Delta, SearchOutput
 from piscale.serve.plan import Plan
+from piscale.lm.openai import LOGPROB_FLOOR  # the wire format's -inf, read and written alike
 
 class Renderer:
     """Response bodies and stream chunks for requests to one backend (which
@@ -155,11 +156,6 @@ class Renderer:
             chunk["piscale_progress"] = progress
         chunk.update(extra)
         return chunk
-
-
-LOGPROB_FLOOR = -9999.0
-"""What an impossible token's log-probability (-inf) is written as: JSON has
-no infinities, and vLLM writes the same number."""
 
 
 def json_safe(value: Any) -> Any:
