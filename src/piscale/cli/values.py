@@ -122,6 +122,10 @@ def train(
     ),
     kind: str = typer.Option("logistic", "--kind", help="logistic | mlp"),
     labels: str = typer.Option("outcome", "--labels", help="outcome | mc (Monte-Carlo labels where collected)."),
+    problems: int = typer.Option(
+        None, "--problems", help="Use the rollouts of the first N problems stored (all by default), so a run is "
+        "reproducible from a database that has grown since."
+    ),
     validation_fraction: float = typer.Option(0.25, "--validation-fraction", help="Share of problems held out."),
     seed: int = typer.Option(0, "--seed", help="Seeds the split and the MLP's initialisation."),
     out: Path = typer.Option(..., "--out", help="Head file to write (.safetensors)."),
@@ -180,6 +184,13 @@ def train(
             rollouts += labelled_rollouts(store)
             configs += [c for c in store.configs() if c["reward"] == "rollouts"]
             store.close()
+        if problems is not None:
+            if problems < 2:
+                raise TrainError(f"--problems must be at least 2, got {problems}")
+            kept = list(dict.fromkeys(r.problem_id for r in rollouts))[:problems]
+            if len(kept) < problems:
+                raise TrainError(f"--problems {problems}: the database holds only {len(kept)} problems")
+            rollouts = [r for r in rollouts if r.problem_id in set(kept)]
         systems = {r.system for r in rollouts}
         if len(systems) != 1:
             raise TrainError(f"the rollouts were written under {len(systems)} different system prompts; train on one")
