@@ -40,6 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 from piscale.eval.grade import SUBSAMPLED_ALGORITHMS, rows_from_result
 from piscale.eval.store import CellKey, ResultRow, ResultStore
@@ -51,6 +52,9 @@ from piscale.eval.tasks import (
     check_template,
     format_prompt,
 )
+
+if TYPE_CHECKING:
+    from piscale.lm.base import LanguageModel
 
 PACKAGES = ("piscale", "torch", "transformers", "numpy", "math-verify", "llama-cpp-python", "openai", "gguf")
 
@@ -404,7 +408,7 @@ class Evaluation:
 
     async def run(
         self,
-        lm: object,
+        lm: LanguageModel | None,
         reward: object,
         *,
         run_id: int,
@@ -451,8 +455,8 @@ class Evaluation:
             on_progress(progress)
         in_a_row = 0
         work = _problem_major(jobs, self.problems, chunk_size)
-        capacity = getattr(lm, "max_sequences", None)
-        if isinstance(capacity, int) and capacity > 0:
+        capacity = lm.max_sequences if lm is not None else None
+        if capacity is not None and capacity > 0:
             work = _within_capacity(work, max(1, capacity // parallel))
         async for job, outcomes in self._attempt_all(solve_many, lm, reward, work, parallel, progress, trace):
             in_a_row = self._record(run_id, job, outcomes, reward_scale, progress, in_a_row, max_failures_in_a_row)

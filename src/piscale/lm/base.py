@@ -153,6 +153,23 @@ class LanguageModel(abc.ABC):
     that run torch in this process; None for the others (llama.cpp, remote
     servers). Local reward models default to the same device."""
 
+    # -- capacity and vocabulary ----------------------------------------------
+    max_sequences: int | None = None
+    """How many sequences the engine can hold at once (a fixed number of cache
+    slots, as llama.cpp allocates), or None where there is no fixed limit
+    (memory permitting). Callers size their batches of problems by it."""
+
+    @property
+    def live_sequences(self) -> int | None:
+        """How many sequences the engine holds now (opened or forked and not
+        yet released), or None for an engine that does not count them."""
+        return None
+
+    vocab_size: int | None = None
+    """How many token ids the engine accepts (ids run from 0 to
+    ``vocab_size - 1``), or None where the engine does not say (a remote
+    server). Prompts of token ids are checked against it."""
+
     # -- text ---------------------------------------------------------------
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +36,6 @@ import torch
 from piscale.lm.base import (
     FinishReason,
     Handle,
-    LanguageModel,
     ScoreOutput,
     StepOutput,
     StepParams,
@@ -46,6 +44,7 @@ from piscale.lm.base import (
     find_stop,
 )
 from piscale.lm.kv import check_cache_filled, output_cache, require_cache_argument
+from piscale.lm.table import SequenceTable, TableLM, check_open, check_score
 
 
 @dataclass
@@ -76,7 +75,7 @@ class _Request:
     future: asyncio.Future
 
 
-class TransformersLM(LanguageModel):
+class TransformersLM(TableLM):
     """A ``LanguageModel`` over a transformers causal LM, on CPU or CUDA.
 
     ``max_batch_tokens`` bounds the tokens of one prefill or scoring pass
@@ -112,11 +111,12 @@ class TransformersLM(LanguageModel):
             elif source is not None:
                 eos.update(source)
         self.eos_token_ids = frozenset(eos)
+        vocab_size = getattr(model.config, "vocab_size", None)
+        self.vocab_size = vocab_size if isinstance(vocab_size, int) else None
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (min(eos) if eos else 0)
 
-        self._sequences: dict[Handle, _Row] = {}
-        self._next_handle = itertools.count()
+        self._sequences: SequenceTable[_Row] = SequenceTable()
         self._cache = None  # a transformers DynamicCache, rows = sequences
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self._rows = 0
@@ -163,39 +163,11 @@ class TransformersLM(LanguageModel):
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     # -- bookkeeping --------------------------------------------------------
-    def _new_handle(self, tokens: list[int], row: int) -> Handle:
-        handle = next(self._next_handle)
-        self._sequences[handle] = _Row(tokens=tokens, row=row)
-        return handle
-
-    def _get(self, handle: Handle) -> _Row:
-        try:
-            return self._sequences[handle]
-        except KeyError:
-            raise KeyError(f"unknown or released sequence handle {handle}") from None
-
     def token_ids(self, handle: Handle) -> list[int]:
-        return list(self._get(handle).tokens)
+        return list(self._sequences.checked(handle).tokens)
 
     def fork(self, ancestors: Sequence[Handle]) -> list[Handle]:
-        children = []
-        for ancestor in ancestors:
-            parent = self._get(ancestor)
-            if parent.busy:
-                raise RuntimeError(f"cannot fork sequence {ancestor} while it is being extended")
-            children.append(self._new_handle(list(parent.tokens), parent.row))
-        return children
-
-    def release(self, handles: Sequence[Handle]) -> None:
-        for handle in handles:
-            if self._get(handle).busy:
-                raise RuntimeError(f"cannot release sequence {handle} while it is being extended")
-        for handle in handles:
-            del self._sequences[handle]
-
-    @property
-    def live_sequences(self) -> int:
-        return len(self._sequences)
+        return [self._sequences.add(_Row(list(p.tokens), p.row)) for p in self._sequences.to_fork(ancestors)]
 
     # -- cache layout -------------------------------------------------------
     def _layers(self):
@@ -251,19 +223,7 @@ class TransformersLM(LanguageModel):
 
     # -- prefill ------------------------------------------------------------
     async def open(self, prompts, copies=1) -> list[list[Handle]]:
-        prompts = [list(map(int, p)) for p in prompts]
-        counts = [copies] * len(prompts) if isinstance(copies, int) else list(copies)
-        if len(counts) != len(prompts):
-            raise ValueError(f"copies has {len(counts)} entries for {len(prompts)} prompts")
-        for prompt in prompts:
-            if not prompt:
-                raise ValueError("a prompt must have at least one token")
-            if len(prompt) >= self.context_length:
-                raise ValueError(
-                    f"prompt of {len(prompt)} tokens does not fit the context window of {self.context_length}"
-                )
-        if any(c < 1 for c in counts):
-            raise ValueError("copies must be >= 1")
+        prompts, counts = check_open(prompts, copies, self.context_length)
         async with self._lock():
             self.usage.calls += 1
             with Stopwatch(self.usage):
@@ -276,7 +236,7 @@ class TransformersLM(LanguageModel):
                     handles.extend(first_row + offset for offset in range(len(chunk)))
                 result = []
                 for row, prompt, count in zip(handles, prompts, counts):
-                    result.append([self._new_handle(list(prompt), row) for _ in range(count)])
+                    result.append([self._sequences.add(_Row(list(prompt), row)) for _ in range(count)])
                 return result
 
     @torch.inference_mode()
@@ -307,15 +267,9 @@ class TransformersLM(LanguageModel):
     # -- decoding -----------------------------------------------------------
     async def extend(self, handles, params: StepParams, seeds=None) -> list[StepOutput]:
         handles = list(handles)
-        if seeds is not None and len(seeds) != len(handles):
-            raise ValueError(f"got {len(seeds)} seeds for {len(handles)} sequences")
-        if len(set(handles)) != len(handles):
-            raise ValueError("a sequence appears twice in one extend call; fork it first")
+        self._sequences.to_extend(handles, seeds)
         members = []
         for i, handle in enumerate(handles):
-            seq = self._get(handle)
-            if seq.busy:
-                raise RuntimeError(f"sequence {handle} is already being extended")
             generator = None
             if params.temperature > 0:
                 generator = torch.Generator(device=self.device)
@@ -463,17 +417,7 @@ class TransformersLM(LanguageModel):
 
     # -- scoring ------------------------------------------------------------
     async def score(self, prompts, continuations) -> list[ScoreOutput]:
-        if len(prompts) != len(continuations):
-            raise ValueError(f"got {len(prompts)} prompts for {len(continuations)} continuations")
-        pairs = [(list(map(int, p)), list(map(int, c))) for p, c in zip(prompts, continuations)]
-        for prompt, continuation in pairs:
-            if not prompt:
-                raise ValueError("a prompt to score against must have at least one token")
-            if len(prompt) + len(continuation) > self.context_length:
-                raise ValueError(
-                    f"prompt and continuation ({len(prompt) + len(continuation)} tokens) exceed the "
-                    f"context window of {self.context_length}"
-                )
+        pairs = check_score(prompts, continuations, self.context_length)
         # Rows to evaluate: one per continuation of two or more tokens, and
         # one per distinct prompt for all its one-token continuations (the
         # prompt's last position predicts them all: a judge's Yes and No).

@@ -71,7 +71,6 @@ import asyncio
 import collections
 import ctypes
 import importlib
-import itertools
 import logging
 import os
 import threading
@@ -86,7 +85,6 @@ import numpy as np
 from piscale.lm.base import (
     FinishReason,
     Handle,
-    LanguageModel,
     ScoreOutput,
     StepOutput,
     StepParams,
@@ -97,6 +95,7 @@ from piscale.lm.base import (
 from piscale.lm.chat_template import render_chat_template
 from piscale.lm.llamacpp_gather import plan_gather
 from piscale.lm.llamacpp_sampling import log_softmax_at, sample_token
+from piscale.lm.table import SequenceTable, TableLM, check_open, check_score, check_vocabulary
 
 __all__ = ["LlamaCppLM", "available", "render_chat_template", "resolve_model_path", "sample_token"]
 
@@ -206,7 +205,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     return Path(gguf_path(model))
 
 
-class LlamaCppLM(LanguageModel):
+class LlamaCppLM(TableLM):
     """A ``LanguageModel`` over a GGUF file run natively by llama.cpp.
 
     ``model`` is a path to a ``.gguf`` file or a catalog name (resolved by
@@ -341,8 +340,7 @@ class LlamaCppLM(LanguageModel):
         pass's ids consecutive."""
         self.seed = seed
         self._seed_source = np.random.default_rng(seed)
-        self._sequences: dict[Handle, _Sequence] = {}
-        self._next_handle = itertools.count()
+        self._sequences: SequenceTable[_Sequence] = SequenceTable(guard=self._check_open)
         self._free_ids = list(range(max_sequences))
         # The context lock is held by whoever calls into llama.cpp, for as long
         # as a pass or a scoring wave takes. The table lock guards the slot
@@ -421,7 +419,7 @@ class LlamaCppLM(LanguageModel):
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         token_ids = [int(t) for t in token_ids]
-        self._check_tokens(token_ids, "decode input")
+        check_vocabulary(token_ids, self.vocab_size, "decode input")
         return self._text(token_ids, special=not skip_special_tokens)
 
     def _text(self, token_ids: Sequence[int], special: bool = False) -> str:
@@ -449,13 +447,6 @@ class LlamaCppLM(LanguageModel):
     def _check_open(self) -> None:
         if not self._finalizer.alive:
             raise RuntimeError(f"the llama.cpp engine for {self.name} is closed")
-
-    def _get(self, handle: Handle) -> _Sequence:
-        self._check_open()
-        try:
-            return self._sequences[handle]
-        except KeyError:
-            raise KeyError(f"unknown or released sequence handle {handle}") from None
 
     def _take_ids(self, count: int, what: str) -> list[int]:
         """Free sequence ids, their caches cleared (context lock held)."""
@@ -524,40 +515,26 @@ class LlamaCppLM(LanguageModel):
             self.cache_moves += len(plan)
 
     def token_ids(self, handle: Handle) -> list[int]:
-        return list(self._get(handle).tokens)
-
-    @property
-    def live_sequences(self) -> int:
-        return len(self._sequences)
+        return list(self._sequences.checked(handle).tokens)
 
     @property
     def free_slots(self) -> int:
         return len(self._free_ids)
 
     def fork(self, ancestors: Sequence[Handle]) -> list[Handle]:
-        parents = [self._get(h) for h in ancestors]
-        for handle, parent in zip(ancestors, parents):
-            if parent.busy:
-                raise RuntimeError(f"cannot fork sequence {handle} while it is being extended")
+        parents = self._sequences.to_fork(ancestors)
         children = []
         with self._table_lock:
             for parent in parents:
                 parent.slot.holders += 1
-                handle = next(self._next_handle)
-                self._sequences[handle] = _Sequence(parent.slot, list(parent.tokens), parent.n_cached, parent.next_logits)
-                children.append(handle)
+                child = _Sequence(parent.slot, list(parent.tokens), parent.n_cached, parent.next_logits)
+                children.append(self._sequences.add(child))
         return children
 
     def release(self, handles: Sequence[Handle]) -> None:
-        handles = list(handles)
-        if len(set(handles)) != len(handles):
-            raise ValueError("a handle appears twice in one release call")
-        for handle in handles:
-            if self._get(handle).busy:
-                raise RuntimeError(f"cannot release sequence {handle} while it is being extended")
         with self._table_lock:
-            for handle in handles:
-                self._drop_holder(self._sequences.pop(handle).slot)
+            for sequence in self._sequences.release(handles):
+                self._drop_holder(sequence.slot)
 
     # -- decoding runs (called with the context lock held) ----------------------
     def _run_feeds(self, feeds: Sequence[_Feed], sink: OutputSink) -> int:
@@ -642,21 +619,7 @@ class LlamaCppLM(LanguageModel):
 
     # -- prefill --------------------------------------------------------------
     async def open(self, prompts, copies=1) -> list[list[Handle]]:
-        prompts = [[int(t) for t in p] for p in prompts]
-        counts = [copies] * len(prompts) if isinstance(copies, int) else [int(c) for c in copies]
-        if len(counts) != len(prompts):
-            raise ValueError(f"copies has {len(counts)} entries for {len(prompts)} prompts")
-        if any(c < 1 for c in counts):
-            raise ValueError("copies must be >= 1")
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty; a prompt needs at least one token")
-            if len(prompt) >= self.context_length:
-                raise ValueError(
-                    f"prompt {i} has {len(prompt)} tokens, which does not fit the context window "
-                    f"of {self.context_length}"
-                )
-            self._check_tokens(prompt, f"prompt {i}")
+        prompts, counts = check_open(prompts, copies, self.context_length, self.vocab_size)
         self._check_open()
         if not prompts:
             return []
@@ -668,9 +631,7 @@ class LlamaCppLM(LanguageModel):
                 slot.holders = count
                 group = []
                 for _ in range(count):
-                    handle = next(self._next_handle)
-                    self._sequences[handle] = _Sequence(slot, list(prompt), len(prompt), logits)
-                    group.append(handle)
+                    group.append(self._sequences.add(_Sequence(slot, list(prompt), len(prompt), logits)))
                 result.append(group)
         return result
 
@@ -693,24 +654,14 @@ class LlamaCppLM(LanguageModel):
             self.usage.prefill_tokens += sum(len(p) for p in prompts)
         return [_Slot(seq_id) for seq_id in seq_ids], last_logits
 
-    def _check_tokens(self, tokens: Sequence[int], what: str) -> None:
-        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"{what} has token ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}")
-
     # -- decoding -------------------------------------------------------------
     async def extend(self, handles, params: StepParams, seeds=None) -> list[StepOutput]:
         handles = list(handles)
-        if seeds is not None and len(seeds) != len(handles):
-            raise ValueError(f"got {len(seeds)} seeds for {len(handles)} sequences")
-        if len(set(handles)) != len(handles):
-            raise ValueError("a sequence appears twice in one extend call; fork it first")
         if not isinstance(params, StepParams):
             raise TypeError(f"params must be a StepParams, got {type(params).__name__}")
+        self._sequences.to_extend(handles, seeds)
         members = []
         for i, handle in enumerate(handles):
-            if self._get(handle).busy:
-                raise RuntimeError(f"sequence {handle} is already being extended")
             rng = None
             if params.temperature > 0:
                 seed = int(seeds[i]) if seeds is not None else int(self._seed_source.integers(2**63))
@@ -827,18 +778,7 @@ class LlamaCppLM(LanguageModel):
     async def score(self, prompts, continuations) -> list[ScoreOutput]:
         """log p(continuation | prompt) per token. Continuations of the same
         prompt share one read of it."""
-        if len(prompts) != len(continuations):
-            raise ValueError(f"got {len(prompts)} prompts for {len(continuations)} continuations")
-        pairs = [([int(t) for t in p], [int(t) for t in c]) for p, c in zip(prompts, continuations)]
-        for i, (prompt, continuation) in enumerate(pairs):
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty; scoring needs at least one token to condition on")
-            if len(prompt) + len(continuation) > self.context_length:
-                raise ValueError(
-                    f"prompt and continuation {i} ({len(prompt) + len(continuation)} tokens) exceed the "
-                    f"context window of {self.context_length}"
-                )
-            self._check_tokens(prompt + continuation, f"pair {i}")
+        pairs = check_score(prompts, continuations, self.context_length, self.vocab_size)
         self._check_open()
         self.usage.calls += 1
         results: list[ScoreOutput | None] = [None] * len(pairs)

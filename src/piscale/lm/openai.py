@@ -57,7 +57,8 @@ from typing import Any
 
 import httpx
 
-from piscale.lm.base import Handle, LanguageModel, ScoreOutput, StepOutput, StepParams, Usage, find_stop
+from piscale.lm.base import Handle, ScoreOutput, StepOutput, StepParams, Usage, find_stop
+from piscale.lm.table import SequenceTable, TableLM, check_open, check_score
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class _LRU:
             self._items.popitem(last=False)
 
 
-class OpenAILM(LanguageModel):
+class OpenAILM(TableLM):
     """A backend over an OpenAI-compatible server; see the module doc.
 
     ``model``: the model name the server knows. ``base_url``: the server's
@@ -189,8 +190,7 @@ class OpenAILM(LanguageModel):
         self.tokenizer = tokenizer
         self._context_length = context_length
         self._transport = transport
-        self._sequences: dict[Handle, _Sequence] = {}
-        self._next_handle = 0
+        self._sequences: SequenceTable[_Sequence] = SequenceTable()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: httpx.AsyncClient | None = None
         self._gate: asyncio.Semaphore | None = None
@@ -374,69 +374,23 @@ class OpenAILM(LanguageModel):
         return list(self._sync_post("/tokenize", body)["tokens"])
 
     # -- sequences ----------------------------------------------------------
-    def _get(self, handle: Handle) -> _Sequence:
-        try:
-            return self._sequences[handle]
-        except KeyError:
-            raise KeyError(f"unknown or released sequence handle {handle}") from None
-
-    def _new(self, tokens: list[int]) -> Handle:
-        handle = self._next_handle
-        self._next_handle += 1
-        self._sequences[handle] = _Sequence(tokens)
-        return handle
-
     async def open(self, prompts, copies=1) -> list[list[Handle]]:
-        prompts = [[int(t) for t in p] for p in prompts]
-        counts = [copies] * len(prompts) if isinstance(copies, int) else list(copies)
-        if len(counts) != len(prompts):
-            raise ValueError(f"copies has {len(counts)} entries for {len(prompts)} prompts")
-        if any(c < 1 for c in counts):
-            raise ValueError("copies must be >= 1")
-        for prompt in prompts:
-            if not prompt:
-                raise ValueError("a prompt must have at least one token")
-            if len(prompt) >= self.context_length:
-                raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context window of {self.context_length}")
+        prompts, counts = check_open(prompts, copies, self.context_length)
         self.usage.calls += 1
         # Nothing is sent yet: the first extension of each copy carries the
         # prompt, and the server's prefix cache prefills it once.
-        return [[self._new(list(p)) for _ in range(c)] for p, c in zip(prompts, counts)]
+        return [[self._sequences.add(_Sequence(list(p))) for _ in range(c)] for p, c in zip(prompts, counts)]
 
     def fork(self, ancestors: Sequence[Handle]) -> list[Handle]:
-        parents = [self._get(a) for a in ancestors]
-        for handle, parent in zip(ancestors, parents):
-            if parent.busy:
-                raise RuntimeError(f"cannot fork sequence {handle} while it is being extended")
-        return [self._new(list(p.tokens)) for p in parents]
-
-    def release(self, handles: Sequence[Handle]) -> None:
-        for handle in handles:
-            if self._get(handle).busy:
-                raise RuntimeError(f"cannot release sequence {handle} while it is being extended")
-        if len(set(handles)) != len(handles):
-            raise ValueError("a handle appears twice in one release call")
-        for handle in handles:
-            del self._sequences[handle]
+        return [self._sequences.add(_Sequence(list(p.tokens))) for p in self._sequences.to_fork(ancestors)]
 
     def token_ids(self, handle: Handle) -> list[int]:
-        return list(self._get(handle).tokens)
-
-    @property
-    def live_sequences(self) -> int:
-        return len(self._sequences)
+        return list(self._sequences.checked(handle).tokens)
 
     # -- generation ---------------------------------------------------------
     async def extend(self, handles, params: StepParams, seeds=None) -> list[StepOutput]:
         handles = list(handles)
-        if seeds is not None and len(seeds) != len(handles):
-            raise ValueError(f"got {len(seeds)} seeds for {len(handles)} sequences")
-        if len(set(handles)) != len(handles):
-            raise ValueError("a sequence appears twice in one extend call; fork it first")
-        sequences = [self._get(h) for h in handles]
-        for handle, sequence in zip(handles, sequences):
-            if sequence.busy:
-                raise RuntimeError(f"sequence {handle} is already being extended")
+        sequences = self._sequences.to_extend(handles, seeds)
         if not handles:
             return []
         for sequence in sequences:
@@ -567,17 +521,7 @@ class OpenAILM(LanguageModel):
 
     # -- scoring ------------------------------------------------------------
     async def score(self, prompts, continuations) -> list[ScoreOutput]:
-        if len(prompts) != len(continuations):
-            raise ValueError(f"got {len(prompts)} prompts for {len(continuations)} continuations")
-        pairs = [([int(t) for t in p], [int(t) for t in c]) for p, c in zip(prompts, continuations)]
-        for prompt, continuation in pairs:
-            if not prompt:
-                raise ValueError("a prompt to score against must have at least one token")
-            if len(prompt) + len(continuation) > self.context_length:
-                raise ValueError(
-                    f"prompt and continuation ({len(prompt) + len(continuation)} tokens) exceed the "
-                    f"context window of {self.context_length}"
-                )
+        pairs = check_score(prompts, continuations, self.context_length)
         self.usage.calls += 1
         outputs = await asyncio.gather(*(self._score_one(p, c) for p, c in pairs))
         self.usage.scored_tokens += sum(len(p) + len(c) for p, c in pairs)

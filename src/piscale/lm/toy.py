@@ -31,7 +31,6 @@ The default rule, ``counting_rule``, writes short counting solutions such as
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import re
 import string
@@ -41,17 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from piscale.lm.base import (
-    FinishReason,
-    Handle,
-    LanguageModel,
-    ScoreOutput,
-    StepOutput,
-    StepParams,
-    Stopwatch,
-    Usage,
-    find_stop,
-)
+from piscale.lm.base import FinishReason, Handle, ScoreOutput, StepOutput, StepParams, Stopwatch, Usage, find_stop
+from piscale.lm.table import SequenceTable, TableLM, check_open, check_score
 
 ToyRule = Callable[[str, tuple[str, ...]], Mapping[str, float]]
 """(prompt text, generated tokens) -> {next token: probability}."""
@@ -126,7 +116,7 @@ class _Sequence:
     prompt: tuple[int, ...]
     """the context before the answer; the answer so far is the path to ``node``."""
     node: int
-    pending: bool = False
+    busy: bool = False
 
 
 @dataclass
@@ -137,7 +127,7 @@ class _Request:
     future: asyncio.Future
 
 
-class ToyLM(LanguageModel):
+class ToyLM(TableLM):
     """A ``LanguageModel`` over an exactly known next-token rule.
 
     ``rule`` defaults to ``counting_rule``; ``words`` are extra vocabulary
@@ -174,6 +164,7 @@ class ToyLM(LanguageModel):
             raise ValueError("vocabulary words must be non-empty strings")
         self.vocabulary: tuple[str, ...] = tuple(ordered)
         self.token_id = {token: i for i, token in enumerate(self.vocabulary)}
+        self.vocab_size = len(self.vocabulary)
         self.eos_token_id = self.token_id[EOS]
         self.eos_token_ids = frozenset({self.eos_token_id})
         self._byte_value = {self.token_id[t]: b for b, t in enumerate(byte_tokens)}
@@ -194,8 +185,7 @@ class ToyLM(LanguageModel):
         self._child_node = np.zeros((0, 1), dtype=np.int64)
         self._child_prob = np.zeros((0, 1), dtype=float)
 
-        self._sequences: dict[Handle, _Sequence] = {}
-        self._next_handle = itertools.count()
+        self._sequences: SequenceTable[_Sequence] = SequenceTable()
         self._queue: list[_Request] = []
         self._flush_scheduled = False
         self._rng = np.random.default_rng(seed)
@@ -377,71 +367,31 @@ class ToyLM(LanguageModel):
         return answers
 
     # -- sequences ----------------------------------------------------------
-    def _get(self, handle: Handle) -> _Sequence:
-        try:
-            return self._sequences[handle]
-        except KeyError:
-            raise KeyError(f"unknown or released sequence handle {handle}") from None
-
-    def _new_handle(self, prompt: tuple[int, ...], node: int) -> Handle:
-        handle = next(self._next_handle)
-        self._sequences[handle] = _Sequence(prompt, node)
-        return handle
-
     async def open(self, prompts, copies=1) -> list[list[Handle]]:
-        prompts = [tuple(int(t) for t in p) for p in prompts]
-        counts = [copies] * len(prompts) if isinstance(copies, int) else list(copies)
-        if len(counts) != len(prompts):
-            raise ValueError(f"copies has {len(counts)} entries for {len(prompts)} prompts")
-        if any(c < 1 for c in counts):
-            raise ValueError("copies must be >= 1")
-        for prompt in prompts:
-            if not prompt:
-                raise ValueError("a prompt must have at least one token")
-            if len(prompt) >= self.context_length:
-                raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context window of {self.context_length}")
+        checked, counts = check_open(prompts, copies, self.context_length)
+        prompts = [tuple(p) for p in checked]
         with Stopwatch(self.usage):
             located = [self._locate(p) for p in prompts]
             self.usage.calls += 1
             self.usage.forward_passes += 1
             self.usage.prefill_tokens += sum(len(p) for p in prompts)
-            return [[self._new_handle(context, node) for _ in range(c)] for (context, node), c in zip(located, counts)]
+            return [
+                [self._sequences.add(_Sequence(context, node)) for _ in range(c)]
+                for (context, node), c in zip(located, counts)
+            ]
 
     def fork(self, ancestors: Sequence[Handle]) -> list[Handle]:
-        parents = [self._get(a) for a in ancestors]
-        for handle, parent in zip(ancestors, parents):
-            if parent.pending:
-                raise RuntimeError(f"cannot fork sequence {handle} while it is being extended")
-        return [self._new_handle(p.prompt, p.node) for p in parents]
-
-    def release(self, handles: Sequence[Handle]) -> None:
-        for handle in handles:
-            if self._get(handle).pending:
-                raise RuntimeError(f"cannot release sequence {handle} while it is being extended")
-        if len(set(handles)) != len(handles):
-            raise ValueError("a handle appears twice in one release call")
-        for handle in handles:
-            del self._sequences[handle]
+        return [self._sequences.add(_Sequence(p.prompt, p.node)) for p in self._sequences.to_fork(ancestors)]
 
     def token_ids(self, handle: Handle) -> list[int]:
-        sequence = self._get(handle)
+        sequence = self._sequences.checked(handle)
         return [*sequence.prompt, *self._path(sequence.node)]
-
-    @property
-    def live_sequences(self) -> int:
-        return len(self._sequences)
 
     # -- decoding -----------------------------------------------------------
     async def extend(self, handles, params: StepParams, seeds=None) -> list[StepOutput]:
         handles = list(handles)
-        if seeds is not None and len(seeds) != len(handles):
-            raise ValueError(f"got {len(seeds)} seeds for {len(handles)} sequences")
-        if len(set(handles)) != len(handles):
-            raise ValueError("a sequence appears twice in one extend call; fork it first")
-        sequences = [self._get(h) for h in handles]
+        sequences = self._sequences.to_extend(handles, seeds)
         for handle, sequence in zip(handles, sequences):
-            if sequence.pending:
-                raise RuntimeError(f"sequence {handle} is already being extended")
             if self._token[sequence.node] == self.eos_token_id:
                 raise ValueError(f"sequence {handle} has ended with end-of-sequence; it cannot be extended")
         if not handles:
@@ -451,7 +401,7 @@ class ToyLM(LanguageModel):
         else:
             seed_array = np.array([int(s) & _MASK64 for s in seeds], dtype=np.uint64)
         for sequence in sequences:
-            sequence.pending = True
+            sequence.busy = True
         self.usage.calls += 1
         loop = asyncio.get_running_loop()
         request = _Request(handles, params, seed_array, loop.create_future())
@@ -473,7 +423,7 @@ class ToyLM(LanguageModel):
             outputs, failure = None, error
         for index, request in enumerate(requests):
             for handle in request.handles:
-                self._sequences[handle].pending = False
+                self._sequences[handle].busy = False
             if request.future.done():
                 continue
             if outputs is None:
@@ -542,17 +492,7 @@ class ToyLM(LanguageModel):
     async def score(self, prompts, continuations) -> list[ScoreOutput]:
         """Exact log p(continuation | prompt) per token; a token the rule
         cannot produce there gets -inf, and so does every token after it."""
-        if len(prompts) != len(continuations):
-            raise ValueError(f"got {len(prompts)} prompts for {len(continuations)} continuations")
-        pairs = [(tuple(int(t) for t in p), [int(t) for t in c]) for p, c in zip(prompts, continuations)]
-        for prompt, continuation in pairs:
-            if not prompt:
-                raise ValueError("a prompt to score against must have at least one token")
-            if len(prompt) + len(continuation) > self.context_length:
-                raise ValueError(
-                    f"prompt and continuation ({len(prompt) + len(continuation)} tokens) exceed the "
-                    f"context window of {self.context_length}"
-                )
+        pairs = [(tuple(p), c) for p, c in check_score(prompts, continuations, self.context_length)]
         with Stopwatch(self.usage):
             self.usage.calls += 1
             self.usage.forward_passes += 1

@@ -43,6 +43,18 @@ class MeteredLM(LanguageModel):
     def eos_token_ids(self) -> frozenset[int]:  # type: ignore[override]
         return self.inner.eos_token_ids
 
+    @property
+    def max_sequences(self) -> int | None:  # type: ignore[override]
+        return self.inner.max_sequences
+
+    @property
+    def vocab_size(self) -> int | None:  # type: ignore[override]
+        return self.inner.vocab_size
+
+    @property
+    def live_sequences(self) -> int | None:
+        return self.inner.live_sequences
+
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text)
 

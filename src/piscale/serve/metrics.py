@@ -92,8 +92,8 @@ class Metrics:
         ):
             metric(f"piscale_engine_{name}_total", "counter", help_text, [("", value)])
         metric("piscale_engine_compute_seconds_total", "counter", "Seconds spent in engine compute.", [("", usage.wall_time)])
-        live = getattr(lm, "live_sequences", None)
-        if isinstance(live, int):
+        live = lm.live_sequences
+        if live is not None:
             metric("piscale_engine_live_sequences", "gauge", "Sequences the engine holds (kept ones included).", [("", live)])
         for name, kind, help_text, value in extra:
             metric(name, kind, help_text, [("", value)])

@@ -79,7 +79,9 @@ class Planner:
         self.lm = lm
         self.gate = gate
         self.rewards = rewards
-        self.vocabulary_size = vocabulary_size(lm)
+        self.vocabulary_size = lm.vocab_size
+        """How many token ids the backend accepts, where it says; prompts of
+        token ids are checked against it before they reach a shared batch."""
 
     def _preset(self, model: str) -> Preset | None:
         try:
@@ -310,18 +312,3 @@ class Planner:
             **extra,
         )
 
-
-def vocabulary_size(lm: LanguageModel) -> int | None:
-    """How many token ids the backend accepts, where it says; prompts of
-    token ids are checked against it before they reach a shared batch."""
-    size = getattr(lm, "vocab_size", None)
-    if isinstance(size, int):
-        return size
-    vocabulary = getattr(lm, "vocabulary", None)
-    if isinstance(vocabulary, (tuple, list)):
-        return len(vocabulary)
-    model_config = getattr(getattr(lm, "model", None), "config", None)
-    size = getattr(model_config, "vocab_size", None)
-    if isinstance(size, int):
-        return size
-    return None

@@ -56,8 +56,8 @@ class Service:
     def __init__(self, config: ServerConfig, lm: LanguageModel):
         self.config = config
         self.lm = lm
-        capacity = getattr(lm, "max_sequences", None)
-        if isinstance(capacity, int) and not isinstance(capacity, bool):
+        capacity = lm.max_sequences
+        if capacity is not None:
             # A fixed number of cache slots: a quarter at most for kept
             # sequences, two for scoring (llama.cpp borrows them), the rest
             # for requests, admitted by the gate.
