@@ -251,6 +251,9 @@ def test_collect_and_train_commands_end_to_end(tmp_path, tiny_folder, monkeypatc
     assert metadata["layer"] in (1, 2) and metadata["training"]["seed"] == 0
     assert len(metadata["training"]["data_sha256"]) == 64
     assert "arith" in metadata["metrics"]["baselines_on_validation"]
+    too_many = runner.invoke(app, ["prm", "train", "--db", str(db), "--backbone", str(tiny_folder), "--problems", "50",
+                                   "--out", str(tmp_path / "other.safetensors")])
+    assert too_many.exit_code == 2 and "holds only 12 problems" in too_many.output
     reward = load_value_reward(head)
     [scores] = asyncio.run(reward.score(["Count from problem 1."], [["Add 1\n\n", "\\boxed{4}"]]))
     assert len(scores) == 2 and all(0 < s < 1 for s in scores)
