@@ -409,6 +409,26 @@ def test_reward_identity_names_the_models_it_uses() -> None:
     assert "identity_unavailable" in reward_identity("judge:./no/such/model", "toy")["models"][0]
 
 
+def test_a_value_reward_is_identified_by_its_head_file_and_backbone(tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    from piscale.eval.runner import reward_identity
+    from piscale.rewards.value import shipped_head_path
+
+    shipped = shipped_head_path()
+    head, backbone = reward_identity("value", "toy")["models"]
+    assert head["identity"] == "sha256:" + hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert backbone["spec"] == "qwen2.5-coder-0.5b-instruct" and backbone["identity"].startswith("sha256:")
+    copy = tmp_path / "head.safetensors"
+    shutil.copyfile(shipped, copy)
+    assert reward_identity(f"value:{copy}", "toy")["models"][0]["identity"] == head["identity"]
+    with copy.open("ab") as file:
+        file.write(b" ")  # a different file, though it may still load
+    assert reward_identity(f"value:{copy}", "toy")["models"][0]["identity"] != head["identity"]
+    assert "identity_unavailable" in reward_identity("value:./no/such/head.safetensors", "toy")["models"][0]
+
+
 async def test_a_result_that_cannot_be_graded_is_a_recorded_failure(tmp_path: Path, task) -> None:
     class NoUsage(ScriptedSearch):
         async def __call__(self, *args, **kwargs):

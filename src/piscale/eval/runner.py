@@ -211,10 +211,33 @@ def reward_identity(spec: str, policy_spec: str) -> dict:
     a PRM, the two models of a density ratio), so a changed reward model
     file changes the configuration. ``judge`` alone judges with the policy."""
     kind, _, argument = spec.partition(":")
+    if kind == "value":
+        return {"spec": spec, "models": value_head_identity(argument.strip() or None)}
     if kind not in REWARD_KINDS_WITH_MODELS:
         return {"spec": spec}
     names = [policy_spec] if kind == "judge" and not argument else [m.strip() for m in argument.split(",") if m.strip()]
     return {"spec": spec, "models": [model_identity(name) for name in names]}
+
+
+def value_head_identity(path: str | None) -> list[dict]:
+    """A learned value's head file (the shipped one when ``path`` is None) by
+    its sha256, and its backbone's identity: retraining the head, or
+    changing the backbone it reads, changes the configuration."""
+    from pathlib import Path
+
+    from piscale.models import file_sha256
+    from piscale.rewards.value import HeadFile, shipped_head_path
+
+    try:
+        head = shipped_head_path() if path is None else Path(path)
+        identities = [{"spec": str(head), "identity": f"sha256:{file_sha256(head)}"}]
+    except (OSError, ValueError) as error:
+        return [{"spec": path or "value", "identity_unavailable": f"{type(error).__name__}: {error}"}]
+    try:
+        identities.append(model_identity(HeadFile.read(head).metadata["backbone"]))
+    except (OSError, ValueError, KeyError) as error:
+        identities.append({"spec": "backbone", "identity_unavailable": f"{type(error).__name__}: {error}"})
+    return identities
 
 
 def _for_key(identity: Mapping) -> dict:
