@@ -29,12 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from piscale.lm.base import (
-    FinishReason,
     Handle,
     ScoreOutput,
     StepOutput,
@@ -43,8 +42,9 @@ from piscale.lm.base import (
     Usage,
     find_stop,
 )
+from piscale.lm.batching import Active, BatchingLM, Request
 from piscale.lm.kv import check_cache_filled, output_cache, require_cache_argument
-from piscale.lm.table import SequenceTable, TableLM, check_open, check_score
+from piscale.lm.table import SequenceTable, check_open, check_score
 
 
 @dataclass
@@ -56,26 +56,7 @@ class _Row:
     busy: bool = False
 
 
-@dataclass
-class _Active:
-    """One sequence being extended by one ``extend`` call."""
-
-    handle: Handle
-    params: StepParams
-    generator: torch.Generator | None
-    new_tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-    finish_reason: FinishReason | None = None
-
-
-@dataclass
-class _Request:
-    members: list[_Active]
-    future: asyncio.Future
-
-
-class TransformersLM(TableLM):
+class TransformersLM(BatchingLM):
     """A ``LanguageModel`` over a transformers causal LM, on CPU or CUDA.
 
     ``max_batch_tokens`` bounds the tokens of one prefill or scoring pass
@@ -121,8 +102,7 @@ class TransformersLM(TableLM):
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self._rows = 0
         self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
-        self._waiting: list[_Request] = []
-        self._loop_running = False
+        self._waiting: list[Request] = []
 
     # -- text ---------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -274,66 +254,22 @@ class TransformersLM(TableLM):
             if params.temperature > 0:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(int(seeds[i]) if seeds is not None else int(torch.seed()))
-            members.append(_Active(handle, params, generator))
+            members.append(Active(handle, params, generator))
         if not members:
             return []
-        for member in members:
-            self._sequences[member.handle].busy = True
-        self.usage.calls += 1
-        request = _Request(members, asyncio.get_running_loop().create_future())
-        self._waiting.append(request)
-        if not self._loop_running:
-            self._loop_running = True
-            asyncio.get_running_loop().create_task(self._decode_loop())
-        return await request.future
+        return await self._submit(members)
 
-    async def _decode_loop(self) -> None:
-        active: list[_Request] = []
-        try:
-            while self._waiting or active:
-                active.extend(self._waiting)
-                self._waiting.clear()
-                # A caller that went away (a cancelled search, a client that
-                # disconnected) stops costing passes: its sequences are freed
-                # for release and left out of the batch.
-                for request in [r for r in active if r.future.done()]:
-                    for m in request.members:
-                        if m.handle in self._sequences:
-                            self._sequences[m.handle].busy = False
-                active = [r for r in active if not r.future.done()]
-                if not active:
-                    break
-                async with self._lock():
-                    with Stopwatch(self.usage):
-                        try:
-                            self._decode_once([m for r in active for m in r.members if m.finish_reason is None])
-                        except Exception as error:  # fail the requests, keep the engine usable
-                            for request in active:
-                                for m in request.members:
-                                    self._sequences[m.handle].busy = False
-                                if not request.future.done():
-                                    request.future.set_exception(error)
-                            active.clear()
-                            continue
-                still = []
-                for request in active:
-                    if all(m.finish_reason is not None for m in request.members):
-                        outputs = []
-                        for m in request.members:
-                            self._sequences[m.handle].busy = False
-                            outputs.append(StepOutput(m.new_tokens, m.text, m.logprobs, m.finish_reason))
-                        if not request.future.done():
-                            request.future.set_result(outputs)
-                    else:
-                        still.append(request)
-                active = still
-                # Let other coroutines submit work before the next pass.
-                await asyncio.sleep(0)
-        finally:
-            self._loop_running = False
+    async def _decode_pass(self, members: list[Active]) -> None:
+        async with self._lock():
+            with Stopwatch(self.usage):
+                self._decode_once(members)
+
+    async def _between_passes(self) -> None:
+        # Let other coroutines submit work before the next pass.
+        await asyncio.sleep(0)
 
     @torch.inference_mode()
-    def _decode_once(self, members: list[_Active]) -> None:
+    def _decode_once(self, members: list[Active]) -> None:
         self._compact()
         rows = self._rows
         by_row = {self._sequences[m.handle].row: m for m in members}
@@ -372,7 +308,7 @@ class TransformersLM(TableLM):
         for row, token, logprob in zip(row_index.tolist(), chosen.tolist(), chosen_logprobs):
             self._advance(by_row[row], token, logprob)
 
-    def _sample(self, logits: torch.Tensor, members: list[_Active]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, members: list[Active]) -> torch.Tensor:
         chosen = logits.argmax(dim=-1)
         for i, member in enumerate(members):
             params = member.params
@@ -381,10 +317,10 @@ class TransformersLM(TableLM):
             probs = torch.softmax(logits[i] / params.temperature, dim=-1)
             if params.top_p < 1.0:
                 probs = _top_p_filter(probs, params.top_p)
-            chosen[i] = torch.multinomial(probs, 1, generator=member.generator)[0]
+            chosen[i] = torch.multinomial(probs, 1, generator=member.rng)[0]
         return chosen
 
-    def _advance(self, member: _Active, token: int, logprob: float) -> None:
+    def _advance(self, member: Active, token: int, logprob: float) -> None:
         seq = self._sequences[member.handle]
         seq.tokens.append(token)
         member.new_tokens.append(token)

@@ -76,14 +76,13 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from piscale.lm.base import (
-    FinishReason,
     Handle,
     ScoreOutput,
     StepOutput,
@@ -92,10 +91,11 @@ from piscale.lm.base import (
     Usage,
     find_stop,
 )
+from piscale.lm.batching import Active, BatchingLM, Request
 from piscale.lm.chat_template import render_chat_template
 from piscale.lm.llamacpp_gather import plan_gather
 from piscale.lm.llamacpp_sampling import log_softmax_at, sample_token
-from piscale.lm.table import SequenceTable, TableLM, check_open, check_score, check_vocabulary
+from piscale.lm.table import SequenceTable, check_open, check_score, check_vocabulary
 
 __all__ = ["LlamaCppLM", "available", "render_chat_template", "resolve_model_path", "sample_token"]
 
@@ -152,25 +152,6 @@ class _Sequence:
 
 
 @dataclass
-class _Active:
-    """One sequence being extended by one ``extend`` call."""
-
-    handle: Handle
-    params: StepParams
-    rng: np.random.Generator | None
-    new_tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-    finish_reason: FinishReason | None = None
-
-
-@dataclass
-class _Request:
-    members: list[_Active]
-    future: asyncio.Future
-
-
-@dataclass
 class _Feed:
     """Tokens of one sequence id for one decoding run, starting at position
     ``pos``. With ``all_outputs`` a logits row is produced at every token,
@@ -205,7 +186,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     return Path(gguf_path(model))
 
 
-class LlamaCppLM(TableLM):
+class LlamaCppLM(BatchingLM):
     """A ``LanguageModel`` over a GGUF file run natively by llama.cpp.
 
     ``model`` is a path to a ``.gguf`` file or a catalog name (resolved by
@@ -349,8 +330,7 @@ class LlamaCppLM(TableLM):
         # pass: a freed id's cells are cleared when the id is taken again.
         self._context_lock = threading.Lock()
         self._table_lock = threading.Lock()
-        self._waiting: list[_Request] = []
-        self._loop_running = False
+        self._waiting: list[Request] = []
 
     @classmethod
     def from_spec(cls, spec: str | os.PathLike, **options: Any) -> LlamaCppLM:
@@ -666,66 +646,18 @@ class LlamaCppLM(TableLM):
             if params.temperature > 0:
                 seed = int(seeds[i]) if seeds is not None else int(self._seed_source.integers(2**63))
                 rng = np.random.default_rng(seed)
-            member = _Active(handle, params, rng)
+            member = Active(handle, params, rng)
             if len(self._sequences[handle].tokens) >= self.context_length:
                 member.finish_reason = "context"  # nothing more fits; the step is empty
             members.append(member)
         if not members:
             return []
-        for member in members:
-            self._sequences[member.handle].busy = True
-        self.usage.calls += 1
-        loop = asyncio.get_running_loop()
-        request = _Request(members, loop.create_future())
-        self._waiting.append(request)
-        if not self._loop_running:
-            self._loop_running = True
-            loop.create_task(self._decode_loop())
-        return await request.future
+        return await self._submit(members)
 
-    def _finish(self, request: _Request) -> None:
-        for member in request.members:
-            sequence = self._sequences.get(member.handle)
-            if sequence is not None:
-                sequence.busy = False
+    async def _decode_pass(self, members: list[Active]) -> None:
+        await asyncio.to_thread(self._decode_step, members)
 
-    async def _decode_loop(self) -> None:
-        """Run passes while any ``extend`` call has unfinished sequences;
-        calls that arrive meanwhile join at the next pass."""
-        active: list[_Request] = []
-        try:
-            while self._waiting or active:
-                active.extend(self._waiting)
-                self._waiting.clear()
-                for request in [r for r in active if r.future.done()]:  # cancelled callers
-                    self._finish(request)
-                active = [r for r in active if not r.future.done()]
-                members = [m for r in active for m in r.members if m.finish_reason is None]
-                if members:
-                    try:
-                        await asyncio.to_thread(self._decode_step, members)
-                    except Exception as error:
-                        for request in active:
-                            self._finish(request)
-                            if not request.future.done():
-                                request.future.set_exception(error)
-                        active = []
-                        continue
-                still = []
-                for request in active:
-                    if all(m.finish_reason is not None for m in request.members):
-                        self._finish(request)
-                        if not request.future.done():
-                            request.future.set_result(
-                                [StepOutput(m.new_tokens, m.text, m.logprobs, m.finish_reason) for m in request.members]
-                            )
-                    else:
-                        still.append(request)
-                active = still
-        finally:
-            self._loop_running = False
-
-    def _decode_step(self, members: list[_Active]) -> None:
+    def _decode_step(self, members: list[Active]) -> None:
         """One token for every member: feed pending tokens, sample, advance."""
         with self._context_lock, Stopwatch(self.usage):
             sequences = [self._sequences[m.handle] for m in members]
@@ -758,7 +690,7 @@ class LlamaCppLM(TableLM):
             for i, member in enumerate(members):
                 self._advance(member, sequences[i], *chosen[i])
 
-    def _advance(self, member: _Active, sequence: _Sequence, token: int, logprob: float) -> None:
+    def _advance(self, member: Active, sequence: _Sequence, token: int, logprob: float) -> None:
         sequence.tokens.append(token)
         member.new_tokens.append(token)
         member.logprobs.append(logprob)

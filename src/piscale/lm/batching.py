@@ -1,0 +1,125 @@
+"""Continuous batching: one scheduler for the engines that decode token by
+token in this process (transformers, llama.cpp).
+
+Every ``extend`` call submits a ``Request``: its sequences, each an ``Active``
+member that collects its step's tokens until the step ends. One loop runs
+while any request has unfinished members. Before each pass it takes in the
+requests that arrived meanwhile, so that concurrent calls join the same
+forward passes between two tokens; a pass advances every unfinished member of
+every request by one token; a request whose members have all finished gets
+its outputs, and a request whose caller went away (a cancelled future) is
+dropped, its sequences freed for the caller to release. A pass that fails
+fails every request in flight and leaves the engine usable.
+
+An engine gives the pass (``_decode_pass``), and may give a pause between
+passes (``_between_passes``).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from piscale.lm.base import FinishReason, Handle, StepOutput, StepParams
+from piscale.lm.table import TableLM
+
+
+@dataclass
+class Active:
+    """One sequence being extended by one ``extend`` call."""
+
+    handle: Handle
+    params: StepParams
+    rng: Any
+    """the member's own random source (a ``torch.Generator`` or a numpy
+    ``Generator``), or None for greedy decoding."""
+    new_tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+
+    def output(self) -> StepOutput:
+        """The finished step."""
+        assert self.finish_reason is not None, "the step has not finished"
+        return StepOutput(self.new_tokens, self.text, self.logprobs, self.finish_reason)
+
+
+@dataclass
+class Request:
+    members: list[Active]
+    future: asyncio.Future
+
+
+class BatchingLM(TableLM):
+    """A ``TableLM`` whose ``extend`` calls share decoding passes."""
+
+    _waiting: list[Request]
+    """requests submitted since the loop last took them in (an engine's
+    constructor makes it empty)"""
+    _loop_running: bool = False
+
+    async def _submit(self, members: list[Active]) -> list[StepOutput]:
+        """Mark ``members`` busy and decode them to the end of their step,
+        in passes shared with every other call in flight."""
+        for member in members:
+            self._sequences[member.handle].busy = True
+        self.usage.calls += 1
+        loop = asyncio.get_running_loop()
+        request = Request(members, loop.create_future())
+        self._waiting.append(request)
+        if not self._loop_running:
+            self._loop_running = True
+            loop.create_task(self._decode_loop())
+        return await request.future
+
+    @abc.abstractmethod
+    async def _decode_pass(self, members: list[Active]) -> None:
+        """One token for every member (none of them finished)."""
+
+    async def _between_passes(self) -> None:
+        """Runs after each pass's finished requests are answered."""
+
+    def _finish(self, request: Request) -> None:
+        for member in request.members:
+            sequence = self._sequences.get(member.handle)
+            if sequence is not None:
+                sequence.busy = False
+
+    async def _decode_loop(self) -> None:
+        """Run passes while any ``extend`` call has unfinished sequences;
+        calls that arrive meanwhile join at the next pass."""
+        active: list[Request] = []
+        try:
+            while self._waiting or active:
+                active.extend(self._waiting)
+                self._waiting.clear()
+                for request in [r for r in active if r.future.done()]:  # cancelled callers
+                    self._finish(request)
+                active = [r for r in active if not r.future.done()]
+                if not active:
+                    break
+                members = [m for r in active for m in r.members if m.finish_reason is None]
+                if members:
+                    try:
+                        await self._decode_pass(members)
+                    except Exception as error:  # fail the requests, keep the engine usable
+                        for request in active:
+                            self._finish(request)
+                            if not request.future.done():
+                                request.future.set_exception(error)
+                        active = []
+                        continue
+                still = []
+                for request in active:
+                    if all(m.finish_reason is not None for m in request.members):
+                        self._finish(request)
+                        if not request.future.done():
+                            request.future.set_result([m.output() for m in request.members])
+                    else:
+                        still.append(request)
+                active = still
+                await self._between_passes()
+        finally:
+            self._loop_running = False
