@@ -33,15 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from piscale.lm.base import (
-    Handle,
-    ScoreOutput,
-    StepOutput,
-    StepParams,
-    Stopwatch,
-    Usage,
-    find_stop,
-)
+from piscale.lm.base import Handle, ScoreOutput, StepOutput, StepParams, Stopwatch, Usage, find_stop
 from piscale.lm.batching import Active, BatchingLM, Request
 from piscale.lm.kv import check_cache_filled, output_cache, require_cache_argument
 from piscale.lm.table import SequenceTable, check_open, check_score

@@ -82,15 +82,7 @@ from typing import Any
 
 import numpy as np
 
-from piscale.lm.base import (
-    Handle,
-    ScoreOutput,
-    StepOutput,
-    StepParams,
-    Stopwatch,
-    Usage,
-    find_stop,
-)
+from piscale.lm.base import Handle, ScoreOutput, StepOutput, StepParams, Stopwatch, Usage, find_stop
 from piscale.lm.batching import Active, BatchingLM, Request
 from piscale.lm.chat_template import render_chat_template
 from piscale.lm.llamacpp_gather import plan_gather
