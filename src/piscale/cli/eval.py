@@ -258,7 +258,7 @@ def _run_with_progress(
     last_line = [time.monotonic()]
     # The engine's own counter includes the searches still running, so the
     # speed is right from the first pass, not only once searches finish.
-    usage = getattr(lm, "usage", None)
+    usage = lm.usage if lm is not None else None
     tokens_at_start, started = (usage.generated_tokens if usage is not None else 0), time.monotonic()
 
     def tokens_per_second(progress: Progress) -> float:
