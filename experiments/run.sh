@@ -65,11 +65,39 @@ PY
     --engine-option max_sequences=200 --engine-option context_length=1024
 }
 
+# Particle filtering against its baselines under the learned step value
+# (experiments/values.sh trains it on GSM8K *training* rollouts; `value`
+# names the head shipped in the package), on GSM8K *test* problems, none of
+# which the value ever saw. One database, three invocations that share its
+# configuration (model, reward, prompt), so every row pairs by problem:
+#   1. the paper's defaults for pf, and bon, wbon, sc at budgets 1-8 plus 32
+#      (one set of 32 samples, subsampled for the smaller budgets);
+#   2. pf with the correct-SMC options (incremental potential, systematic
+#      resampling when ESS/N < 0.5) and pf with the weighted vote, budgets 1-8;
+#   3. DVTS at 4 and 8.
+# LIMIT (default 100) sets how many problems; raising it later resumes.
+gsm8k_0_5b_value() {
+  local name=gsm8k-qwen2.5-coder-0.5b-value
+  local common=(--dataset gsm8k --limit "${LIMIT:-100}" --model qwen2.5-coder-0.5b-instruct --reward value
+                --option max_tokens=512 --seeds 0 --chunk-size 4 --parallel 3 --engine llamacpp
+                --engine-option max_sequences=200 --engine-option context_length=1024)
+  local grid=("${common[@]}" --algorithms pf,bon,wbon,sc --budgets 1,2,4,8,32)
+  step "$name"
+  grid=("${common[@]}" --algorithms pf --budgets 1,2,4,8 --option pf.potential=incremental
+        --option pf.resampler=systematic --option pf.ess_threshold=0.5)
+  step "$name"
+  grid=("${common[@]}" --algorithms pf --budgets 1,2,4,8 --option pf.selection=weighted-vote)
+  step "$name"
+  grid=("${common[@]}" --algorithms dvts --budgets 4,8)
+  step "$name"
+}
+
 case "${1:-all}" in
   gsm8k-0.5b) gsm8k_0_5b ;;
   math500-0.5b) math500_0_5b ;;
   gsm8k-1.5b) gsm8k_1_5b ;;
   gsm8k-0.5b-remedies) gsm8k_0_5b_remedies ;;
+  gsm8k-0.5b-value) gsm8k_0_5b_value ;;
   all) gsm8k_0_5b; math500_0_5b; gsm8k_1_5b; gsm8k_0_5b_remedies ;;
-  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | all)" >&2; exit 2 ;;
+  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | gsm8k-0.5b-value | all)" >&2; exit 2 ;;
 esac
