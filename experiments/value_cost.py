@@ -17,7 +17,7 @@ import asyncio
 import json
 import time
 
-from piscale.eval.tasks import load_task
+from piscale.tasks import load_task
 from piscale.lm import load
 from piscale.rewards.value import load_value_reward
 from piscale.search import run_many

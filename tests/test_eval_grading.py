@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from piscale.eval.grade import rows_from_result
-from piscale.eval.tasks import load_task
+from piscale.tasks import load_task
 from piscale.grading import extract_answer
 
 USAGE = {"generated_tokens": 120, "prompt_tokens": 40, "reward_calls": 8, "reward_steps": 16, "wall_time": 2.0}

@@ -13,7 +13,7 @@ from piscale.eval.render import markdown
 from piscale.eval.runner import EvalConfig, EvalError, Evaluation, Grid
 from piscale.eval.store import ResultStore
 from piscale.eval.summary import summarize
-from piscale.eval.tasks import load_task
+from piscale.tasks import load_task
 
 
 def unit(*parts: object) -> float:

@@ -10,7 +10,8 @@ Layers, low to high; a module may import its own layer and the ones below:
     1  backends                     piscale.lm
     2  rewards                      piscale.rewards
     3  search                       piscale.search
-    4  the Python API               piscale.api
+    4  the Python API               piscale.api, piscale.tasks (the task reader
+                                    the applications share)
     5  applications                 piscale.eval, piscale.serve, piscale.annotate,
                                     piscale.distill, piscale.values, piscale.tracepage
     6  the command line             piscale.cli
@@ -39,7 +40,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("backends", ("piscale.lm",)),
     ("rewards", ("piscale.rewards",)),
     ("search", ("piscale.search",)),
-    ("the Python API", ("piscale.api",)),
+    ("the Python API", ("piscale.api", "piscale.tasks")),
     (
         "applications",
         ("piscale.eval", "piscale.serve", "piscale.annotate", "piscale.distill", "piscale.values", "piscale.tracepage"),
@@ -50,15 +51,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 APPLICATIONS = dict(LAYERS)["applications"]
 
 # Imports from one application into another that the code has today (the
-# task reader and the result store live in piscale.eval; the skipped-records
-# file name in piscale.annotate). Moving them below the applications empties
+# result store lives in piscale.eval; the skipped-records file name in
+# piscale.annotate). Moving them below the applications empties
 # this list; nothing may be added to it.
 BETWEEN_APPLICATIONS = {
-    ("piscale.annotate", "piscale.eval.tasks"),
     ("piscale.distill", "piscale.annotate"),
     ("piscale.values.collect", "piscale.eval.runner"),
     ("piscale.values.collect", "piscale.eval.store"),
-    ("piscale.values.collect", "piscale.eval.tasks"),
     ("piscale.values.train", "piscale.eval.store"),
 }
 

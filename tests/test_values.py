@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from piscale.eval.store import ResultStore
-from piscale.eval.tasks import Problem, Task
+from piscale.tasks import Problem, Task
 from piscale.lm.toy import ToyLM
 from piscale.values.collect import ALGORITHM, CollectConfig, CollectError, Collection, stored_rollouts
 from piscale.values.train import (

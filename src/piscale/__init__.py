@@ -31,7 +31,7 @@ _PUBLIC = {
     "LanguageModel": "piscale.lm.base",
     "StepParams": "piscale.lm.base",
     "Reward": "piscale.rewards.base",
-    "load_task": "piscale.eval.tasks",
+    "load_task": "piscale.tasks",
 }
 
 __all__ = ["__version__", *_PUBLIC]

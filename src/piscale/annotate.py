@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from piscale.eval.tasks import BUILTIN_FILES, TaskError, identified_records, load_task, read_records
+from piscale.tasks import BUILTIN_FILES, TaskError, identified_records, load_task, read_records
 from piscale.lm.base import LanguageModel
 from piscale.rewards.aggregate import check_aggregation, score_trajectories
 from piscale.rewards.base import Reward

@@ -81,7 +81,7 @@ def evaluate(
 
     from piscale.eval.runner import EvalConfig, EvalError, Evaluation, Grid
     from piscale.eval.store import ResultStore, StoreError
-    from piscale.eval.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, TaskError, load_task
+    from piscale.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, TaskError, load_task
 
     # Plain text: paths, model names and error messages may hold brackets that markup would eat.
     console = Console(stderr=True, markup=False)

@@ -49,7 +49,7 @@ def collect(
 ) -> None:
     """Sample rollouts on training problems, grade them, store them; resume on re-run."""
     from piscale.eval.store import ResultStore, StoreError
-    from piscale.eval.tasks import TaskError, load_task
+    from piscale.tasks import TaskError, load_task
     from piscale.values.collect import CollectConfig, CollectError, Collection
 
     if "test" in Path(dataset).stem.lower() or dataset in ("gsm8k", "math500", "aime24", "amc23"):

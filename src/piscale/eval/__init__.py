@@ -19,7 +19,7 @@ from piscale.eval.report import Group, markdown, summarize, wilson_interval, wri
 from piscale.eval.runner import EvalConfig, EvalError, Evaluation, Grid, Job
 from piscale.eval.store import ResultRow, ResultStore, StoreError
 from piscale.eval.subsample import Samples, expected_accuracy, first_subset_choice
-from piscale.eval.tasks import (
+from piscale.tasks import (
     DEFAULT_PROMPT_TEMPLATE,
     DEFAULT_SYSTEM_PROMPT,
     Problem,

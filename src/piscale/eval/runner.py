@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 from piscale.eval.grade import SUBSAMPLED_ALGORITHMS, rows_from_result
 from piscale.eval.store import CellKey, ResultRow, ResultStore
-from piscale.eval.tasks import (
+from piscale.tasks import (
     DEFAULT_PROMPT_TEMPLATE,
     DEFAULT_SYSTEM_PROMPT,
     Problem,

@@ -51,7 +51,7 @@ import numpy as np
 
 from piscale.eval.runner import model_identity, package_versions
 from piscale.eval.store import ResultRow, ResultStore
-from piscale.eval.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, Problem, Task, format_prompt
+from piscale.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, Problem, Task, format_prompt
 from piscale.grading import answers_equal, extract_answer
 from piscale.lm.base import LanguageModel, StepParams
 from piscale.search.particles import SEED_RANGE, Driver, Node, ready
