@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from piscale.eval.tasks import (
+from piscale.tasks import (
     BUILTIN_FILES,
     TaskError,
     data_dirs,
