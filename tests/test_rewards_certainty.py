@@ -24,7 +24,7 @@ from piscale.rewards import from_spec, score_trajectories
 from piscale.rewards.base import Reward
 from piscale.rewards.certainty import DEFAULT_WINDOW, SelfCertaintyReward
 from piscale.search import ALGORITHMS, Settings, run, split_steps
-from piscale.search.particles import Driver
+from piscale.search.driver import Driver
 
 QUESTION = "Count something."
 

@@ -47,7 +47,8 @@ from piscale.tasks import BUILTIN_FILES, TaskError, identified_records, load_tas
 from piscale.lm.base import LanguageModel
 from piscale.rewards.aggregate import check_aggregation, score_trajectories
 from piscale.rewards.base import Reward
-from piscale.search.particles import SEED_RANGE, split_steps
+from piscale.search.driver import SEED_RANGE
+from piscale.search.node import split_steps
 
 PROMPT_FIELDS = ("prompt", "question", "problem", "instruction")
 REJECTED_RULES = ("lowest", "random")

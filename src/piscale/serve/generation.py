@@ -27,7 +27,7 @@ from typing import Any
 from piscale.lm.base import StepOutput, StepParams, find_stop
 from piscale.rewards.base import Reward
 from piscale.search import run
-from piscale.search.particles import split_steps
+from piscale.search.node import split_steps
 from piscale.search.settings import Settings
 from piscale.search.trace import TraceRecorder
 from piscale.serve.kept import KeptSequences

@@ -2,7 +2,7 @@
 
 For a problem c the policy pi writes ``n`` answers step by step, exactly as
 particle filtering extends its particles (steps end at a blank line, the same
-temperature and token caps, ``piscale.search.particles.Driver``). Each finished
+temperature and token caps, ``piscale.search.driver.Driver``). Each finished
 answer x is graded against the reference by the verifier
 (``piscale.grading``), and its steps get labels of the value
 
@@ -54,7 +54,8 @@ from piscale.eval.store import ResultRow, ResultStore
 from piscale.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, Problem, Task, format_prompt
 from piscale.grading import answers_equal, extract_answer
 from piscale.lm.base import LanguageModel, StepParams
-from piscale.search.particles import SEED_RANGE, Driver, Node, ready
+from piscale.search.driver import SEED_RANGE, Driver
+from piscale.search.node import Node, ready
 from piscale.search.settings import Settings
 
 ALGORITHM = "rollouts"
