@@ -145,7 +145,8 @@ def solve(
         single = None
         if compare:
             started = time.perf_counter()
-            single_options = {k: v for k, v in options.items() if k in _GENERATION_OPTIONS}
+            # The options best-of-N takes (how to generate), from its registry entry.
+            single_options = {k: v for k, v in options.items() if k in ALGORITHMS["bon"].options}
             single = asyncio.run(asolve(question, reward=None, algorithm="bon", budget=1, **common, **single_options))
             single_seconds = time.perf_counter() - started
     except (ValueError, TypeError, KeyError, OSError, RuntimeError) as error:
@@ -183,9 +184,6 @@ def solve(
                 f"{usage['generated_tokens']} tokens, {searched:.0f}s"
             )
         )
-
-
-_GENERATION_OPTIONS = ("temperature", "top_p", "max_tokens", "max_step_tokens", "max_steps", "step_delimiter")
 
 
 def grade(answer: str | None, reference: str | None) -> str:
