@@ -21,14 +21,14 @@ from piscale.values.collect import ALGORITHM, CollectConfig, CollectError, Colle
 from piscale.values.train import (
     FeatureCache,
     TrainError,
-    auroc,
     extract_features,
+    fit_and_choose,
     fit_logistic,
     fit_mlp,
     labelled_rollouts,
-    pairwise_accuracy,
     validation_problems,
 )
+from piscale.values.measures import auroc, pairwise_accuracy, step_pairwise_accuracy
 
 PROBLEMS = tuple(Problem(f"toy-{i}", f"Count from problem {i}.", str(2 + i % 3)) for i in range(6))
 TASK = Task("toy_train", "test", "fingerprint-of-the-toy-problems", PROBLEMS)
@@ -154,7 +154,7 @@ def test_auroc_equals_counting_pairs_with_ties_as_halves():
         for p, n in itertools.product(scores[labels == 1], scores[labels == 0])
     ]
     assert auroc(scores, labels) == pytest.approx(np.mean(pairs))
-    with pytest.raises(TrainError, match="both positive and negative"):
+    with pytest.raises(ValueError, match="both positive and negative"):
         auroc(scores, np.ones(40))
 
 
@@ -165,6 +165,46 @@ def test_pairwise_accuracy_by_hand():
     result = pairwise_accuracy(scores, correct, problems)
     assert (result.pairs, result.problems) == (3, 2)
     assert result.accuracy == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_step_pairwise_accuracy_compares_unfinished_prefixes_at_equal_depth_by_hand():
+    steps = [[0.2, 0.9, 0.4], [0.3, 0.1], [0.5, 0.5, 0.5, 0.5], [0.1, 0.7]]
+    correct = [True, False, False, True]
+    problems = ["a", "a", "a", "b"]  # b has no incorrect rollout: no pairs
+    result = step_pairwise_accuracy(steps, correct, problems)
+    # (r0, r1): depth 0 only (r1's last step is its answer): 0.2 < 0.3 -> 0
+    # (r0, r2): depths 0 and 1: 0.2 < 0.5 -> 0; 0.9 > 0.5 -> 1
+    assert (result.pairs, result.problems) == (3, 1)
+    assert result.accuracy == pytest.approx(1 / 3)
+
+
+def test_within_problem_fit_ignores_a_feature_that_only_tells_problems_apart():
+    """Labels follow logit = a_g + 2 z_0 - z_1 with a problem intercept a_g;
+    z_2 = a_g / 2 plus a little noise encodes the problem's difficulty. The
+    pooled fit leans on z_2 (it predicts the label across problems); the
+    within-problem fit gives it no weight and recovers the within-problem
+    coefficients."""
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(300), 40)
+    intercepts = rng.normal(0, 2, size=300)
+    z = rng.normal(size=(len(groups), 3))
+    z[:, 2] = intercepts[groups] / 2 + 0.05 * rng.normal(size=len(groups))
+    labels = (rng.uniform(size=len(groups)) < 1 / (1 + np.exp(-(intercepts[groups] + 2 * z[:, 0] - z[:, 1])))).astype(float)
+    raw = lambda head: head.weights[0] / head.scale  # noqa: E731  (weights per unit of the raw feature)
+    within = raw(fit_logistic(z, labels, l2=1e-3, groups=groups))
+    pooled = raw(fit_logistic(z, labels, l2=1e-3))
+    assert pooled[2] > 1.0
+    assert abs(within[2]) < 0.5
+    assert within[0] == pytest.approx(2.0, rel=0.2) and within[1] == pytest.approx(-1.0, rel=0.2)
+    with pytest.raises(TrainError, match="labels differ"):
+        fit_logistic(z[:80], np.repeat([0.0, 1.0], 40), groups=groups[:80])
+
+
+def test_unknown_objective_and_within_mlp_are_refused():
+    with pytest.raises(TrainError, match="unknown objective"):
+        fit_and_choose([], [], [0], set(), objective="global")
+    with pytest.raises(TrainError, match="logistic head"):
+        fit_and_choose([], [], [0], set(), kind="mlp", objective="within")
 
 
 def test_split_is_by_problem_and_deterministic():

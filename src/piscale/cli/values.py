@@ -121,6 +121,10 @@ def train(
         "auto", "--layers", help="Hidden-state indices to try (0 = embeddings, -1 = last); auto: middle, 3/4 and last."
     ),
     kind: str = typer.Option("logistic", "--kind", help="logistic | mlp"),
+    objective: str = typer.Option(
+        "within", "--objective", help="within: per-problem intercepts absorb problem difficulty, and the head learns "
+        "what separates answers to one problem (logistic only); pooled: one intercept, the plain estimate of V."
+    ),
     labels: str = typer.Option("outcome", "--labels", help="outcome | mc (Monte-Carlo labels where collected)."),
     problems: int = typer.Option(
         None, "--problems", help="Use the rollouts of the first N problems stored (all by default), so a run is "
@@ -225,7 +229,8 @@ def train(
     started = time.perf_counter()
     try:
         fitted = fit_and_choose(
-            rollouts, features, chosen_layers, validation, kind=kind, labels=labels, seed=seed, l2_grid=l2_grid
+            rollouts, features, chosen_layers, validation, kind=kind, labels=labels, objective=objective, seed=seed,
+            l2_grid=l2_grid,
         )
     except TrainError as error:
         fail(str(error))
@@ -243,7 +248,8 @@ def train(
     if folds:
         every = np.arange(len(rollouts))
         out_of_fold, fold_layers = cross_validated_scores(
-            rollouts, features, chosen_layers, folds, seed=seed, kind=kind, labels=labels, l2_grid=l2_grid
+            rollouts, features, chosen_layers, folds, seed=seed, kind=kind, labels=labels, objective=objective,
+            l2_grid=l2_grid,
         )
         cross_validation = {"folds": folds, "layers_chosen": fold_layers,
                             "value": evaluate_scores(out_of_fold, table, rollouts, every).to_dict()}
@@ -265,7 +271,7 @@ def train(
         "layer": fitted.layer,
         "features": hidden,
         "layout": layout,
-        "head": {"kind": kind, "l2": fitted.l2},
+        "head": {"kind": kind, "l2": fitted.l2, "objective": objective},
         "policy": sorted({c["model"] for c in configs}),
         "training": {
             "command": " ".join(["piscale", *sys.argv[1:]]),

@@ -49,7 +49,13 @@ import torch
 from piscale.eval.store import ResultStore
 from piscale.rewards.value import ValueHead
 from piscale.values.collect import stored_rollouts
+from piscale.values.measures import Pairwise, auroc, pairwise_accuracy, step_pairwise_accuracy
 
+
+OBJECTIVES = ("within", "pooled")
+"""``within``: per-problem intercepts absorb problem difficulty and the head
+learns what separates answers to one problem (``fit_logistic``); ``pooled``:
+one intercept, the plain estimate of V."""
 
 L2_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0)
 """Regularisation strengths tried (on standardised features and a mean loss,
@@ -200,24 +206,62 @@ def standardisation(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
 
 
-def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-2, iterations: int = 200) -> ValueHead:
-    """Logistic regression (module doc) by L-BFGS; labels may be soft (in [0, 1])."""
+def fit_logistic(
+    features: np.ndarray, labels: np.ndarray, l2: float = 1e-2, iterations: int = 200,
+    groups: np.ndarray | None = None,
+) -> ValueHead:
+    """Logistic regression (module doc) by L-BFGS; labels may be soft (in [0, 1]).
+
+    With ``groups`` (an integer per row: the problem), the fit is *within*
+    groups: every group gets its own intercept, logit V = a_g + w . z, so the
+    intercepts absorb what differs between groups (how hard a problem is) and
+    w is fitted on the variation inside a group alone. Only groups whose
+    labels vary say anything about w, so only they enter that fit. The head's
+    single bias is then refitted on all rows with w fixed, which keeps its
+    probabilities at the average level; comparisons within a problem, the
+    only ones a search makes, do not depend on it."""
     features, labels = _checked(features, labels)
     mean, scale = standardisation(features)
     z = torch.as_tensor((features - mean) / scale, dtype=torch.float64)
     y = torch.as_tensor(labels, dtype=torch.float64)
     w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+    if groups is None:
+        b = _minimised(lambda w, b: _cross_entropy(z @ w + b, y) + 0.5 * l2 * (w @ w), w, iterations)
+        return ValueHead(mean, scale, [w.detach().numpy().astype(np.float32)], [np.float32(b)], "logistic")
+    groups = np.asarray(groups)
+    if groups.shape != labels.shape:
+        raise TrainError(f"need one group per row; got {groups.shape} for {labels.shape[0]} rows")
+    varying = [g for g in np.unique(groups) if np.ptp(labels[groups == g]) > 0]
+    if not varying:
+        raise TrainError("a within-problem fit needs a problem whose labels differ (some correct, some not)")
+    rows = np.isin(groups, varying)
+    index = torch.as_tensor(np.searchsorted(varying, groups[rows]))
+    zg, yg = z[rows], y[rows]
+    _minimised(lambda w, a: _cross_entropy(zg @ w + a[index], yg) + 0.5 * l2 * (w @ w), w, iterations, len(varying))
+    fixed = (z @ w).detach()
+    b = _minimised(lambda _, b: _cross_entropy(fixed + b, y), torch.zeros(0, dtype=torch.float64), iterations)
+    return ValueHead(mean, scale, [w.detach().numpy().astype(np.float32)], [np.float32(b)], "logistic")
 
-    def loss() -> torch.Tensor:
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+
+
+def _minimised(loss_of: Callable, w: torch.Tensor, iterations: int, intercepts: int = 0) -> float:
+    """Minimise ``loss_of(w, b)`` over w (in place) and b, an intercept (a
+    vector of ``intercepts`` if given, else a scalar); returns b's mean."""
+    b = torch.zeros(intercepts or (), dtype=torch.float64, requires_grad=True)
+    parameters = [w, b] if w.numel() else [b]
+    optimiser = torch.optim.LBFGS(parameters, max_iter=iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def closure() -> torch.Tensor:
         optimiser.zero_grad()
-        value = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + 0.5 * l2 * (w @ w)
+        value = loss_of(w, b)
         value.backward()
         return value
 
-    optimiser.step(loss)
-    return ValueHead(mean, scale, [w.detach().numpy().astype(np.float32)], [np.float32(b.item())], "logistic")
+    optimiser.step(closure)
+    return float(b.detach().mean())
 
 
 def fit_mlp(
@@ -255,60 +299,20 @@ def _checked(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     return features, labels
 
 
-# -- measures --------------------------------------------------------------------
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties one half; labels 0/1."""
-    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels) > 0.5
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
-        raise TrainError("AUROC needs both positive and negative examples")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    start = 0
-    while start < len(scores):  # average ranks over ties
-        end = start
-        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    u = ranks[labels].sum() - positives * (positives + 1) / 2
-    return float(u / (positives * negatives))
-
-
-@dataclass
-class Pairwise:
-    accuracy: float | None
-    pairs: int
-    problems: int
-    """problems with at least one correct and one incorrect finished rollout."""
-
-
-def pairwise_accuracy(final_scores: Sequence[float], correct: Sequence[bool], problem_ids: Sequence[str]) -> Pairwise:
-    """Over (correct, incorrect) pairs of the same problem: the fraction where
-    the correct answer scores higher, ties one half, pooled over problems."""
-    by_problem: dict[str, list[tuple[float, bool]]] = {}
-    for s, c, p in zip(final_scores, correct, problem_ids):
-        by_problem.setdefault(p, []).append((float(s), bool(c)))
-    wins, pairs, problems = 0.0, 0, 0
-    for answers in by_problem.values():
-        good = [s for s, c in answers if c]
-        bad = [s for s, c in answers if not c]
-        if good and bad:
-            problems += 1
-            for g in good:
-                for b in bad:
-                    wins += 1.0 if g > b else 0.5 if g == b else 0.0
-                    pairs += 1
-    return Pairwise(wins / pairs if pairs else None, pairs, problems)
-
-
 @dataclass
 class Evaluation:
     step_auroc: float | None
     pairwise: Pairwise
+    step_pairwise: Pairwise
     steps: int
     rollouts: int
+
+    @property
+    def within_problem(self) -> float:
+        """The mean of the two within-problem accuracies (finished answers
+        and prefixes at equal depth): what a search can use."""
+        found = [m.accuracy for m in (self.pairwise, self.step_pairwise) if m.accuracy is not None]
+        return float(np.mean(found)) if found else 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -316,6 +320,8 @@ class Evaluation:
             "pairwise_accuracy": self.pairwise.accuracy,
             "pairs": self.pairwise.pairs,
             "problems_with_pairs": self.pairwise.problems,
+            "step_pairwise_accuracy": self.step_pairwise.accuracy,
+            "step_pairs": self.step_pairwise.pairs,
             "steps": self.steps,
             "rollouts": self.rollouts,
         }
@@ -328,12 +334,14 @@ def evaluate_scores(
     rows = np.isin(table.rollout, chosen)
     outcome = table.outcome[rows]
     step_auroc = auroc(step_scores[rows], outcome) if 0 < outcome.sum() < len(outcome) else None
-    finals = rows & table.last
-    owners = table.rollout[finals]
-    pairwise = pairwise_accuracy(
-        step_scores[finals], [rollouts[i].correct for i in owners], [rollouts[i].problem_id for i in owners]
+    owners = table.rollout[rows & table.last]
+    correct = [rollouts[i].correct for i in owners]
+    problems = [rollouts[i].problem_id for i in owners]
+    pairwise = pairwise_accuracy(step_scores[rows & table.last], correct, problems)
+    per_rollout = [step_scores[table.rollout == i] for i in owners]
+    return Evaluation(
+        step_auroc, pairwise, step_pairwise_accuracy(per_rollout, correct, problems), int(rows.sum()), int(len(owners))
     )
-    return Evaluation(step_auroc, pairwise, int(rows.sum()), int(len(owners)))
 
 
 @dataclass
@@ -350,18 +358,25 @@ class Fitted:
 def fit_and_choose(
     rollouts: Sequence[LabelledRollout], features: Sequence[np.ndarray], layers: Sequence[int], validation: set[str],
     *, kind: str = "logistic", l2_grid: Sequence[float] = L2_GRID, labels: str = "outcome",
-    seed: int = 0, selection_fraction: float = 0.2,
+    objective: str = "within", seed: int = 0, selection_fraction: float = 0.2,
 ) -> Fitted:
     """Choose (layer, lambda) without looking at the validation problems,
     then measure the choice on them once.
 
     The training problems are split again: heads for every (layer, lambda)
     are fitted on most of them and ranked on the rest (the *selection*
-    problems) by AUROC on step labels, then pairwise accuracy; the best
-    setting is refitted on all training problems and evaluated on the
-    validation problems."""
+    problems) by what the objective aims at: with ``within`` (per-problem
+    intercepts, ``fit_logistic``), the within-problem accuracies
+    (``Evaluation.within_problem``); with ``pooled``, AUROC on step labels,
+    then pairwise accuracy. The best setting is refitted on all training
+    problems and evaluated on the validation problems."""
     if kind not in ("logistic", "mlp"):
         raise TrainError(f"unknown head kind {kind!r}; expected logistic or mlp")
+    if objective not in OBJECTIVES:
+        raise TrainError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    if objective == "within" and kind != "logistic":
+        raise TrainError("the within-problem objective fits a logistic head; use --objective pooled for an mlp")
+    problem_index = {p: k for k, p in enumerate(sorted({r.problem_id for r in rollouts}))}
     is_validation = np.array([r.problem_id in validation for r in rollouts])
     train_ids, validation_ids = np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
     selection = validation_problems([rollouts[i].problem_id for i in train_ids], selection_fraction, seed + 1)
@@ -372,7 +387,10 @@ def fit_and_choose(
         rows = np.isin(table.rollout, ids)
         started = time.perf_counter()
         if kind == "logistic":
-            head = fit_logistic(table.features[rows], table.labels[rows], l2)
+            groups = None
+            if objective == "within":
+                groups = np.array([problem_index[rollouts[i].problem_id] for i in table.rollout[rows]])
+            head = fit_logistic(table.features[rows], table.labels[rows], l2, groups=groups)
         else:
             head = fit_mlp(table.features[rows], table.labels[rows], l2=l2, seed=seed)
         return head, time.perf_counter() - started
@@ -383,8 +401,12 @@ def fit_and_choose(
         for l2 in l2_grid:
             head, seconds = fit(tables[layer], fit_ids, l2)
             measured = evaluate_scores(head.probabilities(tables[layer].features), tables[layer], rollouts, selection_ids)
-            candidates.append({"layer": layer, "l2": l2, "seconds": seconds, **measured.to_dict()})
-    best = max(candidates, key=lambda c: (c["step_auroc"] or 0.0, c["pairwise_accuracy"] or 0.0))
+            candidates.append({"layer": layer, "l2": l2, "seconds": seconds, "within_problem": measured.within_problem,
+                               **measured.to_dict()})
+    if objective == "within":
+        best = max(candidates, key=lambda c: c["within_problem"])
+    else:
+        best = max(candidates, key=lambda c: (c["step_auroc"] or 0.0, c["pairwise_accuracy"] or 0.0))
     table = tables[best["layer"]]
     head, seconds = fit(table, train_ids, best["l2"])
     scores = head.probabilities(table.features)
