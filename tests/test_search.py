@@ -191,6 +191,11 @@ def test_option_validation():
     fails("ess_threshold must be in", reward, QUESTION, "pf", ess_threshold=1.5)
     fails("max_steps must be a positive integer", reward, QUESTION, "pf", max_steps=0)
     fails("non-empty string", reward, "  ", "pf")
+    fails("temperature must be a finite number", reward, QUESTION, "pf", temperature=float("nan"))
+    fails("softmax_temperature must be a finite number", reward, QUESTION, "pf", softmax_temperature=float("inf"))
+    fails("ess_threshold must be a finite number", reward, QUESTION, "pf", ess_threshold=float("nan"))
+    fails("temperatures must be finite numbers", reward, QUESTION, "pt", budget=8, chains=2, temperatures=[1, float("nan")])
+    fails("top_p must be a number", reward, QUESTION, "pf", top_p="0.5")
     assert lm.usage.calls == 0, "validation must fail before any backend work"
 
 

@@ -285,3 +285,44 @@ def test_reopening_an_answer_prefix_continues_like_the_original(lm):
     asyncio.run(go())
     with pytest.raises(ValueError, match="cannot produce"):
         asyncio.run(lm.open([ids + lm.encode("Subtract")]))
+
+
+async def test_a_request_whose_decoding_fails_fails_alone(lm, monkeypatch):
+    """Requests decoded together fail one by one: the one that cannot be
+    decoded raises, the others get what they get alone."""
+    prompts = [prompt(lm, f"What is {i} + 1?") for i in range(4)]
+    alone = []
+    for seed, ids in enumerate(prompts[:3]):
+        [[handle]] = await lm.open([ids])
+        [out] = await lm.extend([handle], FULL, seeds=[seed])
+        alone.append(out.token_ids)
+        lm.release([handle])
+    decode = lm._decode
+    poisoned = StepParams(max_tokens=63, stop=(), temperature=1.0)
+
+    def failing(requests):
+        if any(r.params is poisoned for r in requests):
+            raise FloatingPointError("this request cannot be sampled")
+        return decode(requests)
+
+    monkeypatch.setattr(lm, "_decode", failing)
+    handles = [h for [h] in await lm.open(prompts)]
+    outcomes = await asyncio.gather(
+        *(lm.extend([h], FULL, seeds=[seed]) for seed, h in enumerate(handles[:3])),
+        lm.extend([handles[3]], poisoned, seeds=[0]),
+        return_exceptions=True,
+    )
+    assert [o[0].token_ids for o in outcomes[:3]] == alone
+    assert isinstance(outcomes[3], FloatingPointError)
+    assert lm.token_ids(handles[3]) == prompts[3]  # the failed step wrote nothing
+    assert lm.usage.generated_tokens == 2 * sum(len(t) for t in alone)  # the failed pass is not counted
+    [again] = await lm.extend([handles[3]], FULL, seeds=[0])
+    assert again.token_ids
+    lm.release(handles)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", float("nan")), ("temperature", float("inf")),
+                                         ("top_p", float("nan")), ("max_tokens", 2.5), ("max_tokens", True)])
+def test_step_params_reject_non_finite_and_mistyped_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        StepParams(**{field: value})

@@ -8,8 +8,14 @@ requests that arrived meanwhile, so that concurrent calls join the same
 forward passes between two tokens; a pass advances every unfinished member of
 every request by one token; a request whose members have all finished gets
 its outputs, and a request whose caller went away (a cancelled future) is
-dropped, its sequences freed for the caller to release. A pass that fails
-fails every request in flight and leaves the engine usable.
+dropped, its sequences freed for the caller to release.
+
+Failures stay with their own sequence where the engine can tell whose they
+are: an engine that fails to sample one member (``Active.fail``) leaves that
+sequence as it was before the pass, and the request holding it fails alone,
+with that error, while every other request goes on. A pass that fails as a
+whole (the forward pass itself) fails every request in flight and leaves the
+engine usable.
 
 An engine gives the pass (``_decode_pass``), and may give a pause between
 passes (``_between_passes``).
@@ -39,6 +45,13 @@ class Active:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
+    error: Exception | None = None
+    """why this member failed; its request fails with it after the pass."""
+
+    def fail(self, error: Exception) -> None:
+        """Take this member out of the passes; its request fails with ``error``."""
+        self.error = error
+        self.finish_reason = "error"
 
     def output(self) -> StepOutput:
         """The finished step."""
@@ -113,7 +126,12 @@ class BatchingLM(TableLM):
                         continue
                 still = []
                 for request in active:
-                    if all(m.finish_reason is not None for m in request.members):
+                    failed = next((m.error for m in request.members if m.error is not None), None)
+                    if failed is not None:
+                        self._finish(request)
+                        if not request.future.done():
+                            request.future.set_exception(failed)
+                    elif all(m.finish_reason is not None for m in request.members):
                         self._finish(request)
                         if not request.future.done():
                             request.future.set_result([m.output() for m in request.members])

@@ -298,18 +298,29 @@ class TransformersLM(BatchingLM):
         chosen = self._sample(logits, [by_row[int(r)] for r in row_index.tolist()])
         chosen_logprobs = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
         for row, token, logprob in zip(row_index.tolist(), chosen.tolist(), chosen_logprobs):
-            self._advance(by_row[row], token, logprob)
+            member = by_row[row]
+            if member.error is not None:
+                # Its sequence stays as it was: the column this pass wrote
+                # for the row is masked out again.
+                self._mask[row, -1] = 0
+                continue
+            self._advance(member, token, logprob)
 
     def _sample(self, logits: torch.Tensor, members: list[Active]) -> torch.Tensor:
+        """The token of every member; a member whose sampling fails is
+        failed alone (``Active.fail``) and its entry is meaningless."""
         chosen = logits.argmax(dim=-1)
         for i, member in enumerate(members):
             params = member.params
             if params.temperature == 0:
                 continue
-            probs = torch.softmax(logits[i] / params.temperature, dim=-1)
-            if params.top_p < 1.0:
-                probs = _top_p_filter(probs, params.top_p)
-            chosen[i] = torch.multinomial(probs, 1, generator=member.rng)[0]
+            try:
+                probs = torch.softmax(logits[i] / params.temperature, dim=-1)
+                if params.top_p < 1.0:
+                    probs = _top_p_filter(probs, params.top_p)
+                chosen[i] = torch.multinomial(probs, 1, generator=member.rng)[0]
+            except Exception as error:
+                member.fail(error)
         return chosen
 
     def _advance(self, member: Active, token: int, logprob: float) -> None:

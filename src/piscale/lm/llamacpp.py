@@ -667,20 +667,34 @@ class LlamaCppLM(BatchingLM):
 
             def sample(feed_index: int, _token_index: int, row: np.ndarray) -> None:
                 i = needs_pass[feed_index]
-                params = members[i].params
-                chosen[i] = sample_token(row, params.temperature, params.top_p, members[i].rng)
+                try:
+                    chosen[i] = self._sample(members[i], row)
+                except Exception as error:
+                    # This member alone fails; its logits wait for its next
+                    # step, so the sequence stays as it was before the pass.
+                    sequences[i].next_logits = np.array(row, copy=True)
+                    members[i].fail(error)
 
             if feeds:
                 self._run_feeds(feeds, sample)
                 for i in needs_pass:
                     sequences[i].n_cached = len(sequences[i].tokens)
             for i, sequence in enumerate(sequences):
-                if sequence.next_logits is not None:
-                    params = members[i].params
-                    chosen[i] = sample_token(sequence.next_logits, params.temperature, params.top_p, members[i].rng)
+                if sequence.next_logits is not None and i not in chosen and members[i].error is None:
+                    try:
+                        chosen[i] = self._sample(members[i], sequence.next_logits)
+                    except Exception as error:
+                        members[i].fail(error)
+                        continue
                     sequence.next_logits = None
             for i, member in enumerate(members):
-                self._advance(member, sequences[i], *chosen[i])
+                if i in chosen:
+                    self._advance(member, sequences[i], *chosen[i])
+
+    @staticmethod
+    def _sample(member: Active, logits: np.ndarray) -> tuple[int, float]:
+        params = member.params
+        return sample_token(logits, params.temperature, params.top_p, member.rng)
 
     def _advance(self, member: Active, sequence: _Sequence, token: int, logprob: float) -> None:
         sequence.tokens.append(token)

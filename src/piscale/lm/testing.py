@@ -279,6 +279,48 @@ async def check_one_token_prompts_decode_like_longer_ones(case: EngineCase) -> N
     assert ids == case.reference_greedy(first, len(outs[0].token_ids))
 
 
+def _unvalidated(params: StepParams, **fields: object) -> StepParams:
+    """``params`` with fields set past its validation: what a caller that
+    builds parameters by hand, or a bug, could hand an engine."""
+    for name, value in fields.items():
+        object.__setattr__(params, name, value)
+    return params
+
+
+async def check_a_failing_sequence_fails_only_its_own_request(case: EngineCase) -> None:
+    """A sequence the engine cannot sample (here, a temperature of NaN that
+    slipped past validation) fails its own ``extend`` call at most; the
+    calls sharing its passes get exactly what they get alone, and every
+    sequence, the bad one included, can still be extended."""
+    lm = case.lm
+    prompts = prompts_for(lm)
+    params = StepParams(max_tokens=6, stop=(), temperature=1.0)
+    alone = []
+    for seed, prompt in enumerate(prompts):
+        [[handle]] = await lm.open([prompt])
+        [out] = await lm.extend([handle], params, seeds=[seed])
+        alone.append(out.token_ids)
+        lm.release([handle])
+    groups = await lm.open([*prompts, prompts[0]])
+    good, [bad] = [g[0] for g in groups[:-1]], groups[-1]
+    broken = _unvalidated(StepParams(max_tokens=6, stop=(), temperature=1.0), temperature=float("nan"))
+    outcomes = await asyncio.gather(
+        *(lm.extend([h], params, seeds=[seed]) for seed, h in enumerate(good)),
+        lm.extend([bad], broken, seeds=[0]),
+        return_exceptions=True,
+    )
+    for outcome, expected in zip(outcomes[:-1], alone):
+        assert not isinstance(outcome, BaseException), f"a good request failed beside a bad one: {outcome!r}"
+        assert outcome[0].token_ids == expected
+    before = lm.token_ids(bad)
+    if isinstance(outcomes[-1], BaseException):
+        assert before == prompts[0], "a failed step changed its sequence"
+    [after] = await lm.extend([bad], GREEDY)
+    assert lm.token_ids(bad)[: len(before)] == before and after.token_ids
+    assert lm.token_ids(bad)[len(before) :] == case.reference_greedy(before, len(after.token_ids))[len(before) :]
+    lm.release([*good, bad])
+
+
 CHECKS: tuple[Callable[[EngineCase], Awaitable[None]], ...] = (
     check_greedy_lineage_through_forks_equals_one_generation,
     check_step_logprobs_match_a_full_forward_pass,
@@ -292,6 +334,7 @@ CHECKS: tuple[Callable[[EngineCase], Awaitable[None]], ...] = (
     check_a_cancelled_extend_stops_costing_passes,
     check_bad_handles_and_inputs_are_rejected,
     check_one_token_prompts_decode_like_longer_ones,
+    check_a_failing_sequence_fails_only_its_own_request,
 )
 """Every check of the contract, in the order ``run_contract`` runs them."""
 

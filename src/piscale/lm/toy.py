@@ -416,20 +416,31 @@ class ToyLM(TableLM):
     def _flush(self) -> None:
         self._flush_scheduled = False
         requests, self._queue = self._queue, []
+        results: list[list[StepOutput] | Exception]
+        counted = (self.usage.generated_tokens, self.usage.forward_passes)
         try:
             with Stopwatch(self.usage):
-                outputs = self._decode(requests)
-        except Exception as error:  # fail these requests, keep the model usable
-            outputs, failure = None, error
-        for index, request in enumerate(requests):
+                results = list(self._decode(requests))
+        except Exception:
+            # Decoding writes nothing until every row is done, so each request
+            # can be decoded again on its own: the one that fails fails alone.
+            self.usage.generated_tokens, self.usage.forward_passes = counted
+            results = []
+            for request in requests:
+                try:
+                    with Stopwatch(self.usage):
+                        results.append(self._decode([request])[0])
+                except Exception as error:
+                    results.append(error)
+        for request, result in zip(requests, results):
             for handle in request.handles:
                 self._sequences[handle].busy = False
             if request.future.done():
                 continue
-            if outputs is None:
-                request.future.set_exception(failure)
+            if isinstance(result, Exception):
+                request.future.set_exception(result)
             else:
-                request.future.set_result(outputs[index])
+                request.future.set_result(result)
 
     def _decode(self, requests: list[_Request]) -> list[list[StepOutput]]:
         rows = [(request, handle) for request in requests for handle in request.handles]

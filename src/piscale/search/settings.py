@@ -8,6 +8,8 @@ step, the answer is the particle with the largest final weight.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -87,6 +89,10 @@ class Settings:
         if self.ess_threshold is not None:
             _number(self, "ess_threshold", low=0.0, low_open=True, high=1.0)
         if self.temperatures is not None:
+            if isinstance(self.temperatures, (str, bytes)) or any(
+                isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) for t in self.temperatures
+            ):
+                raise ValueError(f"temperatures must be finite numbers, got {self.temperatures!r}")
             ladder = tuple(float(t) for t in self.temperatures)
             object.__setattr__(self, "temperatures", ladder)
             if len(ladder) != self.chains:
@@ -119,6 +125,8 @@ def _number(settings: Settings, name: str, low: float, low_open: bool = False, h
     value = getattr(settings, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if value < low or (low_open and value == low) or (high is not None and value > high):
         bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
         raise ValueError(f"{name} must be in {bounds}, got {value}")
