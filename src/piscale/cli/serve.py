@@ -21,7 +21,12 @@ def serve(
     served_model_name: str = typer.Option(None, help="The model name clients use (default: the spec)."),
     engine: str = typer.Option(None, help="auto | hf | llamacpp | openai"),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda if present)"),
-    api_key: str = typer.Option(None, envvar="PISCALE_API_KEY", help="Require this bearer key on /v1 routes."),
+    api_key: str = typer.Option(
+        None,
+        envvar="PISCALE_API_KEY",
+        help="Require this key on /v1 and tokenizer routes. Prefer $PISCALE_API_KEY or --api-key-file: "
+        "a key on the command line shows in the process list.",
+    ),
     algorithm: str = typer.Option(None, help="Algorithm of a request that sets a budget but no algorithm (default pf)."),
     budget: int = typer.Option(None, help="Default budget (default 1: plain generation)."),
     reward: str = typer.Option(None, help="Reward of a scaled request that names none (default judge)."),
@@ -34,6 +39,24 @@ def serve(
     max_tokens: int = typer.Option(None, help="Largest max_tokens a request may ask for (default 4096)."),
     timeout: float = typer.Option(None, "--timeout", help="Per-request timeout in seconds (default 600)."),
     sequence_cache: int = typer.Option(None, help="Finished sequences kept for continuation (default 32; 0: off)."),
+    max_body_bytes: int = typer.Option(None, help="Largest request body read; larger gets 413 (default 1048576)."),
+    max_request_sequences: int = typer.Option(
+        None, help="Most sequences one request may hold: prompts x n, or prompts x budget; more gets 413 (default 256)."
+    ),
+    max_sequences: int = typer.Option(
+        None, help="Most sequences held by all running requests; others wait in arrival order (default 512)."
+    ),
+    max_queue: int = typer.Option(None, help="Most requests waiting for room; one more gets 429 (default 64)."),
+    max_concurrency: int = typer.Option(
+        None, help="Most requests handled at once, streams and waiting ones included; one more gets 429 (default 128)."
+    ),
+    grading_workers: int = typer.Option(
+        None, help="Processes that grade answers for the verify reward, off the event loop (default 1; 0: in process)."
+    ),
+    grading_timeout: float = typer.Option(None, help="Seconds one grading may take before its worker is killed (default 10)."),
+    api_key_file: Path = typer.Option(
+        None, "--api-key-file", help="Read the API key from this file (keeps it out of the process list)."
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     trust_remote_code: bool = typer.Option(None, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
@@ -43,6 +66,10 @@ def serve(
     from piscale.serve import ServerConfig, create_app, load_config
 
     try:
+        if api_key_file is not None:
+            if api_key is not None:
+                raise ValueError("give the API key one way: --api-key (or $PISCALE_API_KEY) or --api-key-file")
+            api_key = read_api_key(api_key_file)
         base = load_config(config) if config is not None else ServerConfig()
         settings = base.with_overrides(
             model=model,
@@ -59,6 +86,13 @@ def serve(
             max_tokens=max_tokens,
             request_timeout=timeout,
             sequence_cache=sequence_cache,
+            max_body_bytes=max_body_bytes,
+            max_request_sequences=max_request_sequences,
+            max_sequences=max_sequences,
+            max_queue=max_queue,
+            max_concurrency=max_concurrency,
+            grading_workers=grading_workers,
+            grading_timeout=grading_timeout,
             trust_remote_code=trust_remote_code,
             rewards=(*base.rewards, *allow_reward) if allow_reward else None,
             options={**base.options, **parse_pairs(option)} if option else None,
@@ -77,4 +111,42 @@ def serve(
         + (" (API key required)" if settings.api_key else ""),
         err=True,
     )
-    uvicorn.run(create_app(settings, lm), host=settings.host, port=settings.port, log_level=log_level)
+    if settings.api_key is None and not is_loopback(settings.host):
+        typer.secho(
+            f"piscale serve: warning: listening on {settings.host} without an API key: anyone who can reach "
+            "this port can use the model. Set $PISCALE_API_KEY or --api-key-file.",
+            err=True,
+            fg="yellow",
+        )
+    # uvicorn's own limit is a backstop above the server's, which answers
+    # 429 in the OpenAI shape and keeps /health and /metrics open.
+    uvicorn.run(
+        create_app(settings, lm),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        limit_concurrency=settings.max_concurrency + 64,
+    )
+
+
+def read_api_key(path: Path) -> str:
+    """The key in ``path``: its text without surrounding whitespace."""
+    try:
+        key = path.read_text().strip()
+    except OSError as error:
+        raise ValueError(f"cannot read the API key file {path}: {error.strerror or error}") from None
+    if not key:
+        raise ValueError(f"the API key file {path} is empty")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -13,7 +13,16 @@ tokenize through the server, such as ``piscale.lm.openai.OpenAILM``, work):
 | ``GET /metrics`` | Prometheus text |
 
 With an API key configured, the /v1 and tokenizer routes need
-``Authorization: Bearer KEY``; /health and /metrics stay open for probes.
+``Authorization: Bearer KEY`` (or ``x-api-key: KEY``); /health and /metrics
+stay open for probes.
+
+Nothing a request sends can stall the others: bodies are read up to
+``max_body_bytes`` (413 above it) and parsed strictly (JSON's own grammar:
+no NaN or Infinity, at most ``MAX_JSON_DEPTH`` levels of nesting); planning,
+which tokenises, runs on a worker thread, not on the event loop; at most
+``max_concurrency`` requests are handled at once (429 above it). Requests
+that fail inside the server get a 500 naming the request's id, never the
+exception's text.
 
 All state (the backend, kept sequences, metrics) lives on ``app.state.service``,
 created when the app starts; ``create_app`` can be given a ready backend
@@ -25,7 +34,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from piscale.lm.base import LanguageModel
 from piscale.serve.config import ServerConfig
-from piscale.serve.errors import APIError, bad_request
+from piscale.serve.errors import APIError, bad_request, internal_error, server_full, too_large
 from piscale.serve.plan import Plan
 from piscale.serve.render import json_safe
 from piscale.serve.schema import ChatRequest, CompletionRequest, parse
@@ -69,10 +80,17 @@ def create_app(config: ServerConfig, lm: LanguageModel | None = None) -> FastAPI
                 await backend.close()
 
     app = FastAPI(title="piscale", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(ConcurrencyLimit, limit=config.max_concurrency)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(APIError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        failure = internal_error(uuid.uuid4().hex[:24])
+        log.error("%s %s failed: %s", request.method, request.url.path, failure.message, exc_info=error)
+        return _error(failure)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -80,7 +98,9 @@ def create_app(config: ServerConfig, lm: LanguageModel | None = None) -> FastAPI
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _answer(request, "completions", lambda service, body: service.plan_completion(parse(CompletionRequest, body)))
+        return await _answer(
+            request, "completions", lambda service, body: service.plan_completion(parse(CompletionRequest, body))
+        )
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -112,16 +132,18 @@ def create_app(config: ServerConfig, lm: LanguageModel | None = None) -> FastAPI
         service: Service = request.app.state.service
         try:
             _authorize(request, service.config)
-            body = await _json(request)
+            body = await _json(request, service)
+            if not isinstance(body, dict):
+                raise bad_request("the request body must be a JSON object", param="prompt")
             if "messages" in body:
-                messages = parse(ChatRequest, {"model": service.config.model_name, **body}).messages
-                tokens = service.lm.chat(
-                    [m.plain(i) for i, m in enumerate(messages)],
-                    add_generation_prompt=bool(body.get("add_generation_prompt", True)) and not body.get("continue_final_message"),
-                    continue_final_message=bool(body.get("continue_final_message", False)),
+                parsed = parse(ChatRequest, {"model": service.config.model_name, **body})
+                messages = [m.plain(i) for i, m in enumerate(parsed.messages)]
+                add = parsed.add_generation_prompt and not parsed.continue_final_message
+                tokens = await service.offload(
+                    service.lm.chat, messages, add_generation_prompt=add, continue_final_message=parsed.continue_final_message
                 )
             elif isinstance(body.get("prompt"), str):
-                tokens = service.lm.encode(body["prompt"])
+                tokens = await service.offload(service.lm.encode, body["prompt"])
             else:
                 raise bad_request("tokenize needs a string prompt or a list of messages", param="prompt")
         except APIError as error:
@@ -135,7 +157,9 @@ def create_app(config: ServerConfig, lm: LanguageModel | None = None) -> FastAPI
         service: Service = request.app.state.service
         try:
             _authorize(request, service.config)
-            body = await _json(request)
+            body = await _json(request, service)
+            if not isinstance(body, dict):
+                raise bad_request("the request body must be a JSON object", param="tokens")
             tokens = body.get("tokens")
             if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
                 raise bad_request("detokenize needs tokens: a list of token ids", param="tokens")
@@ -172,7 +196,11 @@ async def _answer(request: Request, endpoint: str, planner: Callable[[Service, A
     service.metrics.in_flight += 1
     try:
         _authorize(request, service.config)
-        plan = planner(service, await _json(request))
+        body = await _json(request, service)
+        # Planning tokenises: off the event loop, so that a long prompt does
+        # not hold up every other request.
+        plan = await service.offload(planner, service, body)
+        service.check_room(plan)
         if plan.stream:
             # From here the stream counts itself, once it starts (a stream
             # the client abandons before its first byte never runs at all).
@@ -187,14 +215,17 @@ async def _answer(request: Request, endpoint: str, planner: Callable[[Service, A
         return JSONResponse(json_safe(body))
     except APIError as error:
         status = error.status
+        if status in (413, 429):
+            service.metrics.turned_away += error.code != "server_full"  # the gate counts its own
         return _error(error)
     except ClientGone:
         status = 499
         return Response(status_code=499)
-    except Exception as error:
-        log.exception("request to %s failed", endpoint)
+    except Exception:
+        failure = internal_error(uuid.uuid4().hex[:24])
+        log.exception("request to %s failed: %s", endpoint, failure.message)
         status = 500
-        return _error(APIError(500, f"internal error: {type(error).__name__}: {error}"))
+        return _error(failure)
     finally:
         if not streaming:
             service.metrics.in_flight -= 1
@@ -233,12 +264,71 @@ async def _disconnection(request: Request) -> None:
             return
 
 
-async def _json(request: Request) -> Any:
-    raw = await request.body()
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects a request body may have."""
+
+
+async def _json(request: Request, service: Service) -> Any:
+    """The body as JSON: at most ``max_body_bytes`` (413), strictly JSON (no
+    NaN or Infinity), nested at most ``MAX_JSON_DEPTH`` deep (400). Parsed
+    on the planning thread, off the event loop."""
+    limit = service.config.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(f"the request body has {int(declared)} bytes; this server reads at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"the request body is over this server's limit of {limit} bytes")
+        chunks.append(chunk)
+    return await service.offload(parse_json, b"".join(chunks))
+
+
+def parse_json(raw: bytes) -> Any:
+    """``raw`` as JSON, or a 400: not JSON, NaN or Infinity (Python's parser
+    takes them; JSON has no such numbers), or nested over ``MAX_JSON_DEPTH``."""
     try:
-        return json.loads(raw)
+        value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise bad_request(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise bad_request(f"the request body nests too deeply; at most {MAX_JSON_DEPTH} levels are allowed") from None
+    except ValueError as error:
+        raise bad_request(str(error)) from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise bad_request(f"the request body nests too deeply; at most {MAX_JSON_DEPTH} levels are allowed")
+    return value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the request body holds the number {text[:40]}, too large for a float")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"the request body is not valid JSON: {name} is not a JSON number")
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in ``value`` (0 for a scalar)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def _authorize(request: Request, config: ServerConfig) -> None:
@@ -256,3 +346,30 @@ def _authorize(request: Request, config: ServerConfig) -> None:
 
 def _error(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: at most ``limit`` requests at once on every route
+    but /health and /metrics (streams count until they end); one more gets
+    a 429 at once, before its body is read."""
+
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+        self.active = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            error = server_full(f"the server is handling {self.active} requests, its limit; retry later")
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1

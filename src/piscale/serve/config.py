@@ -23,6 +23,7 @@ A model name ``NAME:PRESET`` picks a preset: one from the file, or
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -106,17 +107,53 @@ class ServerConfig:
     stream_chunk_tokens: int = 16
     """tokens generated per backend call when plain generation streams."""
 
+    # Limits: what one client can make the server hold or do. A request over
+    # a limit is answered 413 (too large) or 429 (the server is full now).
+    max_body_bytes: int = 1 << 20
+    """largest request body read (413 above it)."""
+    max_request_sequences: int = 256
+    """most sequences one request may hold at once: prompts x n for plain
+    generation, prompts x budget for a search (413 above it)."""
+    max_sequences: int = 512
+    """most sequences admitted across all running requests; requests wait
+    for room in arrival order (an engine with fewer cache slots lowers it)."""
+    max_queue: int = 64
+    """most requests waiting for room; one more is answered 429."""
+    max_concurrency: int = 128
+    """most requests handled at once on the /v1 and tokenizer routes,
+    streams included, waiting ones included; one more is answered 429.
+    /health and /metrics are not counted."""
+    grading_workers: int = 1
+    """worker processes that grade answers (the ``verify`` reward) off
+    the event loop; 0 grades in the server's own process, on the loop."""
+    grading_timeout: float = 10.0
+    """seconds one grading may take; a worker over it is killed and the
+    answer counts as not matching."""
+
     def __post_init__(self) -> None:
         _positive_int(self.budget, "budget")
         _positive_int(self.max_budget, "max_budget")
         _positive_int(self.max_tokens, "max_tokens")
         _positive_int(self.stream_chunk_tokens, "stream_chunk_tokens")
+        for name in ("max_body_bytes", "max_request_sequences", "max_sequences", "max_concurrency"):
+            _positive_int(getattr(self, name), name)
+        for name in ("max_queue", "grading_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.max_request_sequences > self.max_sequences:
+            raise ValueError(
+                f"max_request_sequences {self.max_request_sequences} exceeds max_sequences {self.max_sequences}: "
+                "such a request could never be admitted"
+            )
+        for name in ("request_timeout", "grading_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if isinstance(self.sequence_cache, bool) or not isinstance(self.sequence_cache, int) or self.sequence_cache < 0:
             raise ValueError(f"sequence_cache must be a non-negative integer, got {self.sequence_cache!r}")
         if self.budget > self.max_budget:
             raise ValueError(f"the default budget {self.budget} exceeds max_budget {self.max_budget}")
-        if not isinstance(self.request_timeout, (int, float)) or self.request_timeout <= 0:
-            raise ValueError(f"request_timeout must be a positive number of seconds, got {self.request_timeout!r}")
         if not isinstance(self.options, Mapping):
             raise ValueError("options must be a mapping of option name to value")
         if not isinstance(self.engine_options, Mapping):

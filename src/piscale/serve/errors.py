@@ -6,7 +6,9 @@ Every failure the server reports is a JSON body
 
 with an HTTP status that the official clients map to their exception classes
 (400 ``BadRequestError``, 401 ``AuthenticationError``, 404 ``NotFoundError``,
-408 timeout, 500 ``InternalServerError``). Raising ``APIError`` anywhere in a
+408 timeout, 413 too large, 429 ``RateLimitError`` when the server is full,
+500 ``InternalServerError``). A 500 says only that the request failed, with
+an id to find it in the server's log: no exception text reaches a client. Raising ``APIError`` anywhere in a
 request's handling produces such a response; nothing else reaches the client
 as a bare traceback.
 """
@@ -22,6 +24,7 @@ _TYPES = {
     405: "invalid_request_error",
     408: "timeout_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
     499: "client_closed_request",
     500: "server_error",
     503: "server_error",
@@ -53,3 +56,16 @@ class APIError(Exception):
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def too_large(message: str, *, param: str | None = None) -> APIError:
+    return APIError(413, message, param=param, code="request_too_large")
+
+
+def server_full(message: str) -> APIError:
+    return APIError(429, message, code="server_full")
+
+
+def internal_error(request_id: str) -> APIError:
+    """A 500 that tells the client nothing but where to look in the log."""
+    return APIError(500, f"the server failed to answer this request (id {request_id}; see the server log)")

@@ -7,9 +7,12 @@ the requests already running. The gate admits a request when the sequences
 it may hold at once (its ``need``: the choices of plain generation, the
 budget of a search, which bounds the particles alive at once in every
 algorithm) fit under the limit; the others wait in arrival order, so a large
-request is not starved by a stream of small ones. Engines without a fixed
-capacity (the transformers engine grows its cache, the toy model) get no
-limit.
+request is not starved by a stream of small ones. The limit is the server's
+``max_sequences`` for every engine, lowered to what fits in an engine's cache
+slots where it has a fixed number.
+
+At most ``max_queue`` requests wait; one more is turned away at once
+(``GateFull``: the server answers 429) rather than queued without end.
 """
 
 from __future__ import annotations
@@ -20,15 +23,31 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 
+class GateFull(Exception):
+    """The request would wait, and ``max_queue`` requests wait already."""
+
+
 class SequenceGate:
-    def __init__(self, limit: int | None):
+    def __init__(self, limit: int | None, max_queue: int | None = None):
         self.limit = limit
+        self.max_queue = max_queue
         self.in_use = 0
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @property
     def waiting(self) -> int:
         return sum(1 for _, future in self._waiting if not future.done())
+
+    def _must_wait(self, need: int) -> bool:
+        return self.limit is not None and (bool(self._waiting) or self.in_use + need > self.limit)
+
+    def check_room(self, need: int) -> None:
+        """``GateFull`` when a request needing ``need`` would have to wait
+        and the queue is full (checked again on admission)."""
+        if self.max_queue is not None and self._must_wait(need) and self.waiting >= self.max_queue:
+            raise GateFull(
+                f"the server is full: {self.waiting} requests are waiting for room already; retry later"
+            )
 
     @contextlib.asynccontextmanager
     async def admitted(self, need: int) -> AsyncIterator[None]:
@@ -38,7 +57,8 @@ class SequenceGate:
             return
         if need > self.limit:
             raise ValueError(f"needs {need} sequences at once, more than the {self.limit} this engine can hold")
-        if self._waiting or self.in_use + need > self.limit:
+        if self._must_wait(need):
+            self.check_room(need)
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiting.append((need, future))
             try:

@@ -26,6 +26,8 @@ class Metrics:
     in_flight: int = 0
     cancelled: int = 0
     timed_out: int = 0
+    turned_away: int = 0
+    """requests answered 413 or 429 by a limit."""
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -66,6 +68,7 @@ class Metrics:
         metric("piscale_requests_in_flight", "gauge", "Requests being worked on.", [("", self.in_flight)])
         metric("piscale_requests_cancelled_total", "counter", "Requests stopped because the client went away.", [("", self.cancelled)])
         metric("piscale_requests_timed_out_total", "counter", "Requests stopped by their timeout.", [("", self.timed_out)])
+        metric("piscale_requests_turned_away_total", "counter", "Requests refused by a limit (413 or 429).", [("", self.turned_away)])
         metric(
             "piscale_search_requests_total", "counter", "Requests answered by a search, by algorithm.",
             [(f'{{algorithm="{a}"}}', n) for a, n in sorted(self.searches.items())],

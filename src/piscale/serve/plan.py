@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from piscale.lm.base import LanguageModel
 from piscale.search import ALGORITHMS, prepare
 from piscale.serve.config import Preset, ServerConfig
-from piscale.serve.errors import APIError, bad_request
+from piscale.serve.errors import APIError, bad_request, too_large
 from piscale.serve.gate import SequenceGate
 from piscale.serve.generation import Sampling, SearchChoice, derive_seed
 from piscale.serve.rewards import RewardPool
@@ -253,6 +253,9 @@ class Planner:
             raise bad_request("best_of is not supported (use a budget and an algorithm instead)", param="best_of")
         prompts = []
         items = request.prompts()
+        # Before any prompt is tokenised: a request of many prompts is
+        # refused for what it is, not after the work of reading it.
+        self._check_size(len(items) * request.n, "n")
         for i, item in enumerate(items):
             what = "the prompt" if len(items) == 1 else f"prompt {i}"
             if isinstance(item, str):
@@ -282,8 +285,17 @@ class Planner:
             logprob_start=max(1, request.logprob_start_len or 1),
         )
 
+    def _check_size(self, need: int, param: str) -> None:
+        limit = self.config.max_request_sequences
+        if need > limit:
+            raise too_large(
+                f"this request asks for {need} sequences (prompts x {param}); this server allows {limit} per request",
+                param=param,
+            )
+
     def _plan(self, endpoint, request, prompts, samplings, search, reward, logprobs, **extra) -> Plan:
         need = len(prompts) * (search.budget if search is not None else request.n)
+        self._check_size(need, "budget" if search is not None else "n")
         if self.gate.limit is not None and need > self.gate.limit:
             raise bad_request(
                 f"this request may hold {need} sequences at once, more than the {self.gate.limit} this engine "

@@ -13,8 +13,9 @@ Fields follow the OpenAI reference; unknown fields are accepted and ignored
   ``progress`` (stream progress events), ``timeout`` (seconds) and
   ``candidates`` (return every final candidate).
 
-``parse`` turns a validation failure into a 400 that says which field was
-wrong.
+``parse`` validates strictly (no string is read as a number or a boolean,
+no boolean as a number) and turns a validation failure into a 400 that says
+which field was wrong.
 """
 
 from __future__ import annotations
@@ -184,7 +185,9 @@ def parse(model: type[Model], body: Any) -> Model:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     try:
-        return model.model_validate(body)
+        # Strict: a JSON string or boolean is never read as a number, nor a
+        # string as a boolean ("budget": "8", "stream": "yes" are errors).
+        return model.model_validate(body, strict=True)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"

@@ -27,16 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from piscale.lm.base import LanguageModel
 from piscale.search import ALGORITHMS
 from piscale.serve import generation
 from piscale.serve.config import ServerConfig
-from piscale.serve.errors import APIError, bad_request
-from piscale.serve.gate import SequenceGate
+from piscale.serve.errors import APIError, bad_request, internal_error, server_full
+from piscale.serve.gate import GateFull, SequenceGate
 from piscale.serve.generation import Choice, Delta, Sampling, SearchOutput
 from piscale.serve.kept import KeptSequences
 from piscale.serve.metered import MeteredLM
@@ -47,6 +49,8 @@ from piscale.serve.rewards import RequestReward, RewardPool
 from piscale.serve.schema import ChatRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 class ClientGone(Exception):
     """The client disconnected before the answer was ready."""
@@ -62,10 +66,11 @@ class Service:
             # sequences, two for scoring (llama.cpp borrows them), the rest
             # for requests, admitted by the gate.
             kept = min(config.sequence_cache, capacity // 4)
-            self.gate = SequenceGate(max(1, capacity - kept - 2))
+            limit = min(config.max_sequences, max(1, capacity - kept - 2))
         else:
             kept = config.sequence_cache
-            self.gate = SequenceGate(None)
+            limit = config.max_sequences
+        self.gate = SequenceGate(limit, config.max_queue)
         self.kept = KeptSequences(lm, kept)
         self.metrics = Metrics()
         self.rewards = RewardPool(config, lm)
@@ -73,9 +78,18 @@ class Service:
         self.vocabulary_size = self.planner.vocabulary_size
         self.renderer = Renderer(lm)
         self._background: set[asyncio.Task] = set()
+        # One thread: tokenisers are not all safe to call from several
+        # threads at once, and the point is only to keep the loop free.
+        self._planning = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piscale-planning")
         for name, preset in config.presets.items():
             if preset.algorithm not in ALGORITHMS:
                 raise ValueError(f"preset {name!r}: unknown algorithm {preset.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+
+    async def offload(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``function(*args, **kwargs)`` on the planning thread (parsing,
+        tokenising, planning: CPU work that would stall the event loop)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._planning, functools.partial(function, *args, **kwargs))
 
     def plan_chat(self, request: ChatRequest) -> Plan:
         """A chat request as a plan (:meth:`Planner.plan_chat`)."""
@@ -109,8 +123,21 @@ class Service:
         raise APIError(408, f"the request did not finish within its timeout of {plan.timeout:g} s", code="timeout")
 
     async def _complete(self, plan: Plan) -> dict[str, Any]:
-        async with self.gate.admitted(plan.need):
-            return await self._complete_admitted(plan)
+        try:
+            async with self.gate.admitted(plan.need):
+                return await self._complete_admitted(plan)
+        except GateFull as error:
+            self.metrics.turned_away += 1
+            raise server_full(str(error)) from None
+
+    def check_room(self, plan: Plan) -> None:
+        """429 now when the request would wait and the queue is full (a
+        stream must know before it answers 200)."""
+        try:
+            self.gate.check_room(plan.need)
+        except GateFull as error:
+            self.metrics.turned_away += 1
+            raise server_full(str(error)) from None
 
     async def _complete_admitted(self, plan: Plan) -> dict[str, Any]:
         policy = MeteredLM(self.lm)
@@ -225,13 +252,16 @@ class Service:
             async with self.gate.admitted(plan.need):
                 reward = self._reward(plan)
                 await self._produce_admitted(plan, queue, policy, reward)
+        except GateFull as error:
+            self.metrics.turned_away += 1
+            queue.put_nowait(server_full(str(error)))
         except ValueError as error:
             queue.put_nowait(bad_request(str(error)))
         except APIError as error:
             queue.put_nowait(error)
-        except Exception as error:
-            log.exception("a streamed request failed")
-            queue.put_nowait(APIError(500, f"internal error: {type(error).__name__}: {error}"))
+        except Exception:
+            log.exception("streamed request %s failed", plan.request_id)
+            queue.put_nowait(internal_error(plan.request_id))
         finally:
             self._release(policy, reward or RequestReward(None))
 
@@ -312,6 +342,7 @@ class Service:
         for task in list(self._background):
             task.cancel()
         self.kept.clear()
+        self._planning.shutdown(wait=False, cancel_futures=True)
         await self.rewards.close()
 
 

@@ -1,0 +1,209 @@
+"""What no request can do to a server: fail the requests beside it, stall
+the event loop, make it hold unbounded work, or get an internal error's text.
+Each test sends the hostile input next to good requests and checks that the
+good ones get exactly what they get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from piscale.lm.toy import ToyLM
+from piscale.serve import ServerConfig, create_app
+from test_serve_support import metrics, serve_in_thread, serve_subprocess
+
+
+@pytest.fixture(scope="module")
+def base():
+    with serve_subprocess(
+        "--model", "toy", "--max-budget", "16", "--max-body-bytes", "65536", "--max-request-sequences", "64"
+    ) as url:
+        yield url
+
+
+def chat_body(question: str, **fields) -> dict:
+    return {"model": "toy", "messages": [{"role": "user", "content": question}], **fields}
+
+
+def post_raw(base: str, path: str, content: bytes | str) -> httpx.Response:
+    return httpx.post(base + path, content=content, headers={"content-type": "application/json"}, timeout=60)
+
+
+# -- one bad request among good ones ------------------------------------------------------
+
+
+GOOD = [
+    chat_body("What is 1 + 1?", seed=1, max_tokens=20),
+    chat_body("What is 2 + 2?", seed=2, max_tokens=20),
+    chat_body("What is 3 + 3?", piscale={"algorithm": "pf", "budget": 4, "reward": "judge", "seed": 3}),
+]
+
+
+async def test_a_nan_request_beside_three_good_ones(base):
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        alone = [(await client.post("/v1/chat/completions", json=body)).json() for body in GOOD]
+        nan_options = json.dumps(chat_body("What is 4 + 4?", budget=4, reward="judge")).replace(
+            '"reward"', '"options": {"temperature": NaN}, "reward"'
+        )
+        nan_top = json.dumps(chat_body("What is 5 + 5?", seed=5)).replace('"seed"', '"temperature": NaN, "seed"')
+        headers = {"content-type": "application/json"}
+        outcomes = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=body) for body in GOOD),
+            client.post("/v1/chat/completions", content=nan_options, headers=headers),
+            client.post("/v1/chat/completions", content=nan_top, headers=headers),
+        )
+    assert [o.status_code for o in outcomes] == [200, 200, 200, 400, 400]
+    contents = [o.json()["choices"][0]["message"]["content"] for o in outcomes[:3]]
+    assert contents == [a["choices"][0]["message"]["content"] for a in alone]
+    for bad in outcomes[3:]:
+        assert "NaN" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("budget", "8"), ("budget", True), ("stream", "yes"), ("seed", "1"), ("temperature", "0.5"), ("n", 1.5), ("max_tokens", False)],
+)
+def test_fields_of_the_wrong_type_are_rejected_not_converted(base, field, value):
+    response = httpx.post(base + "/v1/chat/completions", json=chat_body("hi", **{field: value}), timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field
+
+
+def test_search_options_must_be_finite(base):
+    for options in ('{"temperature": Infinity}', '{"softmax_temperature": -Infinity}', '{"ess_threshold": NaN}'):
+        body = json.dumps(chat_body("hi", budget=4, reward="judge")).replace('"reward"', f'"options": {options}, "reward"')
+        response = post_raw(base, "/v1/chat/completions", body)
+        assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- malformed bodies ---------------------------------------------------------------------
+
+
+def test_malformed_bodies_get_clean_400s(base):
+    deep = "[" * 5000 + "]" * 5000
+    for path in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"):
+        for body in (deep, "[1]", '"text"', "1e999999", '{"model": "toy", "options": ' + "{\"a\": " * 100 + "1" + "}" * 101):
+            response = post_raw(base, path, body)
+            assert response.status_code == 400, (path, body[:20], response.text[:200])
+            assert response.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(base + "/health").status_code == 200
+
+
+def test_an_internal_failure_tells_the_client_nothing_of_it():
+    class Broken(ToyLM):
+        async def extend(self, handles, params, seeds=None):
+            raise RuntimeError("secret internal detail at /srv/piscale/engine.py line 12")
+
+    with serve_in_thread(create_app(ServerConfig(model="toy"), Broken())) as url:
+        plain = httpx.post(url + "/v1/chat/completions", json=chat_body("hi", seed=1), timeout=30)
+        assert plain.status_code == 500
+        assert "secret" not in plain.text and "RuntimeError" not in plain.text
+        assert plain.json()["error"]["type"] == "server_error" and "see the server log" in plain.json()["error"]["message"]
+        streamed = httpx.post(url + "/v1/chat/completions", json=chat_body("hi", seed=1, stream=True), timeout=30)
+        assert "secret" not in streamed.text and "RuntimeError" not in streamed.text
+        assert '"server_error"' in streamed.text
+
+
+# -- limits ---------------------------------------------------------------------------------
+
+
+def test_a_body_over_the_limit_is_refused_with_413(base):
+    big = json.dumps(chat_body("x" * 70_000))
+    response = post_raw(base, "/v1/chat/completions", big)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no content-length: the limit holds on the bytes read
+        for _ in range(20):
+            yield b" " * 8192
+        yield b"{}"
+
+    streamed = httpx.post(base + "/v1/chat/completions", content=chunks(), timeout=30)
+    assert streamed.status_code == 413
+    assert metrics(base)["piscale_requests_turned_away_total"] >= 2
+
+
+def test_prompts_times_n_over_the_limit_is_refused_before_tokenising(base):
+    many = {"model": "toy", "prompt": ["What is 1?"] * 2000, "n": 128, "max_tokens": 1}
+    response = httpx.post(base + "/v1/completions", json=many, timeout=30)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert "256000 sequences" in error["message"] and error["param"] == "n"
+    wide = httpx.post(base + "/v1/completions", json={"model": "toy", "prompt": ["What is 1?"] * 5, "budget": 16, "reward": "judge"})
+    assert wide.status_code == 413 and wide.json()["error"]["param"] == "budget"  # 5 x 16 > 64
+    fits = httpx.post(base + "/v1/completions", json={"model": "toy", "prompt": ["What is 1?"] * 4, "n": 16, "max_tokens": 2})
+    assert fits.status_code == 200 and len(fits.json()["choices"]) == 64
+
+
+class HeldToy(ToyLM):
+    """The toy model that holds every step until ``go`` is set (a
+    threading event: the server runs in another thread)."""
+
+    def __init__(self):
+        super().__init__()
+        self.go = threading.Event()
+
+    async def extend(self, handles, params, seeds=None):
+        while not self.go.is_set():
+            await asyncio.sleep(0.01)
+        return await super().extend(handles, params, seeds)
+
+
+def wait_until(condition, deadline_s: float = 30.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the server never reached the expected state")
+        time.sleep(0.02)
+
+
+def in_background(function, *args) -> tuple[threading.Thread, list]:
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(function(*args)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_the_queue_and_the_concurrency_are_bounded_with_429():
+    toy = HeldToy()
+    config = ServerConfig(model="toy", max_sequences=2, max_request_sequences=2, max_queue=1, max_concurrency=3)
+    with serve_in_thread(create_app(config, toy)) as url:
+        post = lambda seed: httpx.post(url + "/v1/chat/completions", json=chat_body("What is 1?", seed=seed, n=2), timeout=60)  # noqa: E731
+        first, first_result = in_background(post, 1)
+        wait_until(lambda: metrics(url)["piscale_sequences_admitted"] == 2)
+        second, second_result = in_background(post, 2)
+        wait_until(lambda: metrics(url)["piscale_requests_waiting"] == 1)
+        queued_out = post(3)  # would wait behind a full queue
+        assert queued_out.status_code == 429 and queued_out.json()["error"]["code"] == "server_full"
+        streamed_out = httpx.post(url + "/v1/chat/completions", json=chat_body("hi", seed=4, stream=True), timeout=60)
+        assert streamed_out.status_code == 429  # refused before the stream starts, not inside it
+        health = httpx.get(url + "/health", timeout=30)
+        assert health.status_code == 200
+        toy.go.set()
+        first.join()
+        second.join()
+        assert [first_result[0].status_code, second_result[0].status_code] == [200, 200]
+        assert metrics(url)["piscale_requests_turned_away_total"] == 2
+
+
+def test_concurrent_requests_over_the_limit_get_429():
+    toy = HeldToy()
+    config = ServerConfig(model="toy", max_concurrency=2)
+    with serve_in_thread(create_app(config, toy)) as url:
+        post = lambda seed: httpx.post(url + "/v1/chat/completions", json=chat_body("What is 1?", seed=seed), timeout=60)  # noqa: E731
+        held = [in_background(post, seed) for seed in (1, 2)]
+        wait_until(lambda: metrics(url)["piscale_requests_in_flight"] == 2)
+        refused = post(3)
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+        assert httpx.get(url + "/health", timeout=30).status_code == 200  # probes are never limited
+        assert httpx.get(url + "/metrics", timeout=30).status_code == 200
+        toy.go.set()
+        for thread, result in held:
+            thread.join()
+            assert result[0].status_code == 200
+        assert post(4).status_code == 200
