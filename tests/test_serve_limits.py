@@ -207,3 +207,41 @@ def test_concurrent_requests_over_the_limit_get_429():
             thread.join()
             assert result[0].status_code == 200
         assert post(4).status_code == 200
+
+
+# -- CPU-bound work off the event loop ------------------------------------------------------
+
+
+def test_an_adversarial_verify_answer_does_not_stall_the_server():
+    """math-verify spends seconds on 10^{10^{10}}; the grading runs in a
+    worker process that the time limit kills, while /health, /metrics and
+    plain requests are answered."""
+    with serve_subprocess("--model", "toy", "--grading-timeout", "2") as url:
+        scaled = {"algorithm": "bon", "budget": 2, "reward": "verify:10^{10^{10}}", "seed": 0}
+        slow, slow_result = in_background(
+            lambda: httpx.post(url + "/v1/chat/completions", json=chat_body("What is 2 + 2?", piscale=scaled), timeout=120)
+        )
+        wait_until(lambda: metrics(url)["piscale_grading_in_progress"] >= 1)
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        plain = httpx.post(url + "/v1/chat/completions", json=chat_body("What is 1 + 1?", seed=1, max_tokens=8), timeout=30)
+        assert plain.status_code == 200
+        assert slow.is_alive()  # both answered while the grading was still under way
+        slow.join()
+        answer = slow_result[0]
+        assert answer.status_code == 200
+        assert answer.json()["piscale"]["searches"][0]["score"] == 0.0  # an answer it could not grade is not right
+        assert metrics(url)["piscale_grading_timed_out_total"] >= 1
+
+
+async def test_the_grading_pool_kills_an_overrunning_comparison_and_goes_on():
+    from piscale.grading import GradingPool
+
+    pool = GradingPool(workers=1, timeout=1.0)
+    try:
+        assert await pool.equal("\\frac{1}{2}", "0.5")
+        assert not await pool.equal("3", "10^{10^{10}}")  # seconds of work: stopped after one
+        assert pool.timed_out == 1
+        assert await pool.equal("2/4", "1/2")  # a fresh worker answers
+        assert not await pool.equal("1/3", "0.5")
+    finally:
+        pool.close()

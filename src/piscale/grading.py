@@ -5,15 +5,27 @@ al. 2025 grade this way); without a box, ``extract_answer`` returns None.
 Equivalence is symbolic or numeric, through ``math-verify``: ``1/2``,
 ``\\frac{1}{2}`` and ``0.5`` are the same answer. This one module serves the
 verifier reward, self-consistency voting and the evaluation harness.
+
+A server grades in a ``GradingPool`` (``install_pool``): worker processes
+with a hard time limit per comparison, so that no answer can stall its event
+loop; ``answers_equal_async`` is the comparison that uses it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.process
 import re
 import threading
 from functools import lru_cache
+from multiprocessing.connection import Connection
 
 from math_verify import parse, verify
+
+log = logging.getLogger(__name__)
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
@@ -91,3 +103,171 @@ def _equivalent(predicted: str, reference: str, main: bool) -> bool:
 def is_correct(response: str, reference: str) -> bool:
     """Grade a whole response against a reference answer."""
     return answers_equal(extract_answer(response), reference)
+
+
+# -- grading off the event loop ------------------------------------------------
+
+
+class GradingPool:
+    """Worker processes that compare answers, each comparison under a hard
+    time limit.
+
+    math-verify can take seconds on an adversarial answer (``10^{10^{10}}``)
+    and its own timeouts rely on SIGALRM, which stops nothing outside the
+    main thread. A server grades in these workers instead: the event loop
+    only waits on a pipe, and a worker that overruns ``timeout`` is killed
+    and replaced, its comparison counted as not equal. Workers start on
+    first use (or ``start``), and are ready only once they have imported
+    math-verify, so a comparison's clock does not include that import.
+    """
+
+    def __init__(self, workers: int = 1, timeout: float = 10.0, startup_timeout: float = 120.0):
+        if workers < 1:
+            raise ValueError(f"a grading pool needs at least one worker, got {workers}")
+        if not timeout > 0:
+            raise ValueError(f"the grading timeout must be positive, got {timeout}")
+        self.workers = workers
+        self.timeout = timeout
+        self.startup_timeout = startup_timeout
+        self.busy = 0
+        """comparisons under way."""
+        self.timed_out = 0
+        """comparisons stopped by the time limit (their workers killed)."""
+        self._idle: list[_Worker] = []
+        self._started = 0
+        self._free: asyncio.Semaphore | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        """Start every worker now rather than at first use."""
+        while self._started < self.workers:
+            self._idle.append(_Worker.spawn())
+            self._started += 1
+
+    async def equal(self, predicted: str | None, reference: str | None) -> bool:
+        """``answers_equal(predicted, reference)`` in a worker; False when it
+        takes longer than the time limit."""
+        if predicted is None or reference is None:
+            return False
+        if predicted.strip() == reference.strip():
+            return True
+        if self._closed:
+            raise RuntimeError("the grading pool is closed")
+        if self._free is None:
+            self._free = asyncio.Semaphore(self.workers)
+        async with self._free:
+            worker = self._idle.pop() if self._idle else _Worker.spawn()
+            self.busy += 1
+            healthy = False
+            try:
+                await worker.ready(self.startup_timeout)
+                worker.connection.send((predicted, reference))
+                if not await _readable(worker.connection, self.timeout):
+                    self.timed_out += 1
+                    log.warning("grading %.80r against %.80r took over %g s; stopped", predicted, reference, self.timeout)
+                    return False
+                try:
+                    result = bool(worker.connection.recv())
+                except (EOFError, OSError):
+                    log.warning("a grading worker died grading %.80r against %.80r", predicted, reference)
+                    return False
+                healthy = True
+                return result
+            finally:
+                self.busy -= 1
+                if healthy and not self._closed:
+                    self._idle.append(worker)
+                else:
+                    worker.kill()
+                    if not self._closed:
+                        self._idle.append(_Worker.spawn())  # its replacement starts importing now
+
+    def close(self) -> None:
+        self._closed = True
+        for worker in self._idle:
+            worker.kill()
+        self._idle.clear()
+
+
+_pool: GradingPool | None = None
+
+
+def install_pool(pool: GradingPool | None) -> GradingPool | None:
+    """Make ``answers_equal_async`` grade in ``pool`` (None: in this
+    process); returns the pool installed before."""
+    global _pool
+    previous, _pool = _pool, pool
+    return previous
+
+
+async def answers_equal_async(predicted: str | None, reference: str | None) -> bool:
+    """``answers_equal`` in the installed ``GradingPool``, or here when none is."""
+    pool = _pool
+    if pool is None:
+        return answers_equal(predicted, reference)
+    return await pool.equal(predicted, reference)
+
+
+class _Worker:
+    def __init__(self, process: multiprocessing.process.BaseProcess, connection: Connection):
+        self.process = process
+        self.connection = connection
+        self._ready = False
+
+    @classmethod
+    def spawn(cls) -> _Worker:
+        # spawn, not fork: the server holds threads (and maybe CUDA) that a
+        # forked child must not inherit.
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        process = context.Process(target=_serve_comparisons, args=(child,), daemon=True, name="piscale-grading")
+        process.start()
+        child.close()
+        return cls(process, parent)
+
+    async def ready(self, timeout: float) -> None:
+        if self._ready:
+            return
+        if not await _readable(self.connection, timeout) or self.connection.recv() != "ready":
+            raise RuntimeError(f"a grading worker did not start within {timeout:g} s")
+        self._ready = True
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.close()
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+
+
+async def _readable(connection: Connection, timeout: float) -> bool:
+    """Whether ``connection`` has something to read (or was closed) within
+    ``timeout`` seconds, waited for on the event loop."""
+    if connection.poll():
+        return True
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    descriptor = connection.fileno()
+    loop.add_reader(descriptor, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(descriptor)
+
+
+def _serve_comparisons(connection: Connection) -> None:
+    """A worker's loop: (predicted, reference) in, bool out, until EOF."""
+    connection.send("ready")
+    while True:
+        try:
+            predicted, reference = connection.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            result = answers_equal(predicted, reference)
+        except Exception:
+            result = False
+        connection.send(result)

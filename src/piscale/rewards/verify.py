@@ -4,7 +4,8 @@ arithmetic step checker.
 **Verifier.** The final answer of a partial answer is its last ``\\boxed{}``
 (``piscale.grading.extract_answer``); it scores 1 when that answer is
 equivalent to the reference (``piscale.grading.answers_equal``: symbolic or
-numeric equivalence through math-verify) and 0 when it is not. A partial answer
+numeric equivalence through math-verify) and 0 when it is not; it compares in
+the installed ``piscale.grading.GradingPool`` when there is one. A partial answer
 with no box has not answered yet and scores ``unanswered`` (0.5 by default: odds
 1:1, a logit of 0, i.e. no evidence either way). It is an outcome reward: a
 search should apply it to finished answers, where a missing box is simply wrong.
@@ -28,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from piscale.grading import answers_equal, extract_answer
+from piscale.grading import answers_equal_async, extract_answer
 from piscale.rewards.aggregate import join_steps
 from piscale.rewards.prefix import PrefixKey, PrefixReward
 
@@ -72,7 +73,7 @@ class VerifierReward(PrefixReward):
             if answer is None:
                 scores.append(self.unanswered)
             else:
-                scores.append(1.0 if answers_equal(answer, self.reference_for(prompt)) else 0.0)
+                scores.append(1.0 if await answers_equal_async(answer, self.reference_for(prompt)) else 0.0)
         return scores
 
 

@@ -45,6 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from piscale.grading import install_pool
 from piscale.lm.base import LanguageModel
 from piscale.serve.config import ServerConfig
 from piscale.serve.errors import APIError, bad_request, internal_error, server_full, too_large
@@ -71,10 +72,16 @@ def create_app(config: ServerConfig, lm: LanguageModel | None = None) -> FastAPI
         service = Service(config, backend)
         service.rewards.preload()
         app.state.service = service
+        previous_pool = None
+        if service.grading is not None:
+            service.grading.start()
+            previous_pool = install_pool(service.grading)
         log.info("serving %s (%s) as %r", config.model, type(backend).__name__, config.model_name)
         try:
             yield
         finally:
+            if service.grading is not None:
+                install_pool(previous_pool)
             await service.close()
             if lm is None:
                 await backend.close()

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+from piscale.grading import GradingPool
 from piscale.lm.base import LanguageModel
 from piscale.search import ALGORITHMS
 from piscale.serve import generation
@@ -81,6 +82,9 @@ class Service:
         # One thread: tokenisers are not all safe to call from several
         # threads at once, and the point is only to keep the loop free.
         self._planning = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piscale-planning")
+        self.grading = GradingPool(config.grading_workers, config.grading_timeout) if config.grading_workers else None
+        """where the ``verify`` reward grades once the app has installed it
+        (``piscale.grading.install_pool``), off the event loop."""
         for name, preset in config.presets.items():
             if preset.algorithm not in ALGORITHMS:
                 raise ValueError(f"preset {name!r}: unknown algorithm {preset.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -333,6 +337,11 @@ class Service:
             ("piscale_kept_sequence_misses_total", "counter", "Requests that prefilled their prompt.", self.kept.misses),
             ("piscale_requests_waiting", "gauge", "Requests waiting for engine capacity.", self.gate.waiting),
         ]
+        if self.grading is not None:
+            gauges.append(("piscale_grading_in_progress", "gauge", "Answers being graded in worker processes.", self.grading.busy))
+            gauges.append(
+                ("piscale_grading_timed_out_total", "counter", "Gradings stopped by their time limit.", self.grading.timed_out)
+            )
         if self.gate.limit is not None:
             gauges.append(("piscale_sequences_admitted", "gauge", "Sequences the admitted requests may hold.", self.gate.in_use))
             gauges.append(("piscale_sequences_limit", "gauge", "Sequences requests may hold together.", self.gate.limit))
@@ -343,6 +352,8 @@ class Service:
             task.cancel()
         self.kept.clear()
         self._planning.shutdown(wait=False, cancel_futures=True)
+        if self.grading is not None:
+            self.grading.close()
         await self.rewards.close()
 
 
