@@ -68,31 +68,36 @@ PY
 # Particle filtering against its baselines under the learned step value
 # (experiments/values.sh trains it on GSM8K *training* rollouts; `value`
 # names the head shipped in the package), on GSM8K *test* problems, none of
-# which the value ever saw. One database, three invocations that share its
+# which the value ever saw. One database; every invocation shares its
 # configuration (model, reward, prompt), so every row pairs by problem:
-#   1. bon, wbon and sc at budgets 1-8 and 32 (one set of 32 samples,
-#      subsampled for the smaller budgets), and pf with the paper's defaults
-#      at 1-8;
+#   1. bon, wbon and sc at budgets 1-32 (one set of 32 samples per problem,
+#      subsampled for the smaller budgets; its candidates also give the
+#      reward's pairwise accuracy on test problems);
 #   2. pf with the correct-SMC options (incremental potential, systematic
-#      resampling when ESS/N < 0.5) and pf with the weighted vote, budgets 1-8;
-#   3. DVTS at 4 and 8.
-# LIMIT (default 100) sets how many problems; raising it later resumes.
+#      resampling when ESS/N < 0.5) at 4 and 8; its weighted-vote answer
+#      is re-chosen from the same particles;
+#   3. pf with the paper's defaults at 8;
+#   4. DVTS at 8.
+# Problems come in blocks of BLOCK (default 8): every algorithm finishes a
+# block before the next one starts, so a stop at any time leaves a complete,
+# paired grid. LIMIT (default 200) is the last problem; re-running resumes.
 gsm8k_0_5b_value() {
-  local name=gsm8k-qwen2.5-coder-0.5b-value
-  local common=(--dataset gsm8k --limit "${LIMIT:-100}" --model qwen2.5-coder-0.5b-instruct --reward value
-                --option max_tokens=512 --seeds 0 --chunk-size 4 --parallel 3 --engine llamacpp
-                --engine-option max_sequences=200 --engine-option context_length=1024)
-  local grid=("${common[@]}" --algorithms bon,wbon,sc --budgets 1,2,4,8,32)
-  step "$name"
-  grid=("${common[@]}" --algorithms pf --budgets 1,2,4,8)
-  step "$name"
-  grid=("${common[@]}" --algorithms pf --budgets 1,2,4,8 --option pf.potential=incremental
-        --option pf.resampler=systematic --option pf.ess_threshold=0.5)
-  step "$name"
-  grid=("${common[@]}" --algorithms pf --budgets 1,2,4,8 --option pf.selection=weighted-vote)
-  step "$name"
-  grid=("${common[@]}" --algorithms dvts --budgets 4,8)
-  step "$name"
+  local name=gsm8k-qwen2.5-coder-0.5b-value block=${BLOCK:-8} limit
+  for (( limit = block; limit < ${LIMIT:-200} + block; limit += block )); do
+    (( limit > ${LIMIT:-200} )) && limit=${LIMIT:-200}
+    local common=(--dataset gsm8k --limit "$limit" --model qwen2.5-coder-0.5b-instruct --reward value
+                  --option max_tokens=512 --seeds 0 --chunk-size 4 --parallel 3 --engine llamacpp
+                  --engine-option max_sequences=200 --engine-option context_length=1024)
+    grid=("${common[@]}" --algorithms bon,wbon,sc --budgets 1,2,4,8,16,32)
+    step "$name"
+    grid=("${common[@]}" --algorithms pf --budgets 4,8 --option pf.potential=incremental
+          --option pf.resampler=systematic --option pf.ess_threshold=0.5)
+    step "$name"
+    grid=("${common[@]}" --algorithms pf --budgets 8)
+    step "$name"
+    grid=("${common[@]}" --algorithms dvts --budgets 8)
+    step "$name"
+  done
 }
 
 case "${1:-all}" in

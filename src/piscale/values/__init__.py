@@ -16,8 +16,12 @@ al. 2024) estimates the same quantity from completions, with no human labels.
   outcome labels and optional Monte-Carlo labels;
 * ``piscale.values.train``: features of the stored rollouts from a backbone
   (the same function that serves them, ``StepValueReward.read_features``), a
-  logistic head fitted on them, held-out AUROC and pairwise accuracy, and the
-  head file ``value:PATH`` loads.
+  logistic head fitted on them (by default within problems: per-problem
+  intercepts absorb difficulty, which no search can act on), and the head
+  file ``value:PATH`` loads;
+* ``piscale.values.measures``: AUROC on step labels, and the within-problem
+  accuracies a search depends on: pairwise on finished answers, and on
+  prefixes at equal depth.
 
 This is an application layer: it may import rewards, search, lm and eval;
 only the command line imports it.

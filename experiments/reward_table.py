@@ -1,0 +1,176 @@
+"""How well each reward ranks answers to held-out test problems.
+
+The evaluation grid (``experiments/run.sh gsm8k-0.5b-value``) samples one set
+of 32 whole answers per problem for best-of-N and keeps every one of them,
+with the score the run's reward gave it. This script grades those answers
+against the references and measures, on exactly the same answers:
+
+* the run's reward (the stored scores: the learned value);
+* ``arith`` (the arithmetic checker), re-scored here;
+* self-certainty (``certainty`` and ``certainty:group:32``) from the
+  policy's log-probabilities of the answer, read here by the policy (the
+  transformers engine in bfloat16 by default: one forward pass per answer;
+  in a search the backend returns them with every step, for free);
+* the answer's length in characters (shorter first), a baseline that needs no
+  model at all.
+
+For each: the pairwise accuracy over (correct, incorrect) pairs of answers to
+the same problem (ties one half), pooled over problems, with a 95% bootstrap
+interval over problems; and how often its top answer is correct. Results are
+written as JSON.
+
+    .venv/bin/python experiments/reward_table.py runs/gsm8k-qwen2.5-coder-0.5b-value.sqlite \
+        --out experiments/values/reward-table-test.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from piscale.eval.store import ResultStore
+from piscale.grading import answers_equal
+from piscale.rewards import ArithmeticReward, score_trajectories
+from piscale.rewards.certainty import SelfCertaintyReward
+from piscale.search import DEFAULT_SYSTEM_PROMPT
+from piscale.tasks import load_task
+from piscale.values.measures import pairwise_accuracy
+
+
+def stored_answer_sets(store: ResultStore, budget: int, config: str | None) -> tuple[str, list[dict]]:
+    """Best-of-N's candidates at ``budget`` of one configuration, per problem."""
+    searches = [s for s in store.searches() if s["algorithm"] == "bon" and s["budget"] == budget]
+    configs = sorted({s["config_key"] for s in searches})
+    if config is None:
+        if len(configs) != 1:
+            raise SystemExit(f"{len(configs)} configurations hold bon@{budget} answers ({configs}); pass --config")
+        config = configs[0]
+    found = []
+    for entry in searches:
+        if entry["config_key"] == config:
+            found.append({"problem_id": entry["problem_id"], **store.search(entry["search_id"])})
+    return config, found
+
+
+def bootstrap_pairwise(wins_pairs: list[tuple[float, int]], draws: int = 2000, seed: int = 0) -> list[float]:
+    """95% interval of pooled pairwise accuracy, resampling problems."""
+    rng = np.random.default_rng(seed)
+    per_problem = np.array([w for w, n in wins_pairs if n]), np.array([n for _, n in wins_pairs if n])
+    if len(per_problem[1]) == 0:
+        return [float("nan"), float("nan")]
+    samples = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(per_problem[1]), len(per_problem[1]))
+        samples.append(per_problem[0][pick].sum() / per_problem[1][pick].sum())
+    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
+
+
+def measure(name: str, sets: list[dict], scores: list[list[float]]) -> dict:
+    flat_scores, flat_correct, flat_problems, per_problem, top = [], [], [], [], 0
+    for answer_set, values in zip(sets, scores):
+        correct = answer_set["correct"]
+        flat_scores += values
+        flat_correct += correct
+        flat_problems += [answer_set["problem_id"]] * len(values)
+        one = pairwise_accuracy(values, correct, [answer_set["problem_id"]] * len(values))
+        per_problem.append(((one.accuracy or 0.0) * one.pairs, one.pairs))
+        top += bool(correct[int(np.argmax(values))])
+    pooled = pairwise_accuracy(flat_scores, flat_correct, flat_problems)
+    return {
+        "reward": name,
+        "pairwise_accuracy": pooled.accuracy,
+        "interval_95": bootstrap_pairwise(per_problem),
+        "pairs": pooled.pairs,
+        "problems_with_pairs": pooled.problems,
+        "top_answer_correct": top / len(sets),
+    }
+
+
+async def certainty_scores(policy: str, engine: str, sets: list[dict]) -> tuple[dict[str, list[list[float]]], float]:
+    from piscale.lm import load
+
+    lm = load(policy, engine=engine, **({"dtype": "bfloat16"} if engine == "hf" else {}))
+    rewards = {"certainty": SelfCertaintyReward(), "certainty:group:32": SelfCertaintyReward("group", 32)}
+    found: dict[str, list[list[float]]] = {name: [] for name in rewards}
+    started = time.perf_counter()
+    try:
+        for answer_set in sets:
+            prompt = lm.prompt_ids(answer_set["question"], system=DEFAULT_SYSTEM_PROMPT)
+            continuations = [lm.encode(c["text"]) for c in answer_set["candidates"]]
+            outputs = await lm.score([prompt] * len(continuations), continuations)
+            for name, reward in rewards.items():
+                found[name].append([reward.prefix_scores([o.logprobs])[-1] for o in outputs])
+    finally:
+        await lm.close()
+    return found, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("db", type=Path)
+    parser.add_argument("--budget", type=int, default=32)
+    parser.add_argument("--config", default=None, help="configuration key (default: the only one with bon answers)")
+    parser.add_argument("--dataset", default="gsm8k")
+    parser.add_argument("--policy", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--answers", type=int, default=None,
+                        help="measure every reward on the first K answers of each set only (certainty costs a forward pass each)")
+    parser.add_argument("--engine", default="hf", help="engine that reads the log-probabilities")
+    parser.add_argument("--no-certainty", action="store_true", help="skip the policy's forward passes")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    store = ResultStore(args.db)
+    config, sets = stored_answer_sets(store, args.budget, args.config)
+    references = {p.id: p.reference for p in load_task(args.dataset).problems}
+    for answer_set in sets:
+        answer_set["correct"] = [answers_equal(c["answer"], references[answer_set["problem_id"]])
+                                 for c in answer_set["candidates"]]
+    sets.sort(key=lambda s: s["problem_id"])
+    for answer_set in sets:
+        answer_set["candidates"] = answer_set["candidates"][: args.answers]
+        answer_set["correct"] = answer_set["correct"][: args.answers]
+    print(f"{len(sets)} problems x {args.budget} answers; "
+          f"{sum(sum(s['correct']) for s in sets)} correct", flush=True)
+
+    table = [measure("stored (the run's reward)", sets, [[c["score"] for c in s["candidates"]] for s in sets])]
+    arith = ArithmeticReward()
+    prompts, trajectories, owners = [], [], []
+    for k, answer_set in enumerate(sets):
+        for candidate in answer_set["candidates"]:
+            prompts.append(answer_set["question"])
+            trajectories.append([p for p in candidate["text"].split("\n\n") if p.strip()] or [candidate["text"]])
+            owners.append(k)
+    flat = asyncio.run(score_trajectories(arith, prompts, trajectories, "model"))
+    table.append(measure("arith", sets, [[v for v, o in zip(flat, owners) if o == k] for k in range(len(sets))]))
+    table.append(measure("shorter answer", sets, [[-len(c["text"]) for c in s["candidates"]] for s in sets]))
+    seconds = None
+    if not args.no_certainty:
+        found, seconds = asyncio.run(certainty_scores(args.policy, args.engine, sets))
+        table += [measure(name, sets, scores) for name, scores in found.items()]
+    report = {
+        "database": str(args.db),
+        "config": config,
+        "problems": [s["problem_id"] for s in sets],
+        "answers_per_problem": min(args.budget, args.answers or args.budget),
+        "sample_accuracy": float(np.mean([np.mean(s["correct"]) for s in sets])),
+        "certainty_seconds": seconds,
+        "machine": f"{platform.machine()}, 2 cores shared with other jobs",
+        "rewards": table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    for row in table:
+        low, high = row["interval_95"]
+        print(f"{row['reward']:28s} pairwise {row['pairwise_accuracy']:.3f} [{low:.3f}, {high:.3f}] "
+              f"on {row['pairs']} pairs / {row['problems_with_pairs']} problems; top answer correct "
+              f"{row['top_answer_correct']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
