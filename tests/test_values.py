@@ -293,7 +293,18 @@ def test_collect_and_train_commands_end_to_end(tmp_path, tiny_folder, monkeypatc
     assert "arith" in metadata["metrics"]["baselines_on_validation"]
     too_many = runner.invoke(app, ["prm", "train", "--db", str(db), "--backbone", str(tiny_folder), "--problems", "50",
                                    "--out", str(tmp_path / "other.safetensors")])
-    assert too_many.exit_code == 2 and "holds only 12 problems" in too_many.output
+    assert too_many.exit_code == 2 and "holds 12 problem collections, fewer than the 50" in too_many.output
+    # The database grows (more rollouts of problems it already holds); --problems 12 still trains on the same data.
+    more = runner.invoke(app, [*arguments[:-2], "--seed", "1", "--limit", "4", "--db", str(db)])
+    assert more.exit_code == 0 and "stored 4 problems" in more.output, more.output
+    again = tmp_path / "again.safetensors"
+    common = ["prm", "train", "--db", str(db), "--backbone", str(tiny_folder), "--layers", "1,2", "--folds", "0",
+              "--cache-dir", str(tmp_path / "features")]
+    assert runner.invoke(app, [*common, "--problems", "12", "--out", str(again)]).exit_code == 0
+    assert HeadFile.read(again).metadata["training"]["data_sha256"] == metadata["training"]["data_sha256"]
+    assert runner.invoke(app, [*common, "--out", str(again)]).exit_code == 0
+    grown = HeadFile.read(again).metadata["training"]
+    assert grown["rollouts"] == 12 * 3 + 4 * 3 and grown["data_sha256"] != metadata["training"]["data_sha256"]
     reward = load_value_reward(head)
     [scores] = asyncio.run(reward.score(["Count from problem 1."], [["Add 1\n\n", "\\boxed{4}"]]))
     assert len(scores) == 2 and all(0 < s < 1 for s in scores)

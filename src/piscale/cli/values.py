@@ -127,8 +127,8 @@ def train(
     ),
     labels: str = typer.Option("outcome", "--labels", help="outcome | mc (Monte-Carlo labels where collected)."),
     problems: int = typer.Option(
-        None, "--problems", help="Use the rollouts of the first N problems stored (all by default), so a run is "
-        "reproducible from a database that has grown since."
+        None, "--problems", help="Use only the rollouts of the first N problem collections stored in each database "
+        "(a problem's rollouts under one setting; all by default), so a run reproduces from a database that has grown since."
     ),
     validation_fraction: float = typer.Option(0.25, "--validation-fraction", help="Share of problems held out."),
     seed: int = typer.Option(0, "--seed", help="Seeds the split and the MLP's initialisation."),
@@ -155,7 +155,7 @@ def train(
     from piscale.eval.store import ResultStore, StoreError
     from piscale.rewards.spec import from_spec
     from piscale.rewards.value import HeadFile, StepValueReward, ValueHead
-    from piscale.values.collect import CollectError
+    from piscale.values.collect import CollectError, stored_rollouts
     from piscale.values.train import (
         FeatureCache,
         TrainError,
@@ -185,16 +185,12 @@ def train(
     try:
         for path in db:
             store = ResultStore(path, read_only=True)
-            rollouts += labelled_rollouts(store)
-            configs += [c for c in store.configs() if c["reward"] == "rollouts"]
-            store.close()
-        if problems is not None:
-            if problems < 2:
+            if problems is not None and problems < 2:
                 raise TrainError(f"--problems must be at least 2, got {problems}")
-            kept = list(dict.fromkeys(r.problem_id for r in rollouts))[:problems]
-            if len(kept) < problems:
-                raise TrainError(f"--problems {problems}: the database holds only {len(kept)} problems")
-            rollouts = [r for r in rollouts if r.problem_id in set(kept)]
+            rollouts += labelled_rollouts(store, problems)
+            used = {c["config_key"] for c in stored_rollouts(store)[:problems]}
+            configs += [c for c in store.configs() if c["config_key"] in used]
+            store.close()
         systems = {r.system for r in rollouts}
         if len(systems) != 1:
             raise TrainError(f"the rollouts were written under {len(systems)} different system prompts; train on one")

@@ -84,10 +84,18 @@ class LabelledRollout:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def labelled_rollouts(store: ResultStore) -> list[LabelledRollout]:
-    """Every stored rollout with its labels."""
+def labelled_rollouts(store: ResultStore, first: int | None = None) -> list[LabelledRollout]:
+    """Every stored rollout with its labels; with ``first``, only those of the
+    first ``first`` problem collections stored (a problem's rollouts under
+    one collection setting), so that a database that has grown since still
+    gives exactly the same training data."""
     found = []
-    for result in stored_rollouts(store):
+    collections = stored_rollouts(store)
+    if first is not None:
+        if first > len(collections):
+            raise TrainError(f"{store.path} holds {len(collections)} problem collections, fewer than the {first} asked for")
+        collections = collections[:first]
+    for result in collections:
         for rollout in result["rollouts"]:
             if not rollout["steps"]:
                 continue
