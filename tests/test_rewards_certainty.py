@@ -213,6 +213,25 @@ def test_every_algorithm_scores_its_answers_by_their_mean_logprob(algorithm):
     assert lm.live_sequences == 0
 
 
+def test_composed_rewards_pass_the_logprobs_to_the_term_that_reads_them():
+    """0.5 * certainty + 2 * log(arith) in a search, and certainty at T = 0.5:
+    each answer's score is the hand combination of its exact mean log-probability."""
+    from piscale.rewards import ArithmeticReward, Transformed, WeightedSum
+
+    lm = ToyLM()
+    arith = ArithmeticReward()
+    summed = WeightedSum([(0.5, from_spec("certainty")), (2.0, arith)])
+    sharper = Transformed(from_spec("certainty"), temperature=0.5)
+    assert summed.needs_logprobs and sharper.needs_logprobs
+    assert not WeightedSum([(1.0, arith)]).needs_logprobs
+    for candidate in solve(lm, summed, "bon", budget=4, seed=2, temperature=1.0).candidates:
+        [[checked]] = asyncio.run(arith.score([QUESTION], [[candidate.text]]))
+        expected = 0.5 * exact_mean(lm, candidate.text) + 2.0 * math.log(checked)
+        assert candidate.score == pytest.approx(expected, abs=1e-9)
+    for candidate in solve(lm, sharper, "bon", budget=4, seed=2, temperature=1.0).candidates:
+        assert candidate.score == pytest.approx(exact_mean(lm, candidate.text) / 0.5, abs=1e-9)
+
+
 def test_sampling_temperature_does_not_change_the_scores():
     # Backends report log-probabilities at temperature 1, so answers drawn
     # at 0.5 are scored by the model's own probabilities all the same.

@@ -86,10 +86,22 @@ class WeightedSum(Reward):
                         f"to 1 to stay a probability; got weights {weights}"
                     )
         self.outcome_only = all(r.outcome_only for _, r in self.terms)
+        # A term that reads the policy's log-probabilities gets them; the
+        # others ignore them (``Reward.score_with_logprobs``).
+        self.needs_logprobs = any(r.needs_logprobs for _, r in self.terms)
         self.name = " + ".join(f"{w:g}*{r.name}" for w, r in self.terms)
 
     async def score(self, prompts, trajectories) -> list[list[float]]:
         results = await asyncio.gather(*(r.score(prompts, trajectories) for _, r in self.terms))
+        return self._combined(trajectories, results)
+
+    async def score_with_logprobs(self, prompts, trajectories, logprobs) -> list[list[float]]:
+        results = await asyncio.gather(
+            *(r.score_with_logprobs(prompts, trajectories, logprobs) for _, r in self.terms)
+        )
+        return self._combined(trajectories, results)
+
+    def _combined(self, trajectories, results) -> list[list[float]]:
         combined: list[list[float]] = []
         for i, steps in enumerate(trajectories):
             row = []
@@ -138,6 +150,7 @@ class Transformed(Reward):
         self.clip = clip
         self.scale: Scale = "log" if logit else reward.scale
         self.outcome_only = reward.outcome_only
+        self.needs_logprobs = reward.needs_logprobs
         parts = (["logit"] if logit else []) + (
             [f"T={temperature:g}"] if temperature != 1.0 else []
         ) + ([f"clip={clip}"] if clip else [])
@@ -158,6 +171,10 @@ class Transformed(Reward):
 
     async def score(self, prompts, trajectories) -> list[list[float]]:
         inner = await self.reward.score(prompts, trajectories)
+        return [[self.transform(s) for s in row] for row in inner]
+
+    async def score_with_logprobs(self, prompts, trajectories, logprobs) -> list[list[float]]:
+        inner = await self.reward.score_with_logprobs(prompts, trajectories, logprobs)
         return [[self.transform(s) for s in row] for row in inner]
 
     async def close(self) -> None:
