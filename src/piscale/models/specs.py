@@ -168,7 +168,9 @@ def resolve(
     root = piscale_home(home)
     if text in CATALOG:
         entry = CATALOG[text]
-        path = pull(entry, home=root, progress=progress) if download else model_path(entry, home=root)
+        # Using a cached model costs a stat; the file is hashed again only
+        # when it changed since it was verified, and refused if it hashes wrong.
+        path = pull(entry, home=root, progress=progress, rehash=False) if download else model_path(entry, home=root)
         return ResolvedModel(text, "catalog", path, entry.identity, entry.name)
     local = Path(text).expanduser()
     if local.exists():
