@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 EXTRAS ?=
 LOCK := requirements.lock
 # Every extra the lock covers (the llama.cpp ones compile llama.cpp: about 5 minutes on 2 cores).
-LOCK_EXTRAS := test,llamacpp,llamacpp-server,embed
+LOCK_EXTRAS := test,llamacpp,llamacpp-server,embed,narrative
 comma := ,
 PIP_EXTRAS := test$(if $(EXTRAS),$(comma)$(EXTRAS))
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(PIP_EXTRAS))

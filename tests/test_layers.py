@@ -13,7 +13,8 @@ Layers, low to high; a module may import its own layer and the ones below:
     4  the Python API               piscale.api, piscale.tasks (the task reader
                                     the applications share)
     5  applications                 piscale.eval, piscale.serve, piscale.annotate,
-                                    piscale.distill, piscale.values, piscale.tracepage
+                                    piscale.distill, piscale.values, piscale.tracepage,
+                                    piscale.narrative
     6  the command line             piscale.cli
 
 Applications sit side by side and should not need each other; the imports
@@ -43,7 +44,15 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("the Python API", ("piscale.api", "piscale.tasks")),
     (
         "applications",
-        ("piscale.eval", "piscale.serve", "piscale.annotate", "piscale.distill", "piscale.values", "piscale.tracepage"),
+        (
+            "piscale.eval",
+            "piscale.serve",
+            "piscale.annotate",
+            "piscale.distill",
+            "piscale.values",
+            "piscale.tracepage",
+            "piscale.narrative",
+        ),
     ),
     ("the command line", ("piscale.cli",)),
 )

