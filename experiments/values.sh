@@ -34,6 +34,30 @@ pilot() { "$PISCALE" prm collect "${collect[@]}" --limit 20 --rollouts 4 --seed 
 # The training set: the first 200 problems x 4 rollouts (the pilot's 20 included).
 rollouts() { "$PISCALE" prm collect "${collect[@]}" --limit 200 --rollouts 4 --seed 0 --parallel 8; }
 
+# Pairs of answers to the same problem, one right and one wrong, are what a
+# within-problem head learns from, and problems the policy never solves have
+# none. So: 8 more rollouts (seed 1) of each of the first 139 problems that
+# had at least one correct rollout of 4, written to a JSONL file that keeps
+# their ids (gsm8k_train-N), so the new rollouts pair with the old ones.
+more() {
+  local subset=runs/gsm8k_train-solvable-139.jsonl
+  .venv/bin/python - "$live" "$subset" <<'PY'
+import gzip, json, sys
+from collections import defaultdict
+from importlib.resources import files
+from piscale.eval.store import ResultStore
+from piscale.values.train import labelled_rollouts
+correct = defaultdict(list)
+for r in labelled_rollouts(ResultStore(sys.argv[1], read_only=True), first=139):
+    correct[r.problem_id].append(r.correct)
+with gzip.open(files("piscale.data") / "gsm8k_train.jsonl.gz", "rt") as source, open(sys.argv[2], "w") as out:
+    for index, line in enumerate(source):
+        if any(correct.get(f"gsm8k_train-{index}", [])):
+            out.write(json.dumps({**json.loads(line), "id": f"gsm8k_train-{index}"}) + "\n")
+PY
+  "$PISCALE" prm collect "${collect[@]}" --dataset "$subset" --rollouts 8 --seed 1 --parallel 8
+}
+
 # Monte-Carlo labels (Math-Shepherd) on a subset: 4 completions from every
 # unfinished prefix of 4 more rollouts (seed 1) of the first 20 problems.
 monte_carlo() {
@@ -81,12 +105,13 @@ main() {
   case "${1:-all}" in
     pilot) pilot ;;
     rollouts) rollouts ;;
+    more) more ;;
     monte-carlo) monte_carlo ;;
     train-qwen) train_qwen ;;
     train-smollm) train_smollm ;;
     ship) ship ;;
-    all) pilot; rollouts; monte_carlo; train_qwen; train_smollm ;;
-    *) echo "unknown step: $1 (pilot | rollouts | monte-carlo | train-qwen | train-smollm | ship | all)" >&2; exit 2 ;;
+    all) pilot; rollouts; more; monte_carlo; train_qwen; train_smollm ;;
+    *) echo "unknown step: $1 (pilot | rollouts | more | monte-carlo | train-qwen | train-smollm | ship | all)" >&2; exit 2 ;;
   esac
 }
 
