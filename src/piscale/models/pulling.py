@@ -15,14 +15,17 @@ asked (``replace_damaged``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -60,21 +63,12 @@ def pip_download(
         "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
         "--progress-bar=off", "-d", str(destination), *requirements,
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert process.stdout is not None
     output: list[str] = []
-    try:
-        for line in process.stdout:
-            output.append(line)
-            if line.startswith("Saved ") or line.lstrip().startswith("File was already downloaded"):
-                on_saved()
-    finally:
-        # Reached by an interrupt too: never leave pip running behind us.
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+    with _terminate_as_exit():
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        _follow(process, output, on_saved)
     if process.returncode != 0:
         tail = "".join(output[-15:]).strip()
         hint = ""
@@ -84,6 +78,40 @@ def pip_download(
             f"pip download failed (exit status {process.returncode}) for "
             f"{' '.join(requirements)}:\n{tail}{hint}"
         )
+
+
+def _follow(process: subprocess.Popen, output: list[str], on_saved: Callable[[], None]) -> None:
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("Saved ") or line.lstrip().startswith("File was already downloaded"):
+                on_saved()
+    finally:
+        # Reached by an interrupt or a SIGTERM too: never leave pip running behind us.
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit (as Ctrl-C raises
+    KeyboardInterrupt), so that cleanup runs; by default it ends the process
+    on the spot. Only the main thread can set a handler; elsewhere nothing
+    changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _find_wheel(folder: Path, chunk: Chunk) -> Path:
