@@ -30,7 +30,26 @@ How the protocol maps onto HTTP:
   (``NEUTRAL_SAMPLING``: top-k, min-p, repetition penalties), so a step is a
   draw from the model itself, as the importance weights assume.
 
-Requests run at most ``max_concurrency`` at a time; transient failures
+Several servers of the same model (replicas, data parallel) are one backend:
+give ``base_url`` a list, or the spec ``openai:MODEL@URL1,URL2``. Routing is
+prefix-affine: a sequence stays on the replica it was opened on, and its
+forks follow it, so every continuation lands where its prefix is cached; the
+copies of a new prompt are spread over the replicas by load (each replica
+prefills the prompt once); a scoring request goes where the same prompt was
+last scored, else to the least busy replica.
+
+What the servers did is counted in ``usage`` and ``server_usage``:
+``wall_time`` is the time with at least one request in flight; the requests,
+prompt, completion and cached tokens are the servers' own figures where they
+report them (vLLM reports cached tokens with ``--enable-prompt-tokens-details``);
+``prefill_tokens`` is the prompt tokens the servers did not find cached;
+``forward_passes`` is read from each server's ``/metrics`` (vLLM's engine
+iterations, ``piscale serve``'s forward passes), which counts the passes run
+for every client of a shared server; a server without such a counter gets an
+estimate (one pass to read a call's prompts plus one per token of its longest
+step).
+
+Requests run at most ``max_concurrency`` at a time (per replica); transient failures
 (connection errors, 408, 429, 5xx) are retried with exponential backoff. A
 sequence whose request still fails is not fatal: its step comes back empty
 with ``finish_reason == "error"`` and the reason in ``error`` (also listed in
@@ -40,6 +59,7 @@ becomes zero, so resampling replaces it and it is never the answer, and the
 search result records why.
 
     lm = OpenAILM.from_spec("openai:Qwen/Qwen2.5-Math-1.5B-Instruct@http://gpu-box:8000/v1")
+    two = OpenAILM.from_spec("openai:Qwen/Qwen2.5-Math-1.5B-Instruct@http://gpu-a:8000/v1,http://gpu-b:8000/v1")
 """
 
 from __future__ import annotations
@@ -50,6 +70,7 @@ import math
 import os
 import random
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +87,11 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 API_KEY_ENV = "PISCALE_OPENAI_API_KEY"
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _SPEC = re.compile(r"^openai:(?P<model>[^@]+?)(?:@(?P<url>https?://\S+))?$")
+PASS_COUNTERS = ("vllm:iteration_tokens_total_count", "piscale_engine_forward_passes_total")
+"""Prometheus samples that count a server's forward passes: vLLM's histogram
+of tokens per engine iteration (its count is the iterations), and
+``piscale serve``'s counter."""
+_METRIC_LINE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{[^}]*\})?\s+(?P<value>\S+)")
 _TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
 NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "repetition_penalty": 1.0}
 """Request fields that leave sampling untouched on llama.cpp, vLLM and SGLang
@@ -102,9 +128,43 @@ class SequenceFailure:
 
 
 @dataclass
+class ServerUsage:
+    """What the servers reported doing for this backend, summed over replicas."""
+
+    requests: int = 0
+    """completion requests answered (retries not counted)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    """prompt tokens the servers found in their prefix caches (only from
+    servers that report it)."""
+    requests_by_replica: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
 class _Sequence:
     tokens: list[int]
+    replica: int = 0
     busy: bool = False
+
+
+@dataclass
+class _Replica:
+    base_url: str
+    root_url: str
+    live: int = 0
+    """sequences routed here that are still open."""
+    in_flight: int = 0
+    requests: int = 0
+    passes_seen: float | None = None
+    """the server's pass counter at its last reading."""
+    pass_counter: str | None = ""
+    """the /metrics sample that counts its passes; "" not yet looked for,
+    None when it has none."""
+    lock: asyncio.Lock | None = None
 
 
 class _LRU:
@@ -131,17 +191,19 @@ class OpenAILM(TableLM):
     """A backend over an OpenAI-compatible server; see the module doc.
 
     ``model``: the model name the server knows. ``base_url``: the server's
-    OpenAI root (ending in ``/v1``). ``tokenizer``: a transformers tokenizer
+    OpenAI root (ending in ``/v1``), or a list of them (replicas of one model). ``tokenizer``: a transformers tokenizer
     or a name/path to load one from; None uses the server's. ``prompt_format``:
     ``ids`` (token ids, exact) or ``text`` (for servers that take no ids).
     ``score_mode``: ``auto``, ``echo`` or ``prompt_logprobs``. ``on_failure``:
     ``drop`` (a failed sequence gets a ``FailedStep``) or ``raise``.
+    ``server_passes``: read forward passes from the servers' ``/metrics``
+    (True) or always estimate them (False).
     ``transport``: an httpx transport (tests)."""
 
     def __init__(
         self,
         model: str,
-        base_url: str = DEFAULT_BASE_URL,
+        base_url: str | Sequence[str] = DEFAULT_BASE_URL,
         *,
         api_key: str | None = None,
         tokenizer: Any = None,
@@ -154,6 +216,7 @@ class OpenAILM(TableLM):
         score_mode: str = "auto",
         on_failure: str = "drop",
         name: str | None = None,
+        server_passes: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
         if prompt_format not in ("ids", "text"):
@@ -164,12 +227,20 @@ class OpenAILM(TableLM):
             raise ValueError(f"on_failure must be 'drop' or 'raise', got {on_failure!r}")
         if max_concurrency < 1 or max_retries < 0 or retry_backoff < 0 or timeout <= 0:
             raise ValueError("max_concurrency >= 1, max_retries >= 0, retry_backoff >= 0 and timeout > 0 are required")
-        if not re.match(r"^https?://", base_url):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("base_url names no server")
+        for url in urls:
+            if not isinstance(url, str) or not re.match(r"^https?://", url):
+                raise ValueError(f"base_url must start with http:// or https://, got {url!r}")
+        urls = [url.rstrip("/") for url in urls]
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"base_url names a server twice: {urls}")
         self.model = model
-        self.base_url = base_url.rstrip("/")
-        self.root_url = re.sub(r"/v1$", "", self.base_url)
-        self.name = name or f"openai:{model}@{self.base_url}"
+        self.replicas = [_Replica(url, re.sub(r"/v1$", "", url)) for url in urls]
+        self.base_url = urls[0]
+        self.root_url = self.replicas[0].root_url
+        self.name = name or f"openai:{model}@{','.join(urls)}"
         self.api_key = api_key
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
@@ -179,6 +250,8 @@ class OpenAILM(TableLM):
         self.score_mode = score_mode
         self.on_failure = on_failure
         self.usage = Usage()
+        self.server_usage = ServerUsage(requests_by_replica=[0] * len(urls))
+        self.server_passes = server_passes
         self.failures: list[SequenceFailure] = []
         """every sequence request that finally failed, with the reason."""
         self.retries = 0
@@ -193,45 +266,76 @@ class OpenAILM(TableLM):
         self._sequences: SequenceTable[_Sequence] = SequenceTable()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: httpx.AsyncClient | None = None
-        self._gate: asyncio.Semaphore | None = None
+        self._gates: list[asyncio.Semaphore] | None = None
         self._sync: httpx.Client | None = None
         self._encoded = _LRU()
         self._decoded = _LRU()
         self._tokenizer_route: str | None = None
         self._echo_max_tokens = 0
         self._jitter = random.Random(0)
+        self._in_flight = 0
+        self._busy_since = 0.0
+        self._score_affinity = _LRU()
 
     @classmethod
     def from_spec(cls, spec: str, **options: Any) -> OpenAILM:
-        """``openai:MODEL@http://host:port/v1`` (the URL defaults to
-        ``DEFAULT_BASE_URL``; the key comes from ``api_key=`` or the
-        ``PISCALE_OPENAI_API_KEY`` environment variable)."""
+        """``openai:MODEL@http://host:port/v1``, or several URLs joined by
+        commas for replicas (the URL defaults to ``DEFAULT_BASE_URL``; the
+        key comes from ``api_key=`` or the ``PISCALE_OPENAI_API_KEY``
+        environment variable)."""
         match = _SPEC.match(spec.strip())
         if match is None:
             raise ValueError(f"an OpenAI-compatible model spec reads openai:MODEL@http://HOST:PORT/v1, got {spec!r}")
         options.setdefault("api_key", os.environ.get(API_KEY_ENV))
-        return cls(match["model"], match["url"] or DEFAULT_BASE_URL, **options)
+        urls = [url for url in (match["url"] or DEFAULT_BASE_URL).split(",") if url]
+        return cls(match["model"], urls if len(urls) > 1 else urls[0], **options)
 
     # -- HTTP ---------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _async_client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        """The client and concurrency gate of the running event loop (both
-        belong to one loop, so a new loop gets new ones)."""
+    def _async_client(self, replica: int = 0) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        """The client and the concurrency gate of ``replica`` in the running
+        event loop (all belong to one loop, so a new loop gets new ones)."""
         loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._client is None or self._gate is None:
-            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        if self._loop is not loop or self._client is None or self._gates is None:
+            size = self.max_concurrency * len(self.replicas)
+            limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
             self._client = httpx.AsyncClient(
                 headers=self._headers(), timeout=self.timeout, limits=limits, transport=self._transport
             )
-            self._gate = asyncio.Semaphore(self.max_concurrency)
+            self._gates = [asyncio.Semaphore(self.max_concurrency) for _ in self.replicas]
+            for target in self.replicas:
+                target.lock = asyncio.Lock()
             self._loop = loop
-        return self._client, self._gate
+        return self._client, self._gates[replica]
 
-    async def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries of transient failures; ServerError otherwise."""
-        client, gate = self._async_client()
+    async def _post(self, url: str, body: dict[str, Any], replica: int = 0) -> dict[str, Any]:
+        """POST to ``replicas[replica]`` with retries of transient failures;
+        ServerError otherwise. The time with any request in flight is the
+        backend's ``wall_time``."""
+        client, gate = self._async_client(replica)
+        target = self.replicas[replica]
+        target.in_flight += 1
+        if self._in_flight == 0:
+            self._busy_since = time.perf_counter()
+        self._in_flight += 1
+        try:
+            data = await self._post_with_retries(client, gate, url, body)
+        finally:
+            target.in_flight -= 1
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self.usage.wall_time += time.perf_counter() - self._busy_since
+        target.requests += 1
+        self.server_usage.requests += 1
+        assert self.server_usage.requests_by_replica is not None
+        self.server_usage.requests_by_replica[replica] += 1
+        return data
+
+    async def _post_with_retries(
+        self, client: httpx.AsyncClient, gate: asyncio.Semaphore, url: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
         failure = "no attempt made"
         async with gate:
             for attempt in range(self.max_retries + 1):
@@ -378,11 +482,40 @@ class OpenAILM(TableLM):
         prompts, counts = check_open(prompts, copies, self.context_length)
         self.usage.calls += 1
         # Nothing is sent yet: the first extension of each copy carries the
-        # prompt, and the server's prefix cache prefills it once.
-        return [[self._sequences.add(_Sequence(list(p))) for _ in range(c)] for p, c in zip(prompts, counts)]
+        # prompt, and the server's prefix cache prefills it once per replica.
+        groups = []
+        for prompt, count in zip(prompts, counts):
+            groups.append([self._add(_Sequence(list(prompt), replica)) for replica in self._spread(count)])
+        return groups
+
+    def _spread(self, count: int) -> list[int]:
+        """Replicas for ``count`` new copies of one prompt: as even as the
+        replicas' open sequences allow, the least loaded first."""
+        if len(self.replicas) == 1:
+            return [0] * count
+        load = [target.live for target in self.replicas]
+        chosen = []
+        for _ in range(count):
+            replica = min(range(len(load)), key=lambda r: (load[r], r))
+            load[replica] += 1
+            chosen.append(replica)
+        return sorted(chosen)
+
+    def _add(self, sequence: _Sequence) -> Handle:
+        self.replicas[sequence.replica].live += 1
+        return self._sequences.add(sequence)
 
     def fork(self, ancestors: Sequence[Handle]) -> list[Handle]:
-        return [self._sequences.add(_Sequence(list(p.tokens))) for p in self._sequences.to_fork(ancestors)]
+        # A fork stays on its parent's replica, which holds its prefix.
+        return [self._add(_Sequence(list(p.tokens), p.replica)) for p in self._sequences.to_fork(ancestors)]
+
+    def release(self, handles: Sequence[Handle]) -> None:
+        for sequence in self._sequences.release(handles):
+            self.replicas[sequence.replica].live -= 1
+
+    def replica_of(self, handle: Handle) -> str:
+        """The base URL of the replica that ``handle``'s requests go to."""
+        return self.replicas[self._sequences.checked(handle).replica].base_url
 
     def token_ids(self, handle: Handle) -> list[int]:
         return list(self._sequences.checked(handle).tokens)
@@ -396,6 +529,7 @@ class OpenAILM(TableLM):
         for sequence in sequences:
             sequence.busy = True
         self.usage.calls += 1
+        await self._read_passes({s.replica for s in sequences}, baseline=True)
         try:
             results = await asyncio.gather(
                 *(
@@ -422,6 +556,7 @@ class OpenAILM(TableLM):
                 continue
             sequence.tokens.extend(result.token_ids)
             outputs.append(result)
+        await self._count_passes(sequences, outputs, scoring=False)
         if failed and (self.on_failure == "raise" or len(failed) == len(handles)):
             raise ServerError(f"{len(failed)} of {len(handles)} sequence requests failed; first: {failed[0]}")
         return outputs
@@ -464,7 +599,8 @@ class OpenAILM(TableLM):
             body["stop"] = list(params.stop)
         if seed is not None:
             body["seed"] = seed
-        data = await self._post(self.base_url + "/completions", body)
+        target = self.replicas[sequence.replica]
+        data = await self._post(target.base_url + "/completions", body, sequence.replica)
         self._count_usage(data.get("usage"), prompt_length=len(tokens))
         choice = _first_choice(data)
         text = choice.get("text") or ""
@@ -477,12 +613,75 @@ class OpenAILM(TableLM):
                 text += stop_reason  # a server that trimmed the stop string anyway
         return StepOutput(token_ids, text, logprobs, finish)
 
-    def _count_usage(self, usage: Any, prompt_length: int) -> None:
+    def _count_usage(self, usage: Any, prompt_length: int, scoring: bool = False) -> None:
+        """Add a response's ``usage`` to the counters: the prompt tokens the
+        server read (those not found in its cache) are prefilled, or scored
+        for a scoring request."""
         if not isinstance(usage, dict):
-            self.usage.prefill_tokens += prompt_length
+            self.server_usage.prompt_tokens += prompt_length
+            if scoring:
+                self.usage.scored_tokens += prompt_length
+            else:
+                self.usage.prefill_tokens += prompt_length
             return
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        self.usage.prefill_tokens += max(int(usage.get("prompt_tokens", prompt_length)) - int(cached), 0)
+        prompt_tokens = int(usage.get("prompt_tokens") or prompt_length)
+        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        self.server_usage.prompt_tokens += prompt_tokens
+        self.server_usage.completion_tokens += int(usage.get("completion_tokens") or 0)
+        self.server_usage.cached_tokens += cached
+        read = max(prompt_tokens - cached, 0)
+        if scoring:
+            self.usage.scored_tokens += read
+        else:
+            self.usage.prefill_tokens += read
+
+    # -- forward passes -----------------------------------------------------
+    async def _read_passes(self, replicas: set[int], baseline: bool) -> float:
+        """Read the pass counter of each of ``replicas`` from its /metrics and
+        return how much it grew since the last reading (with ``baseline``,
+        only replicas never read are read, to start their count). A replica
+        without a counter is marked so and not asked again."""
+        if not self.server_passes:
+            return 0.0
+        client, _ = self._async_client()
+        grown = 0.0
+        for replica in sorted(replicas):
+            target = self.replicas[replica]
+            if target.pass_counter is None or (baseline and target.passes_seen is not None):
+                continue
+            assert target.lock is not None
+            async with target.lock:
+                try:
+                    response = await client.get(target.root_url + "/metrics")
+                    samples = _parse_metrics(response.text) if response.status_code == 200 else {}
+                except httpx.HTTPError:
+                    continue  # unreachable now; the next reading covers this call too
+                except ValueError:
+                    samples = {}  # not metrics that can be read
+                counter = target.pass_counter or next((c for c in PASS_COUNTERS if c in samples), None)
+                if counter is None or counter not in samples:
+                    target.pass_counter = None
+                    continue
+                target.pass_counter = counter
+                value = samples[counter]
+                if target.passes_seen is not None and value >= target.passes_seen:
+                    grown += value - target.passes_seen
+                target.passes_seen = value
+        return grown
+
+    async def _count_passes(self, sequences: Sequence[_Sequence], outputs: Sequence[Any], scoring: bool) -> None:
+        """Add a call's forward passes: the growth of the servers' counters,
+        or for servers without one, an estimate (one pass to read the
+        prompts, plus one per token of the longest step)."""
+        measured = {s.replica for s in sequences if self.replicas[s.replica].pass_counter is not None}
+        passes = await self._read_passes(measured, baseline=False) if self.server_passes else 0.0
+        estimated: dict[int, int] = {}
+        for sequence, output in zip(sequences, outputs):
+            if self.server_passes and self.replicas[sequence.replica].pass_counter is not None:
+                continue
+            steps = 0 if scoring else len(getattr(output, "token_ids", ()) or ())
+            estimated[sequence.replica] = max(estimated.get(sequence.replica, 0), 1 + steps)
+        self.usage.forward_passes += int(round(passes)) + sum(estimated.values())
 
     def _generated(self, choice: dict[str, Any], text: str) -> tuple[list[int], list[float]]:
         """The generated token ids and their log-probabilities, from whatever
@@ -523,18 +722,47 @@ class OpenAILM(TableLM):
     async def score(self, prompts, continuations) -> list[ScoreOutput]:
         pairs = check_score(prompts, continuations, self.context_length)
         self.usage.calls += 1
-        outputs = await asyncio.gather(*(self._score_one(p, c) for p, c in pairs))
-        self.usage.scored_tokens += sum(len(p) + len(c) for p, c in pairs)
-        return list(outputs)
+        routes = [_Sequence(p, self._score_replica(p)) for p, _ in pairs]
+        await self._read_passes({r.replica for r in routes}, baseline=True)
+        # One request per distinct prompt goes first, the rest of its pairs
+        # after it, so that those find the prompt in the server's cache.
+        first: dict[tuple[int, ...], int] = {}
+        for i, (prompt, continuation) in enumerate(pairs):
+            if continuation:
+                first.setdefault(tuple(prompt), i)
+        leaders = set(first.values())
+        outputs: list[ScoreOutput | None] = [None] * len(pairs)
 
-    async def _score_one(self, prompt: list[int], continuation: list[int]) -> ScoreOutput:
+        async def run(indices: list[int]) -> None:
+            done = await asyncio.gather(*(self._score_one(*pairs[i], routes[i].replica) for i in indices))
+            for i, output in zip(indices, done):
+                outputs[i] = output
+
+        await run(sorted(leaders))
+        await run([i for i in range(len(pairs)) if i not in leaders])
+        await self._count_passes(routes, outputs, scoring=True)
+        return [o for o in outputs if o is not None]
+
+    def _score_replica(self, prompt: list[int]) -> int:
+        """Where a scoring prompt goes: where the same prompt went before (its
+        cache is there), else to the replica with the fewest requests in flight."""
+        if len(self.replicas) == 1:
+            return 0
+        key = tuple(prompt)
+        replica = self._score_affinity.get(key)
+        if replica is None:
+            replica = min(range(len(self.replicas)), key=lambda r: (self.replicas[r].in_flight, self.replicas[r].live, r))
+            self._score_affinity.put(key, replica)
+        return replica
+
+    async def _score_one(self, prompt: list[int], continuation: list[int], replica: int = 0) -> ScoreOutput:
         if not continuation:
             return ScoreOutput([], [])
         modes = ["echo", "prompt_logprobs"] if self.score_mode == "auto" else [self.score_mode]
         failure: ServerError | None = None
         for mode in modes:
             try:
-                values = await self._prompt_logprobs(prompt, continuation, mode)
+                values = await self._prompt_logprobs(prompt, continuation, mode, replica)
             except ServerError as error:
                 if error.status != 400 and error.status != 422:
                     raise
@@ -547,7 +775,7 @@ class OpenAILM(TableLM):
             f"{self.base_url} returns no prompt log-probabilities (tried {', '.join(modes)}): {failure}", 400
         )
 
-    async def _prompt_logprobs(self, prompt: list[int], continuation: list[int], mode: str) -> list[float]:
+    async def _prompt_logprobs(self, prompt: list[int], continuation: list[int], mode: str, replica: int = 0) -> list[float]:
         ids = prompt + continuation
         body: dict[str, Any] = {
             "model": self.model,
@@ -560,15 +788,17 @@ class OpenAILM(TableLM):
             body.update(echo=True, max_tokens=self._echo_max_tokens, logprobs=1)
         else:
             body.update(max_tokens=1, prompt_logprobs=0)
+        url = self.replicas[replica].base_url + "/completions"
         try:
-            data = await self._post(self.base_url + "/completions", body)
+            data = await self._post(url, body, replica)
         except ServerError as error:
             if mode != "echo" or body["max_tokens"] != 0 or error.status not in (400, 422):
                 raise
             # Some servers (llama-cpp-python's) want max_tokens >= 1; the one
             # generated token's entry is past the continuation and ignored.
             self._echo_max_tokens = body["max_tokens"] = 1
-            data = await self._post(self.base_url + "/completions", body)
+            data = await self._post(url, body, replica)
+        self._count_usage(data.get("usage"), prompt_length=len(ids), scoring=True)
         choice = _first_choice(data)
         start, end = len(prompt), len(ids)
         if mode == "echo":
@@ -597,6 +827,21 @@ class OpenAILM(TableLM):
         if self._sync is not None:
             self._sync.close()
             self._sync = None
+
+
+def _parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text: each sample name with its values summed over labels."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _METRIC_LINE.match(line)
+        if match is None:
+            continue
+        try:
+            value = float(match["value"])
+        except ValueError:
+            continue
+        samples[match["name"]] = samples.get(match["name"], 0.0) + value
+    return samples
 
 
 def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
