@@ -30,6 +30,19 @@ client's particles, or the concurrent phase measures queueing instead.
 
 Results go to ``bench/results/serve_load.json`` (``--out`` to change). The
 exit status is 1 when any request failed.
+
+``--abuse`` measures what hostile requests do to the good ones instead: a
+clean phase of ``--clients`` clients, then the same phase again while
+``--abusers`` clients each send ``--abuse-requests`` of the inputs that used
+to hurt the server (a NaN temperature, an answer math-verify stalls on, a
+20 MB body, 2,000 prompts x n=128, JSON nested 5,000 deep, ``/tokenize`` of
+``[1]``, mistyped fields) and a probe times ``/health`` throughout. It
+reports the good requests' errors (target 0), their p95 latency against the
+clean phase (target within 1.5x), what status each abuse got, the slowest
+``/health`` answer, and the server's peak resident memory (``VmHWM``).
+Results go to ``bench/results/serve_abuse.json``:
+
+    python bench/bench_serve.py --abuse --model toy
 """
 
 from __future__ import annotations
@@ -163,6 +176,141 @@ async def phase(base: str, args, clients: int, per_client: int, seed_offset: int
     }
 
 
+def abuses(model: str, budget: int) -> list[tuple[str, str, bytes]]:
+    """(name, path, body) of each hostile request, one of every kind."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "What is 2 + 2?"}]}
+    nan = json.dumps({**chat, "seed": 1}).replace('"seed"', '"temperature": NaN, "seed"')
+    nan_options = json.dumps({**chat, "budget": 4, "reward": "arith"}).replace('"reward"', '"options": {"temperature": NaN}, "reward"')
+    verify = json.dumps({**chat, "messages": [{"role": "user", "content": "Write \\boxed{10^{10^{10}}} and stop."}],
+                         "budget": budget, "reward": f"verify:10^{{10^{{{time.monotonic_ns() % 997 + 10}}}}}"})
+    return [
+        ("nan_temperature", "/v1/chat/completions", nan.encode()),
+        ("nan_search_option", "/v1/chat/completions", nan_options.encode()),
+        ("verify_adversarial", "/v1/chat/completions", verify.encode()),
+        ("body_20mb", "/v1/chat/completions", json.dumps({**chat, "pad": "x" * 20_000_000}).encode()),
+        ("prompts_2000_x_n_128", "/v1/completions",
+         json.dumps({"model": model, "prompt": ["Hi"] * 2000, "n": 128, "max_tokens": 1}).encode()),
+        ("nested_5000", "/v1/chat/completions", b"[" * 5000 + b"]" * 5000),
+        ("tokenize_list", "/tokenize", b"[1]"),
+        ("budget_string", "/v1/chat/completions", json.dumps({**chat, "budget": "8"}).encode()),
+        ("stream_yes", "/v1/chat/completions", json.dumps({**chat, "stream": "yes"}).encode()),
+    ]
+
+
+async def abuse_phase(base: str, args, deadline: float, abusers: int, seed_offset: int) -> dict:
+    """The concurrent phase with ``abusers`` hostile clients and a /health
+    probe beside it."""
+    import threading
+
+    statuses: dict[str, list[int | str]] = {}
+    health: list[float] = []
+    done = threading.Event()
+    kinds = abuses(args.model, args.budget)  # built before the clock starts (one body is 20 MB)
+
+    async def abuser(a: int) -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=args.request_timeout) as client:
+            for r in range(args.abuse_requests):
+                name, path, body = kinds[(a + r) % len(kinds)]
+                try:
+                    response = await client.post(path, content=body, headers={"content-type": "application/json"})
+                    statuses.setdefault(name, []).append(response.status_code)
+                except httpx.HTTPError as error:
+                    statuses.setdefault(name, []).append(type(error).__name__)
+
+    def probe() -> None:
+        # Its own thread and connection: the clients' event loop busy with
+        # 20 MB bodies must not show up as the server's latency.
+        with httpx.Client(base_url=base, timeout=60) as client:
+            while not done.is_set():
+                started = time.perf_counter()
+                client.get("/health")
+                health.append(time.perf_counter() - started)
+                done.wait(0.1)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    attackers = [asyncio.ensure_future(abuser(a)) for a in range(abusers)]
+    good = await phase(base, args, args.clients, args.requests, seed_offset, deadline)
+    await asyncio.gather(*attackers)
+    done.set()
+    prober.join()
+    return {
+        "good": good,
+        "abuse_statuses": {name: sorted(codes, key=str) for name, codes in sorted(statuses.items())},
+        "health_probes": len(health),
+        "health_max_s": round(max(health), 3) if health else None,
+        "health_p95_s": percentile(health, 0.95),
+    }
+
+
+def peak_memory_kib(pid: int) -> int | None:
+    """The process's peak resident memory (``VmHWM``), in KiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def run_abuse(args, command: list[str], base: str) -> int:
+    import subprocess
+    import tempfile
+
+    from piscale.serve.process import wait_until_answering
+
+    load_at_start = os.getloadavg()
+    log = tempfile.TemporaryFile(mode="w+")
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+        startup = wait_until_answering(base + "/health", 600, server, log)
+        deadline = time.monotonic() + args.deadline
+        asyncio.run(phase(base, args, 1, 1, 10_000, deadline))  # warm-up
+        clean_run = asyncio.run(abuse_phase(base, args, deadline, 0, 1_000))
+        clean = clean_run["good"]
+        abused = asyncio.run(abuse_phase(base, args, deadline, args.abusers, 2_000))
+        turned_away = read_metrics(base).get("piscale_requests_turned_away_total")
+        peak = peak_memory_kib(server.pid)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+    clean_p95, abused_p95 = clean["latency_p95_s"], abused["good"]["latency_p95_s"]
+    record = {
+        "benchmark": "serve_abuse",
+        "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load_at_start]},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {
+            "model": args.model, "engine": args.engine, "engine_options": args.engine_option,
+            "algorithm": "pf", "reward": args.reward, "budget": args.budget, "max_steps": args.max_steps,
+            "max_step_tokens": args.max_step_tokens, "max_tokens": args.max_tokens,
+            "abusers": args.abusers, "abuse_requests_each": args.abuse_requests,
+            "server_startup_seconds": round(startup, 1),
+        },
+        "clean": clean,
+        "clean_health_max_s": clean_run["health_max_s"],
+        "clean_health_p95_s": clean_run["health_p95_s"],
+        "abused": abused,
+        "good_request_errors": abused["good"]["failed"],
+        "p95_ratio_abused_over_clean": round(abused_p95 / clean_p95, 2) if clean_p95 and abused_p95 else None,
+        "requests_turned_away_total": turned_away,
+        "server_peak_resident_mib": round(peak / 1024, 1) if peak is not None else None,
+    }
+    out = args.out if args.out != RESULTS / "serve_load.json" else RESULTS / "serve_abuse.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    summary = ("good_request_errors", "p95_ratio_abused_over_clean", "server_peak_resident_mib", "requests_turned_away_total")
+    print(json.dumps({**{k: record[k] for k in summary}, "clean_health_max_s": clean_run["health_max_s"],
+                      "health_max_s": abused["health_max_s"], "abuse_statuses": abused["abuse_statuses"]}, indent=2))
+    return 1 if clean["failed"] or abused["good"]["failed"] else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -185,6 +333,9 @@ def main() -> int:
         help="KEY=VALUE for the engine (repeatable), e.g. max_sequences=168 so that every particle in flight has a llama.cpp slot",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
+    parser.add_argument("--abuse", action="store_true", help="measure hostile requests beside good ones (see above)")
+    parser.add_argument("--abusers", type=int, default=4, help="hostile clients in the --abuse run")
+    parser.add_argument("--abuse-requests", type=int, default=9, help="hostile requests per hostile client")
     args = parser.parse_args()
 
     port = free_port()
@@ -195,6 +346,8 @@ def main() -> int:
         "--timeout", str(args.request_timeout), "--log-level", "warning",
         *[part for option in args.engine_option for part in ("--engine-option", option)],
     ]
+    if args.abuse:
+        return run_abuse(args, command, base)
     load_at_start = os.getloadavg()
     # fails with the server's log if it exits before answering
     with server_process(command, base + "/health", startup_s=600) as startup_seconds:

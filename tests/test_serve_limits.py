@@ -247,6 +247,24 @@ async def test_the_grading_pool_kills_an_overrunning_comparison_and_goes_on():
         pool.close()
 
 
+async def test_a_reward_grades_an_answer_that_ran_out_of_time_once():
+    from piscale.grading import GradingPool, install_pool
+    from piscale.rewards.verify import VerifierReward
+
+    pool = GradingPool(workers=1, timeout=1.0)
+    previous = install_pool(pool)
+    try:
+        reward = VerifierReward("10^{10^{10}}")
+        answers = [["\\boxed{3}"], ["\\boxed{4}"], ["\\boxed{10^{10^{10}}}"]]
+        assert await reward.score(["q"] * 3, answers) == [[0.0], [0.0], [1.0]]
+        assert pool.timed_out == 1  # the first comparison ran out of time; the next one was not tried
+        fresh = VerifierReward("4")  # another request's reward: nothing it does depends on the first one's
+        assert await fresh.score(["q"], [["\\boxed{2+2}"]]) == [[1.0]]
+    finally:
+        install_pool(previous)
+        pool.close()
+
+
 # -- the API key ------------------------------------------------------------------------------
 
 

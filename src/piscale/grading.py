@@ -18,6 +18,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.process
+import os
 import re
 import threading
 from functools import lru_cache
@@ -147,6 +148,11 @@ class GradingPool:
     async def equal(self, predicted: str | None, reference: str | None) -> bool:
         """``answers_equal(predicted, reference)`` in a worker; False when it
         takes longer than the time limit."""
+        return bool(await self.compare(predicted, reference))
+
+    async def compare(self, predicted: str | None, reference: str | None) -> bool | None:
+        """``answers_equal(predicted, reference)`` in a worker; None when it
+        takes longer than the time limit."""
         if predicted is None or reference is None:
             return False
         if predicted.strip() == reference.strip():
@@ -156,7 +162,8 @@ class GradingPool:
         if self._free is None:
             self._free = asyncio.Semaphore(self.workers)
         async with self._free:
-            worker = self._idle.pop() if self._idle else _Worker.spawn()
+            # Starting (and killing) a process takes a fork: not on the loop.
+            worker = self._idle.pop() if self._idle else await asyncio.to_thread(_Worker.spawn)
             self.busy += 1
             healthy = False
             try:
@@ -165,7 +172,7 @@ class GradingPool:
                 if not await _readable(worker.connection, self.timeout):
                     self.timed_out += 1
                     log.warning("grading %.80r against %.80r took over %g s; stopped", predicted, reference, self.timeout)
-                    return False
+                    return None
                 try:
                     result = bool(worker.connection.recv())
                 except (EOFError, OSError):
@@ -178,9 +185,7 @@ class GradingPool:
                 if healthy and not self._closed:
                     self._idle.append(worker)
                 else:
-                    worker.kill()
-                    if not self._closed:
-                        self._idle.append(_Worker.spawn())  # its replacement starts importing now
+                    asyncio.get_running_loop().run_in_executor(None, worker.kill)
 
     def close(self) -> None:
         self._closed = True
@@ -200,12 +205,29 @@ def install_pool(pool: GradingPool | None) -> GradingPool | None:
     return previous
 
 
-async def answers_equal_async(predicted: str | None, reference: str | None) -> bool:
-    """``answers_equal`` in the installed ``GradingPool``, or here when none is."""
+async def answers_equal_async(predicted: str | None, reference: str | None, slow: set[str] | None = None) -> bool:
+    """``answers_equal`` in the installed ``GradingPool``, or here when none is.
+
+    ``slow``, when given, collects the answers of comparisons that ran out of
+    time, and a comparison involving one of them is not equal at once: a
+    caller that keeps it (one request's reward) pays the time limit once per
+    answer that stalls math-verify, not once per candidate compared with it.
+    """
     pool = _pool
     if pool is None:
         return answers_equal(predicted, reference)
-    return await pool.equal(predicted, reference)
+    if predicted is None or reference is None:
+        return False
+    if predicted.strip() == reference.strip():
+        return True
+    if slow is not None and (predicted in slow or reference in slow):
+        return False
+    result = await pool.compare(predicted, reference)
+    if result is None:
+        if slow is not None:
+            slow.update((predicted, reference))
+        return False
+    return result
 
 
 class _Worker:
@@ -259,7 +281,11 @@ async def _readable(connection: Connection, timeout: float) -> bool:
 
 
 def _serve_comparisons(connection: Connection) -> None:
-    """A worker's loop: (predicted, reference) in, bool out, until EOF."""
+    """A worker's loop: (predicted, reference) in, bool out, until EOF. It
+    runs at a lower scheduling priority than the server, so that a grading
+    that spins until its time limit takes the CPU the server leaves idle."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)
     connection.send("ready")
     while True:
         try:

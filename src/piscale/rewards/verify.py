@@ -57,6 +57,8 @@ class VerifierReward(PrefixReward):
         self.reference = reference
         self.unanswered = float(unanswered)
         self.name = "verify"
+        self._slow: set[str] = set()
+        """answers whose grading ran out of time in a grading pool: not graded again."""
 
     def reference_for(self, prompt: str) -> str:
         if isinstance(self.reference, str):
@@ -73,7 +75,8 @@ class VerifierReward(PrefixReward):
             if answer is None:
                 scores.append(self.unanswered)
             else:
-                scores.append(1.0 if await answers_equal_async(answer, self.reference_for(prompt)) else 0.0)
+                equal = await answers_equal_async(answer, self.reference_for(prompt), self._slow)
+                scores.append(1.0 if equal else 0.0)
         return scores
 
 
