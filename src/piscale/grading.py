@@ -268,9 +268,14 @@ async def _readable(connection: Connection, timeout: float) -> bool:
     if connection.poll():
         return True
     loop = asyncio.get_running_loop()
-    ready = loop.create_future()
+    ready: asyncio.Future[None] = loop.create_future()
     descriptor = connection.fileno()
-    loop.add_reader(descriptor, lambda: ready.done() or ready.set_result(None))
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(descriptor, readable)
     try:
         await asyncio.wait_for(ready, timeout)
         return True
