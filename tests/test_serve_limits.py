@@ -311,3 +311,19 @@ def test_serving_beyond_loopback_without_a_key_warns():
         process.terminate()
         _, err = process.communicate(timeout=30)
     assert "without an API key" in " ".join(err.split())
+
+
+def test_limits_are_settings_checked_when_the_server_starts():
+    from piscale.serve.config import config_from_mapping
+
+    config = config_from_mapping({"max-concurrency": 64, "max_body_bytes": 262144, "max_queue": 0})
+    assert (config.max_concurrency, config.max_body_bytes, config.max_queue) == (64, 262144, 0)
+    for bad, message in (
+        ({"max_queue": -1}, "max_queue must be a non-negative integer"),
+        ({"max_request_sequences": 600}, "could never be admitted"),
+        ({"grading_timeout": float("nan")}, "grading_timeout must be a positive number"),
+        ({"max_body_bytes": True}, "max_body_bytes must be a positive integer"),
+        ({"request_timeout": float("inf")}, "request_timeout must be a positive number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            config_from_mapping(bad)

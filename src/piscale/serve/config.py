@@ -10,6 +10,8 @@ in a file, dashes and underscores are interchangeable::
     reward = "judge"             # used when a request scales without naming a reward
     max_budget = 64
     rewards = ["cdr:qwen2.5-coder-1.5b-instruct,qwen2.5-coder-0.5b-instruct"]
+    max_concurrency = 64         # limits (see ServerConfig): over them, 413 or 429
+    max_body_bytes = 262144
 
     [presets.careful]            # model "smollm2-135m-instruct:careful"
     algorithm = "pf"
