@@ -72,7 +72,7 @@ def test_training_reaches_the_fixed_point_b_equals_alpha(tiny_lm, tmp_path: Path
         token_ids=(None, None, None), log_rewards=(0.0, 1.0, 2.0),
     )
     start = ratios(tiny_lm, group, torch.zeros(3))
-    recipe = Recipe(beta=1.0, learning_rate=3e-3, prompts_per_step=1, micro_batch=1)
+    recipe = Recipe(beta=1.0, learning_rate=3e-3, examples_per_step=1, micro_batch=1)
     metrics = distill(tiny_lm, [group] * 150, recipe, out=tmp_path / "model")
     assert metrics[0].loss == pytest.approx(math.log(3), abs=1e-4)  # θ = θ_sft at the first step
     assert metrics[-1].loss < metrics[0].loss - 0.05

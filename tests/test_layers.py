@@ -5,6 +5,8 @@ Layers, low to high; a module may import its own layer and the ones below:
     0  numerics and leaf utilities  piscale.smc, piscale.grading, piscale.data,
                                     piscale.models (the model catalog the
                                     backends and rewards resolve names with),
+                                    piscale.recipe (the fine-tuning recipe
+                                    the trainers share),
                                     the piscale package itself (its public
                                     names load lazily)
     1  backends                     piscale.lm
@@ -13,7 +15,8 @@ Layers, low to high; a module may import its own layer and the ones below:
     4  the Python API               piscale.api, piscale.tasks (the task reader
                                     the applications share)
     5  applications                 piscale.eval, piscale.serve, piscale.annotate,
-                                    piscale.distill, piscale.values, piscale.tracepage,
+                                    piscale.distill, piscale.sft, piscale.values,
+                                    piscale.tracepage,
                                     piscale.narrative
     6  the command line             piscale.cli
 
@@ -37,7 +40,10 @@ SOURCE = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SOURCE / "piscale"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("numerics and leaf utilities", ("piscale.smc", "piscale.grading", "piscale.data", "piscale.models", "piscale")),
+    (
+        "numerics and leaf utilities",
+        ("piscale.smc", "piscale.grading", "piscale.data", "piscale.models", "piscale.recipe", "piscale"),
+    ),
     ("backends", ("piscale.lm",)),
     ("rewards", ("piscale.rewards",)),
     ("search", ("piscale.search",)),
@@ -49,6 +55,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "piscale.serve",
             "piscale.annotate",
             "piscale.distill",
+            "piscale.sft",
             "piscale.values",
             "piscale.tracepage",
             "piscale.narrative",

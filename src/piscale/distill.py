@@ -26,11 +26,11 @@ records how it sampled; other files are refused). Every prompt with at least
 two scored responses is used, tied or not: ties give a uniform α, which
 still pulls π_θ towards p_sft's relative preferences among the responses.
 
-The optimiser follows Pareja et al. (2024) for small models: AdamW at a
-constant learning rate without warm-up (1e-5 by default; they found
-1e-6..2e-5 best), large effective batches through gradient accumulation,
-and per-step loss and gradient norm recorded, since early in training a
-lower gradient norm and a higher loss predict a better final model.
+The optimiser follows the recipe of Pareja et al. (2024) for small models
+(``piscale.recipe``): AdamW at a constant learning rate without warm-up,
+large effective batches through gradient accumulation, and per-step loss
+and gradient norm recorded, since early in training a lower gradient norm
+and a higher loss predict a better final model.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ import numpy as np
 import torch
 
 from piscale.annotate import skipped_path
+from piscale.recipe import Recipe as TrainingRecipe
+from piscale.recipe import RecipeError
 from piscale.smc import effective_sample_size, log_reward, normalize
 
 
@@ -73,28 +75,20 @@ class Group:
 
 
 @dataclass
-class Recipe:
+class Recipe(TrainingRecipe):
+    """The shared optimiser recipe (``piscale.recipe``; an example is one
+    prompt with its responses) and BRAIn's temperature."""
+
     beta: float = 1.0
     """temperature of the tilt exp(r/β): smaller follows the reward harder."""
-    learning_rate: float = 1e-5
-    prompts_per_step: int = 32
-    """prompts per optimiser step (the effective batch; gradients accumulate)."""
-    micro_batch: int = 4
-    """prompts per forward pass."""
-    epochs: int = 1
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("beta", "learning_rate"):
-            if not getattr(self, name) > 0:
-                raise DistillError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("prompts_per_step", "micro_batch", "epochs"):
-            if getattr(self, name) < 1:
-                raise DistillError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_grad_norm <= 0 or self.weight_decay < 0:
-            raise DistillError("max_grad_norm must be > 0 and weight_decay >= 0")
+        try:
+            super().__post_init__()
+        except RecipeError as error:
+            raise DistillError(str(error)) from error
+        if not self.beta > 0:
+            raise DistillError(f"beta must be > 0, got {self.beta}")
 
 
 @dataclass
@@ -261,7 +255,7 @@ def distill(
     ``out/metrics.jsonl`` as they come.
 
         log p_sft(y_i|x) for every response, once, before any update
-        for each epoch, for each step of ``prompts_per_step`` shuffled prompts:
+        for each epoch, for each step of ``examples_per_step`` shuffled prompts:
             accumulate ∇ mean_x L_x(θ) over micro-batches; clip; AdamW step
 
     The model stays in eval mode: dropout would make log π_θ differ from
@@ -285,7 +279,7 @@ def distill(
     metrics: list[StepMetrics] = []
     for epoch in range(1, recipe.epochs + 1):
         shuffled = [groups[i] for i in rng.permutation(len(groups))]
-        for batch in _chunks(shuffled, recipe.prompts_per_step):
+        for batch in _chunks(shuffled, recipe.examples_per_step):
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             total = 0.0

@@ -19,7 +19,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_COMMAND_MODULES = ("main", "models", "trace", "score", "eval", "annotate", "distill", "serve", "values", "narrative")
+_COMMAND_MODULES = (
+    "main", "models", "trace", "score", "eval", "annotate", "distill", "sft", "serve", "values", "narrative"
+)
 
 for _name in _COMMAND_MODULES:
     try:

@@ -40,7 +40,7 @@ def distill_command(
     console = Console(stderr=True, markup=False)
     try:
         recipe = Recipe(
-            beta=beta, learning_rate=learning_rate, prompts_per_step=prompts_per_step, micro_batch=micro_batch,
+            beta=beta, learning_rate=learning_rate, examples_per_step=prompts_per_step, micro_batch=micro_batch,
             epochs=epochs, max_grad_norm=max_grad_norm, seed=seed,
         )
         groups, left_out = load_groups(annotations, policy=model)
