@@ -17,7 +17,7 @@ Layers, low to high; a module may import its own layer and the ones below:
     5  applications                 piscale.eval, piscale.serve, piscale.annotate,
                                     piscale.distill, piscale.sft, piscale.values,
                                     piscale.tracepage,
-                                    piscale.narrative
+                                    piscale.narrative, piscale.bias
     6  the command line             piscale.cli
 
 Applications sit side by side and should not need each other; the imports
@@ -59,6 +59,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "piscale.values",
             "piscale.tracepage",
             "piscale.narrative",
+            "piscale.bias",
         ),
     ),
     ("the command line", ("piscale.cli",)),

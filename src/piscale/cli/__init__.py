@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 _COMMAND_MODULES = (
-    "main", "models", "trace", "score", "eval", "annotate", "distill", "sft", "serve", "values", "narrative"
+    "main", "models", "trace", "score", "eval", "annotate", "distill", "sft", "serve", "values", "narrative", "bias"
 )
 
 for _name in _COMMAND_MODULES:
