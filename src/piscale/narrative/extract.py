@@ -42,7 +42,10 @@ The pipeline, over a spaCy parse (``resources.load_spacy``):
    has one: "told him to go").
 6. **Category**: the WordNet supersense (lexicographer file) of the verb's
    most frequent sense, tried as a phrasal verb first ("run_away").
-7. **Temporal rank**: text order of the verbs (ties share a rank).
+7. **Temporal rank**: the order of the event verbs in story time, by text
+   order (``temporal="text"``) or by tense, aspect and temporal connectives
+   (``"rules"``, the default; see ``piscale.narrative.temporal``); events of
+   one verb share a rank.
 8. **Salience**: tf-idf of the verb lemma with the story's sentences as the
    documents, ``tf * (ln((1 + S) / (1 + df)) + 1)``; each sentence's event
    with the highest salience is marked ``salient``.
@@ -58,23 +61,25 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from piscale.narrative import lexicon
+from piscale.narrative import temporal as temporal_order
 from piscale.narrative.lexicon import FEMALE, MALE
 from piscale.narrative.resources import NarrativeError, load_spacy, wordnet
 from piscale.narrative.schema import Character, Event, Mention, Sentence, StoryResult
 
-__all__ = ["GENDER_SHARE", "SECONDARY_SHARE", "Extractor", "extract"]
+__all__ = ["GENDER_SHARE", "SECONDARY_SHARE", "TEMPORAL", "Extractor", "extract"]
 
 GENDER_SHARE = 0.75
 PRIMARY_SHARE = 0.5
 SECONDARY_SHARE = 0.15
 WINDOW = 3  # sentences before the pronoun's that a pronoun may reach
 MIN_MENTIONS = 2  # characters mentioned fewer times are dropped
+TEMPORAL = "rules"  # the default temporal order (``temporal.METHODS``); "text" is the baseline
 UNKNOWN_GENDER = "group-or-unknown"
 
 _QUOTES_OPEN = {"\u201c", "``"}
@@ -205,10 +210,17 @@ def _lexical_gender(word: str) -> str | None:
 class Extractor:
     """Runs the pipeline; one instance can process many stories."""
 
-    def __init__(self, model: str | None = None, *, min_mentions: int = MIN_MENTIONS) -> None:
+    def __init__(
+        self, model: str | None = None, *, min_mentions: int = MIN_MENTIONS, temporal: str = TEMPORAL
+    ) -> None:
+        if temporal not in temporal_order.METHODS:
+            raise NarrativeError(
+                f"unknown temporal method {temporal!r}; choose one of {', '.join(temporal_order.METHODS)}"
+            )
         self.nlp = load_spacy(model)
         wordnet()  # fetched and loaded up front, not inside the first story
         self.min_mentions = min_mentions
+        self.temporal = temporal
 
     def __call__(self, text: str, story_id: str = "story", origin: str = "") -> StoryResult:
         return self.process(text, story_id, origin)
@@ -219,7 +231,15 @@ class Extractor:
         if len(text) > self.nlp.max_length:
             self.nlp.max_length = len(text) + 1
         doc = self.nlp(text)
-        return _Story(doc, story_id, origin, self.min_mentions).result()
+        return _Story(doc, story_id, origin, self.min_mentions, self.temporal).result()
+
+    def story_time(self, text: str, method: str | None = None) -> tuple[Any, list[int]]:
+        """The parse of ``text`` and, per token, the position in story time of
+        its clause by ``method`` (default: this extractor's; see ``temporal``)."""
+        if len(text) > self.nlp.max_length:
+            self.nlp.max_length = len(text) + 1
+        doc = self.nlp(text)
+        return doc, _Story(doc, "", "", self.min_mentions, method or self.temporal).story_time()
 
     def pipe(self, stories: Iterable[tuple[str, str, str]], batch_size: int = 8) -> Iterable[StoryResult]:
         """(id, origin, text) triples -> results, parsed in spaCy batches."""
@@ -229,25 +249,28 @@ class Extractor:
                 self.nlp.max_length = len(item[2]) + 1
         docs = self.nlp.pipe((text for _, _, text in items), batch_size=batch_size)
         for (story_id, origin, _), doc in zip(items, docs):
-            yield _Story(doc, story_id, origin, self.min_mentions).result()
+            yield _Story(doc, story_id, origin, self.min_mentions, self.temporal).result()
 
 
-def extract(text: str, story_id: str = "story", origin: str = "", *, model: str | None = None) -> StoryResult:
+def extract(
+    text: str, story_id: str = "story", origin: str = "", *, model: str | None = None, temporal: str = TEMPORAL
+) -> StoryResult:
     """Extract one story's characters and events (see the module docstring)."""
-    return _extractor(model).process(text, story_id, origin)
+    return _extractor(model, temporal).process(text, story_id, origin)
 
 
 @lru_cache(maxsize=2)
-def _extractor(model: str | None) -> Extractor:
-    return Extractor(model)
+def _extractor(model: str | None, temporal: str) -> Extractor:
+    return Extractor(model, temporal=temporal)
 
 
 class _Story:
-    def __init__(self, doc: Any, story_id: str, origin: str, min_mentions: int) -> None:
+    def __init__(self, doc: Any, story_id: str, origin: str, min_mentions: int, temporal: str) -> None:
         self.doc = doc
         self.id = story_id
         self.origin = origin
         self.min_mentions = min_mentions
+        self.temporal = temporal
         self.sentences = list(doc.sents) if len(doc) else []
         self.sentence_of = [0] * len(doc)
         for index, sentence in enumerate(self.sentences):
@@ -583,28 +606,35 @@ class _Story:
         self._resolve_speakers()
         self.mentions.sort(key=lambda m: m.token)
 
-    def _resolve_speakers(self) -> None:
+    def _quotes(self) -> dict[int, list[int]]:
+        """Quote id -> the indices of its tokens."""
         regions: dict[int, list[int]] = defaultdict(list)
         for index, region in enumerate(self.quote_region):
             if region >= 0:
                 regions[region].append(index)
+        return regions
+
+    def _speech_verbs(self, tokens: list[int]) -> Iterator[Any]:
+        """The verbs of speaking outside quotes in the sentences that the
+        quote made of ``tokens`` spans, in text order: its reporting clause
+        ("... ," said the Snow Man)."""
+        for s in range(self.sentence_of[tokens[0]], self.sentence_of[tokens[-1]] + 1):
+            for token in self.sentences[s]:
+                if self.quote_region[token.i] < 0 and token.pos_ == "VERB":
+                    if token.lemma_.lower() in lexicon.SPEECH_VERBS:
+                        yield token
+
+    def _resolve_speakers(self) -> None:
+        regions = self._quotes()
         previous_speaker: tuple[int, int] | None = None  # (paragraph start token, entity)
         for region in sorted(regions):
             tokens = regions[region]
-            first, final = tokens[0], tokens[-1]
-            sentences = range(self.sentence_of[first], self.sentence_of[final] + 1)
+            first = tokens[0]
             speaker = None
-            for s in sentences:
-                for token in self.sentences[s]:
-                    if self.quote_region[token.i] >= 0 or token.pos_ != "VERB":
-                        continue
-                    if token.lemma_.lower() not in lexicon.SPEECH_VERBS:
-                        continue
-                    for child in token.children:
-                        if child.dep_ == "nsubj" and child.i in self.by_token:
-                            speaker = self.by_token[child.i].entity
-                    if speaker is not None:
-                        break
+            for verb in self._speech_verbs(tokens):
+                for child in verb.children:
+                    if child.dep_ == "nsubj" and child.i in self.by_token:
+                        speaker = self.by_token[child.i].entity
                 if speaker is not None:
                     break
             paragraph = self._paragraph_start(first)
@@ -623,6 +653,15 @@ class _Story:
                     self.by_token[index] = mention
                     self.mentions.append(mention)
                     self._link(mention, entity)
+
+    def story_time(self) -> list[int]:
+        """Per token, the position of its clause in story time."""
+        reporting = {}
+        for region, tokens in self._quotes().items():
+            verb = next(self._speech_verbs(tokens), None)
+            if verb is not None:
+                reporting[region] = verb.i
+        return temporal_order.story_time(self.doc, self.temporal, self.quote_region, reporting)
 
     def _paragraph_start(self, index: int) -> int:
         while index > 0 and "\n" not in self.doc[index - 1].text:
@@ -787,7 +826,8 @@ class _Story:
                 raw_events.append((verb, mention, role))
         lemmas = {verb.i: self._verb_lemma(verb) for verb, _, _ in raw_events}
         idf = self._idf()
-        positions = sorted({verb.i for verb, _, _ in raw_events})
+        time = self.story_time()
+        positions = sorted({verb.i for verb, _, _ in raw_events}, key=lambda i: (time[i], i))
         rank = {position: r for r, position in enumerate(positions)}
         events: list[Event] = []
         for verb, mention, role in raw_events:
