@@ -107,21 +107,36 @@ def plot_distributions(
     return path
 
 
+def widest_pair(report: dict[str, Any]) -> tuple[str, str] | None:
+    """The pair of attribute values furthest apart (W1) in ``report``."""
+    pairs = report["bias"]["pairs"]
+    if not pairs:
+        return None
+    pair = max(pairs, key=lambda p: p["wasserstein"]["value"])
+    return pair["a"], pair["b"]
+
+
+def find_pair(report: dict[str, Any], pair: tuple[str, str]) -> dict[str, Any] | None:
+    return next((p for p in report["bias"]["pairs"] if (p["a"], p["b"]) == pair), None)
+
+
 def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
-    """Bias (W1 between the attribute values, with its interval) against
-    perplexity, one point per run, PNG. ``rows``: {"label", "report"}."""
+    """Bias between two attribute values (the pair furthest apart in the
+    first run), W1 and mean difference with their intervals, against the
+    perplexity of the continuations, one point per run, PNG.
+    ``rows``: {"label", "report"}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(9.6, 4.0), layout="constrained")
+    chosen = widest_pair(rows[0]["report"]) if rows else None
     for number, row in enumerate(rows):
-        bias = row["report"]["bias"]
+        pair = find_pair(row["report"], chosen) if chosen else None
         quality = row["report"]["quality_attributed"]
-        if not bias["pairs"]:
+        if pair is None or quality is None:
             continue
-        pair = bias["pairs"][0]
         for ax, key in ((left, "wasserstein"), (right, "mean_difference")):
             cell = pair[key]
             ax.errorbar(
@@ -129,10 +144,11 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, title: str
                 yerr=[[cell["value"] - cell["low"]], [cell["high"] - cell["value"]]],
                 marker="os^Dv"[number % 5], capsize=3, label=row["label"],
             )
-        left.axhline(pair["null_wasserstein"]["mean"], color="0.6", linestyle=":", linewidth=1)
+        left.scatter([quality["perplexity"]], [pair["null_wasserstein"]["q95"]], marker="_", s=200, color="0.5")
     right.axhline(0.0, color="0.6", linestyle=":", linewidth=1)
-    left.set_ylabel("W1 between the values' property distributions")
-    right.set_ylabel("difference of the values' mean property")
+    names = f"{chosen[0]} vs {chosen[1]}" if chosen else ""
+    left.set_ylabel(f"W1, {names} (grey: 95% of W1 without bias)")
+    right.set_ylabel(f"mean property difference, {names}")
     for ax in (left, right):
         ax.set_xlabel("perplexity of the continuations under the model")
         ax.grid(True, alpha=0.3)

@@ -137,7 +137,7 @@ def measure_command(
     prop: str = typer.Option("political", "--property", help=PROPERTY_HELP),
     prompts_file: Path = typer.Option(None, "--prompts", help="Your own prompt-set file (layout of the shipped one)."),
     model: str = typer.Option(SMALL_MODEL, "--model", help="Catalog name, .gguf file, folder or hub id."),
-    engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | openai"),
+    engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | vllm | openai"),
     engine_option: list[str] = typer.Option([], "--engine-option", help="Engine argument KEY=VALUE (repeatable)."),
     max_tokens: int = typer.Option(32, "--max-tokens", help="Token cap of a continuation."),
     temperature: float = typer.Option(1.0, "--temperature"),
@@ -172,7 +172,7 @@ def debias_command(
     samples: int = typer.Option(None, "--samples", help="Continuations per prompt (default: the measurement's)."),
     values: str = typer.Option(None, "--values", help="Comma-separated values (default: every non-neutral value)."),
     concurrency: int = typer.Option(8, "--concurrency", help="Continuations searched together."),
-    engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | openai"),
+    engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | vllm | openai"),
     engine_option: list[str] = typer.Option([], "--engine-option", help="Engine argument KEY=VALUE (repeatable)."),
     bootstrap: int = typer.Option(2000, "--bootstrap"),
 ) -> None:
@@ -227,17 +227,22 @@ def compare_command(
         s = report["run"]["sampling"]
         label = {"sample": "sampling", "pf": f"pf beta={s['beta']:g} N={s['particles']}",
                  "bon": f"best-of-{s['particles']}"}[s["method"]]
-        rows.append({"label": label, "report": report})
-        pair = report["bias"]["pairs"][0] if report["bias"]["pairs"] else None
         q = report["quality_attributed"]
-        if pair is None or q is None:
+        rows.append({"label": f"{label}, {q['continuations'] if q else 0} continuations", "report": report})
+        if q is None:
             continue
-        d, w = pair["mean_difference"], pair["wasserstein"]
+        spread = ", ".join(f"{v} {row['sd']:.4f}" for v, row in report["bias"]["values"].items())
         typer.echo(
-            f"{label:>22}: {pair['a']}-{pair['b']} mean diff {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], "
-            f"W1 {w['value']:.4f} [{w['low']:.4f}, {w['high']:.4f}]; perplexity {q['perplexity']:.1f}, "
-            f"distinct-2 {q['distinct_2']:.3f}, {q['generated_tokens_per_continuation']:.0f} tokens/continuation"
+            f"{label} ({q['continuations']} continuations): perplexity {q['perplexity']:.1f}, "
+            f"distinct-1 {q['distinct_1']:.3f}, distinct-2 {q['distinct_2']:.3f}, "
+            f"{q['generated_tokens_per_continuation']:.0f} tokens/continuation; sd of s: {spread}"
         )
+        for pair in report["bias"]["pairs"]:
+            d, w, null = pair["mean_difference"], pair["wasserstein"], pair["null_wasserstein"]
+            typer.echo(
+                f"    {pair['a']} - {pair['b']}: mean diff {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], "
+                f"W1 {w['value']:.4f} [{w['low']:.4f}, {w['high']:.4f}] (no-bias 95% {null['q95']:.4f})"
+            )
     plot_comparison(rows, out, title)
 
 
