@@ -337,8 +337,17 @@ async def ranking(args: argparse.Namespace) -> None:
         elif kind == "cdr":
             name = f"cdr {args.strong} / {args.policy}"
             reward = DensityRatioReward(backend(args.strong), backend(args.policy), criteria=DEFAULT_CRITERIA)
+        elif kind == "value" or kind.startswith("value:"):
+            from piscale.rewards.spec import from_spec
+            from piscale.rewards.value import file_sha256, shipped_head_path
+
+            # The learned step value (the shipped head, or value:PATH); the
+            # head's sha256 names it, so a retrained head gets its own row.
+            head = kind.partition(":")[2] or shipped_head_path()
+            reward = from_spec(kind)
+            name = f"{kind} (head {file_sha256(head)[:12]})"
         else:
-            raise SystemExit(f"unknown reward {kind!r}; choose from arith, judge, cdr")
+            raise SystemExit(f"unknown reward {kind!r}; choose from arith, judge, cdr, value, value:PATH")
         start = time.perf_counter()
         flat = await score_trajectories(reward, prompts, trajectories, "model")
         seconds = time.perf_counter() - start
@@ -371,7 +380,7 @@ def main() -> None:
     parser.add_argument("--judge", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--strong", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--generate-only", action="store_true", help="ranking: only sample the answers")
-    parser.add_argument("--rewards", default="arith,judge,cdr", help="ranking: which rewards to measure")
+    parser.add_argument("--rewards", default="arith,judge,cdr", help="ranking: which rewards to measure (arith, judge, cdr, value, value:PATH)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.mode == "ranking":
