@@ -6,6 +6,7 @@ good ones get exactly what they get alone."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
@@ -13,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from piscale.lm.toy import ToyLM
+from piscale.lm.toy import EOS, ToyLM
 from piscale.serve import ServerConfig, create_app
 from test_serve_support import metrics, serve_in_thread, serve_subprocess
 
@@ -263,6 +264,123 @@ async def test_a_reward_grades_an_answer_that_ran_out_of_time_once():
     finally:
         install_pool(previous)
         pool.close()
+
+
+STALLING = "10^{10^{10}}"
+"""An answer math-verify spends seconds parsing."""
+
+
+async def test_a_vote_groups_alike_in_the_grading_pool_and_pays_a_stalling_answer_once():
+    from piscale.grading import GradingPool, install_pool
+    from piscale.search.select import group_answers, group_answers_async
+
+    easy = ["\\frac{1}{2}", "0.5", None, "3", "6/2", "x+1", "1+x", "7"]
+    assert group_answers(easy) == [0, 0, None, 1, 1, 2, 2, 3]
+    assert await group_answers_async(easy) == [0, 0, None, 1, 1, 2, 2, 3]  # no pool: graded here
+    pool = GradingPool(workers=1, timeout=1.0)
+    previous = install_pool(pool)
+    try:
+        assert await group_answers_async(easy) == [0, 0, None, 1, 1, 2, 2, 3]
+        grouping = asyncio.ensure_future(group_answers_async(["3", STALLING, "3", STALLING, "4", "2+2"]))
+        while pool.busy == 0 and not grouping.done():
+            await asyncio.sleep(0.01)
+        assert not grouping.done()  # this coroutine ran while the grouping waited on a worker
+        assert await grouping == [0, 1, 0, 1, 2, 2]
+        assert pool.timed_out == 1  # comparing the stalling answer ran out of time once; its repeat was not graded
+    finally:
+        install_pool(previous)
+        pool.close()
+
+
+ANSWERS = ("\\boxed{3}", f"\\boxed{{{STALLING}}}")
+
+
+def stalling_rule(prompt: str, generated: tuple[str, ...]) -> dict[str, float]:
+    """The toy model answering 3 or the stalling answer, as often."""
+    return {EOS: 1.0} if generated else dict.fromkeys(ANSWERS, 0.5)
+
+
+def test_a_vote_over_a_stalling_answer_does_not_stall_the_server():
+    """Self-consistency and particle filtering's weighted vote key every
+    answer with math-verify: in the grading workers, under their time limit,
+    while /health is answered."""
+    toy = ToyLM(stalling_rule, words=ANSWERS)
+    config = ServerConfig(model="toy", grading_timeout=2.0)
+    with serve_in_thread(create_app(config, toy)) as url:
+        searches = [
+            {"algorithm": "sc", "budget": 4, "reward": "none", "seed": 0, "candidates": True},
+            {"algorithm": "pf", "budget": 4, "reward": "arith", "seed": 0, "candidates": True,
+             "options": {"selection": "weighted-vote"}},
+        ]
+        for count, scaled in enumerate(searches, start=1):
+            body = chat_body("What is 2 + 2?", piscale=scaled)
+            post = functools.partial(httpx.post, url + "/v1/chat/completions", json=body, timeout=120)
+            voting, result = in_background(post)
+            wait_until(lambda: metrics(url)["piscale_grading_in_progress"] >= 1)
+            assert httpx.get(url + "/health", timeout=30).status_code == 200
+            assert voting.is_alive()  # answered while the vote was still grading
+            voting.join()
+            assert result[0].status_code == 200
+            answer = result[0].json()
+            samples = [c["text"] for c in answer["piscale"]["searches"][0]["candidates"]]
+            assert set(samples) == set(ANSWERS)  # both answers were voted on
+            assert answer["choices"][0]["message"]["content"] in ANSWERS
+            assert metrics(url)["piscale_grading_timed_out_total"] == count  # once per request, not per sample
+
+
+class Held:
+    """Holds forward passes, once ``armed``, until ``go``; ``entered`` says
+    that one is being held (threading events: passes run off the loop)."""
+
+    def __init__(self):
+        self.armed = False
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def hold(self) -> None:
+        if self.armed:
+            self.entered.set()
+            self.go.wait(120)
+
+
+class HeldForwardToy(ToyLM):
+    def __init__(self, held: Held):
+        super().__init__()
+        self.held = held
+
+    def _decode(self, requests):
+        self.held.hold()
+        return super()._decode(requests)
+
+
+def held_engine(engine: str, held: Held):
+    if engine == "toy":
+        return HeldForwardToy(held)
+    from piscale.lm.hf import TransformersLM
+    from tiny_models import tiny_causal_lm
+
+    model, tokenizer = tiny_causal_lm("llama")
+    model.register_forward_pre_hook(lambda module, args: held.hold())
+    return TransformersLM(model, tokenizer, name="tiny")
+
+
+@pytest.mark.parametrize("engine", ["toy", "hf"])
+def test_health_answers_while_a_forward_pass_runs(engine):
+    held = Held()
+    with serve_in_thread(create_app(ServerConfig(model=engine), held_engine(engine, held))) as url:
+        body = chat_body("What is 1 + 1?", seed=1, max_tokens=8, model=engine)
+        alone = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        held.armed = True
+        try:
+            request, result = in_background(lambda: httpx.post(url + "/v1/chat/completions", json=body, timeout=120))
+            assert held.entered.wait(60)
+            assert httpx.get(url + "/health", timeout=30).status_code == 200  # on the loop, while the pass is held
+            assert request.is_alive()
+        finally:
+            held.go.set()
+        request.join()
+        assert result[0].status_code == alone.status_code == 200
+        assert result[0].json()["choices"] == alone.json()["choices"]
 
 
 # -- the API key ------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ Equivalence is symbolic or numeric, through ``math-verify``: ``1/2``,
 verifier reward, self-consistency voting and the evaluation harness.
 
 A server grades in a ``GradingPool`` (``install_pool``): worker processes
-with a hard time limit per comparison, so that no answer can stall its event
-loop; ``answers_equal_async`` is the comparison that uses it.
+with a hard time limit per grading, so that no answer can stall its event
+loop; ``answers_equal_async`` and ``normalize_answer_async`` are the
+comparison and the voting key that use it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import multiprocessing.process
 import os
 import re
 import threading
+from collections.abc import Callable
 from functools import lru_cache
 from multiprocessing.connection import Connection
 
@@ -79,7 +81,12 @@ def normalize_answer(answer: str) -> str:
     """A canonical string for voting: the parsed expression when math-verify
     understands it, else the stripped text without spaces."""
     parsed = _parse(answer, _in_main_thread())
-    return str(parsed[0]) if parsed else re.sub(r"\s+", "", answer)
+    return str(parsed[0]) if parsed else _plain_key(answer)
+
+
+def _plain_key(answer: str) -> str:
+    """The voting key of an answer math-verify cannot read: its text without spaces."""
+    return re.sub(r"\s+", "", answer)
 
 
 def answers_equal(predicted: str | None, reference: str | None) -> bool:
@@ -108,18 +115,23 @@ def is_correct(response: str, reference: str) -> bool:
 
 # -- grading off the event loop ------------------------------------------------
 
+_TASKS: dict[str, Callable[..., object]] = {"equal": answers_equal, "normalize": normalize_answer}
+"""What a grading worker can be asked to do, by name."""
+
+_TIMED_OUT = object()
+
 
 class GradingPool:
-    """Worker processes that compare answers, each comparison under a hard
-    time limit.
+    """Worker processes that grade answers (compare two, or give one's voting
+    key), each grading under a hard time limit.
 
     math-verify can take seconds on an adversarial answer (``10^{10^{10}}``)
     and its own timeouts rely on SIGALRM, which stops nothing outside the
     main thread. A server grades in these workers instead: the event loop
     only waits on a pipe, and a worker that overruns ``timeout`` is killed
-    and replaced, its comparison counted as not equal. Workers start on
+    and replaced, its grading counted as timed out. Workers start on
     first use (or ``start``), and are ready only once they have imported
-    math-verify, so a comparison's clock does not include that import.
+    math-verify, so a grading's clock does not include that import.
     """
 
     def __init__(self, workers: int = 1, timeout: float = 10.0, startup_timeout: float = 120.0):
@@ -131,9 +143,9 @@ class GradingPool:
         self.timeout = timeout
         self.startup_timeout = startup_timeout
         self.busy = 0
-        """comparisons under way."""
+        """gradings under way."""
         self.timed_out = 0
-        """comparisons stopped by the time limit (their workers killed)."""
+        """gradings stopped by the time limit (their workers killed)."""
         self._idle: list[_Worker] = []
         self._started = 0
         self._free: asyncio.Semaphore | None = None
@@ -157,6 +169,19 @@ class GradingPool:
             return False
         if predicted.strip() == reference.strip():
             return True
+        result = await self._run("equal", predicted, reference)
+        return None if result is _TIMED_OUT else bool(result)
+
+    async def normalize(self, answer: str) -> str | None:
+        """``normalize_answer(answer)`` in a worker; None when it takes longer
+        than the time limit."""
+        result = await self._run("normalize", answer)
+        return None if result is _TIMED_OUT else str(result)
+
+    async def _run(self, task: str, *args: str) -> object:
+        """``_TASKS[task](*args)`` in an idle worker: its result, ``_TIMED_OUT``
+        when the time limit stopped it, and the task's failure value (not
+        equal; the plain key) when its worker died."""
         if self._closed:
             raise RuntimeError("the grading pool is closed")
         if self._free is None:
@@ -168,16 +193,16 @@ class GradingPool:
             healthy = False
             try:
                 await worker.ready(self.startup_timeout)
-                worker.connection.send((predicted, reference))
+                worker.connection.send((task, args))
                 if not await _readable(worker.connection, self.timeout):
                     self.timed_out += 1
-                    log.warning("grading %.80r against %.80r took over %g s; stopped", predicted, reference, self.timeout)
-                    return None
+                    log.warning("grading (%s) %.80r took over %g s; stopped", task, args, self.timeout)
+                    return _TIMED_OUT
                 try:
-                    result = bool(worker.connection.recv())
+                    result = worker.connection.recv()
                 except (EOFError, OSError):
-                    log.warning("a grading worker died grading %.80r against %.80r", predicted, reference)
-                    return False
+                    log.warning("a grading worker died grading (%s) %.80r", task, args)
+                    return _failed(task, args)
                 healthy = True
                 return result
             finally:
@@ -194,12 +219,17 @@ class GradingPool:
         self._idle.clear()
 
 
+def _failed(task: str, args: tuple) -> object:
+    """What a grading that failed counts as: not equal, or the plain key."""
+    return _plain_key(args[0]) if task == "normalize" else False
+
+
 _pool: GradingPool | None = None
 
 
 def install_pool(pool: GradingPool | None) -> GradingPool | None:
-    """Make ``answers_equal_async`` grade in ``pool`` (None: in this
-    process); returns the pool installed before."""
+    """Make ``answers_equal_async`` and ``normalize_answer_async`` grade in
+    ``pool`` (None: in this process); returns the pool installed before."""
     global _pool
     previous, _pool = _pool, pool
     return previous
@@ -208,10 +238,11 @@ def install_pool(pool: GradingPool | None) -> GradingPool | None:
 async def answers_equal_async(predicted: str | None, reference: str | None, slow: set[str] | None = None) -> bool:
     """``answers_equal`` in the installed ``GradingPool``, or here when none is.
 
-    ``slow``, when given, collects the answers of comparisons that ran out of
+    ``slow``, when given, collects the answers of gradings that ran out of
     time, and a comparison involving one of them is not equal at once: a
-    caller that keeps it (one request's reward) pays the time limit once per
-    answer that stalls math-verify, not once per candidate compared with it.
+    caller that keeps it (one request's reward, one vote) pays the time limit
+    once per answer that stalls math-verify, not once per candidate compared
+    with it.
     """
     pool = _pool
     if pool is None:
@@ -230,6 +261,23 @@ async def answers_equal_async(predicted: str | None, reference: str | None, slow
     return result
 
 
+async def normalize_answer_async(answer: str, slow: set[str] | None = None) -> str:
+    """``normalize_answer`` in the installed ``GradingPool``, or here when
+    none is. An answer whose parsing runs out of time keys as an answer
+    math-verify cannot read (its text without spaces) and joins ``slow``."""
+    pool = _pool
+    if pool is None:
+        return normalize_answer(answer)
+    if slow is not None and answer in slow:
+        return _plain_key(answer)
+    key = await pool.normalize(answer)
+    if key is None:
+        if slow is not None:
+            slow.add(answer)
+        return _plain_key(answer)
+    return key
+
+
 class _Worker:
     def __init__(self, process: multiprocessing.process.BaseProcess, connection: Connection):
         self.process = process
@@ -242,7 +290,7 @@ class _Worker:
         # forked child must not inherit.
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        process = context.Process(target=_serve_comparisons, args=(child,), daemon=True, name="piscale-grading")
+        process = context.Process(target=_serve_gradings, args=(child,), daemon=True, name="piscale-grading")
         process.start()
         child.close()
         return cls(process, parent)
@@ -285,8 +333,8 @@ async def _readable(connection: Connection, timeout: float) -> bool:
         loop.remove_reader(descriptor)
 
 
-def _serve_comparisons(connection: Connection) -> None:
-    """A worker's loop: (predicted, reference) in, bool out, until EOF. It
+def _serve_gradings(connection: Connection) -> None:
+    """A worker's loop: (task, arguments) in, its result out, until EOF. It
     runs at a lower scheduling priority than the server, so that a grading
     that spins until its time limit takes the CPU the server leaves idle."""
     with contextlib.suppress(OSError, AttributeError):
@@ -294,11 +342,11 @@ def _serve_comparisons(connection: Connection) -> None:
     connection.send("ready")
     while True:
         try:
-            predicted, reference = connection.recv()
+            task, args = connection.recv()
         except (EOFError, OSError):
             return
         try:
-            result = answers_equal(predicted, reference)
+            result = _TASKS[task](*args)
         except Exception:
-            result = False
+            result = _failed(task, args)
         connection.send(result)

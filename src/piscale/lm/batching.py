@@ -19,14 +19,19 @@ engine usable.
 
 An engine gives the pass (``_decode_pass``), and may give a pause between
 passes (``_between_passes``).
+
+An engine whose own code decodes a whole step for many sequences at once
+(the toy model) batches at the step instead: ``MergedCalls`` runs the
+``extend`` calls in flight as one call of the engine, on a worker thread.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from piscale.lm.base import FinishReason, Handle, StepOutput, StepParams
 from piscale.lm.table import TableLM
@@ -141,3 +146,80 @@ class BatchingLM(TableLM):
                 await self._between_passes()
         finally:
             self._loop_running = False
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MergedCalls(Generic[T, R]):
+    """Concurrent calls merged into one call of a blocking engine function.
+
+    Every call ``submit``s a request. The requests that arrive while no run
+    is under way are run together, ``run(requests) -> one result each``, on a
+    worker thread, so that the event loop stays free; those that arrive
+    meanwhile make the next run, one run at a time. When a merged run fails,
+    each of its requests is run again alone: a failure stays with the request
+    that caused it. ``finished(request)`` runs on the event loop once a
+    request's run is over, even when its caller has gone away (an engine
+    frees what the request held).
+    """
+
+    def __init__(self, run: Callable[[list[T]], Sequence[R]], finished: Callable[[T], None] | None = None):
+        self._run = run
+        self._finished = finished
+        self._queue: list[tuple[T, asyncio.Future]] = []
+        self._running = False
+
+    async def submit(self, request: T) -> R:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((request, future))
+        if not self._running:
+            self._running = True
+            asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        batch: list[tuple[T, asyncio.Future]] = []
+        try:
+            # Let every coroutine that is ready now submit first, so that
+            # concurrent searches share a run.
+            await asyncio.sleep(0)
+            while self._queue:
+                batch, self._queue = self._queue, []
+                outcomes = await asyncio.to_thread(self._run_each, [request for request, _ in batch])
+                for (request, future), outcome in zip(batch, outcomes):
+                    self._settle(request, future, outcome)
+                batch = []
+        except BaseException:  # the loop is closing: no caller is left waiting
+            for request, future in batch + self._queue:
+                future.cancel()
+                self._settle(request, future, None)
+            self._queue = []
+            raise
+        finally:
+            self._running = False
+
+    def _settle(self, request: T, future: asyncio.Future, outcome: Any) -> None:
+        if self._finished is not None:
+            self._finished(request)
+        if future.done():
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def _run_each(self, requests: list[T]) -> list[R | Exception]:
+        try:
+            return list(self._run(requests))
+        except Exception as error:
+            if len(requests) == 1:
+                return [error]
+        outcomes: list[R | Exception] = []
+        for request in requests:
+            try:
+                outcomes.append(self._run([request])[0])
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes

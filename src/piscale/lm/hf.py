@@ -22,12 +22,20 @@ its own position ids, so a row's computation is that of the sequence alone.
 
 Sampling draws from a ``torch.Generator`` per sequence and step, seeded by
 the caller, so a sequence's tokens do not depend on its batch neighbours.
+
+Forward passes (prefill, decoding, scoring) run on a worker thread, one at a
+time, so that a long pass leaves the caller's event loop free: a server
+answers its probes and takes in requests meanwhile. The cache layout and the
+sequence table change only on the event loop, between passes; a fork or a
+release during a pass only adds or drops a table entry, and rows move at the
+next pass's compaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,6 +102,10 @@ class TransformersLM(BatchingLM):
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self._rows = 0
         self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+        # Held by the worker thread for the length of a forward pass: a caller
+        # cancelled while its pass runs gives up the asyncio lock at once, and
+        # the next pass still waits for the model.
+        self._model_lock = threading.Lock()
         self._waiting: list[Request] = []
 
     # -- text ---------------------------------------------------------------
@@ -117,8 +129,9 @@ class TransformersLM(BatchingLM):
         return self.encode(text)
 
     def _lock(self) -> asyncio.Lock:
-        """The lock that serialises model calls, one per event loop (a backend
-        may be used from successive ``asyncio.run`` calls)."""
+        """The lock that serialises model calls and cache changes, one per
+        event loop (a backend may be used from successive ``asyncio.run``
+        calls)."""
         loop = asyncio.get_running_loop()
         if loop not in self._locks:
             self._locks = {loop: asyncio.Lock()}
@@ -203,7 +216,9 @@ class TransformersLM(BatchingLM):
                 # All but the last token of each prompt are read now; the last
                 # one stays pending and is read by the first decoding pass.
                 for chunk in _chunks_by_tokens(prompts, self.max_batch_tokens):
-                    cache, mask = self._prefill([p[:-1] for p in chunk])
+                    cache, mask = await asyncio.to_thread(self._prefill, [p[:-1] for p in chunk])
+                    self.usage.prefill_tokens += sum(len(p) - 1 for p in chunk)
+                    self.usage.forward_passes += 1
                     first_row = self._append_rows(cache, mask)
                     handles.extend(first_row + offset for offset in range(len(chunk)))
                 result = []
@@ -213,6 +228,8 @@ class TransformersLM(BatchingLM):
 
     @torch.inference_mode()
     def _prefill(self, prefixes: list[list[int]]):
+        """One forward pass over ``prefixes`` (worker thread): a new cache
+        and its mask, for ``_append_rows`` to add on the event loop."""
         from transformers import DynamicCache
 
         # At least one column: a one-token prompt has nothing to read now,
@@ -227,13 +244,11 @@ class TransformersLM(BatchingLM):
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with self._attention_kernels():
+        with self._model_lock, self._attention_kernels():
             self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_argument: cache}
             )
         check_cache_filled(cache, width)
-        self.usage.prefill_tokens += sum(len(p) for p in prefixes)
-        self.usage.forward_passes += 1
         return cache, mask
 
     # -- decoding -----------------------------------------------------------
@@ -254,14 +269,18 @@ class TransformersLM(BatchingLM):
     async def _decode_pass(self, members: list[Active]) -> None:
         async with self._lock():
             with Stopwatch(self.usage):
-                self._decode_once(members)
+                inputs, by_row = self._decode_inputs(members)
+                cache, row_index, chosen, logprobs = await asyncio.to_thread(self._decode_forward, inputs, by_row)
+                self._decode_apply(cache, inputs["active_column"], by_row, row_index, chosen, logprobs)
 
     async def _between_passes(self) -> None:
         # Let other coroutines submit work before the next pass.
         await asyncio.sleep(0)
 
     @torch.inference_mode()
-    def _decode_once(self, members: list[Active]) -> None:
+    def _decode_inputs(self, members: list[Active]) -> tuple[dict[str, torch.Tensor], dict[int, Active]]:
+        """The inputs of one decoding pass (event loop): every row reads its
+        pending token; the members' rows keep the new column afterwards."""
         self._compact()
         rows = self._rows
         by_row = {self._sequences[m.handle].row: m for m in members}
@@ -272,32 +291,42 @@ class TransformersLM(BatchingLM):
             positions[seq.row, 0] = len(seq.tokens) - 1
         active_column = torch.zeros((rows, 1), dtype=torch.long)
         active_column[list(by_row), 0] = 1
-        ids, positions = ids.to(self.device), positions.to(self.device)
         active_column = active_column.to(self.device)
         # Every row reads its new column during this pass (so no row attends
         # to nothing); only the extended rows keep it afterwards.
-        attention = torch.cat([self._mask, torch.ones_like(active_column)], dim=1)
-        cache_position = torch.tensor([self._mask.shape[1]], device=self.device)
-        with self._attention_kernels():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=attention,
-                position_ids=positions,
-                cache_position=cache_position,
-                use_cache=True,
-                **{self._cache_argument: self._cache},
-            )
-        self._cache = output_cache(out)
+        inputs = {
+            "input_ids": ids.to(self.device),
+            "position_ids": positions.to(self.device),
+            "attention_mask": torch.cat([self._mask, torch.ones_like(active_column)], dim=1),
+            "cache_position": torch.tensor([self._mask.shape[1]], device=self.device),
+            "active_column": active_column,
+        }
+        return inputs, by_row
+
+    @torch.inference_mode()
+    def _decode_forward(self, inputs: dict[str, torch.Tensor], by_row: dict[int, Active]):
+        """The forward pass and the members' sampling (worker thread): the
+        grown cache, and per member row its token and log-probability."""
+        model_inputs = {name: value for name, value in inputs.items() if name != "active_column"}
+        with self._model_lock, self._attention_kernels():
+            out = self.model(**model_inputs, use_cache=True, **{self._cache_argument: self._cache})
+            if not by_row:
+                return output_cache(out), [], [], []
+            row_index = torch.tensor(list(by_row), device=self.device)
+            logits = out.logits[row_index, -1, :].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            rows = row_index.tolist()
+            chosen = self._sample(logits, [by_row[row] for row in rows])
+            chosen_logprobs = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+            return output_cache(out), rows, chosen.tolist(), chosen_logprobs
+
+    @torch.inference_mode()
+    def _decode_apply(self, cache, active_column, by_row, rows, chosen, logprobs) -> None:
+        """Keep the pass's cache and advance its members (event loop)."""
+        self._cache = cache
         self._mask = torch.cat([self._mask, active_column], dim=1)
         self.usage.forward_passes += 1
-        if not by_row:
-            return
-        row_index = torch.tensor(list(by_row), device=self.device)
-        logits = out.logits[row_index, -1, :].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = self._sample(logits, [by_row[int(r)] for r in row_index.tolist()])
-        chosen_logprobs = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
-        for row, token, logprob in zip(row_index.tolist(), chosen.tolist(), chosen_logprobs):
+        for row, token, logprob in zip(rows, chosen, logprobs):
             member = by_row[row]
             if member.error is not None:
                 # Its sequence stays as it was: the column this pass wrote
@@ -383,25 +412,27 @@ class TransformersLM(BatchingLM):
             with Stopwatch(self.usage):
                 order = _chunks_by_tokens(list(range(len(rows))), self.max_batch_tokens, size=lambda r: len(rows[r]))
                 for chunk in order:
-                    for index, output in self._score_rows([rows[r] for r in chunk], [wanted[r] for r in chunk]):
+                    chunk_rows = [rows[r] for r in chunk]
+                    scored = await asyncio.to_thread(self._score_rows, chunk_rows, [wanted[r] for r in chunk])
+                    self.usage.forward_passes += 1
+                    self.usage.scored_tokens += sum(len(row) for row in chunk_rows)
+                    for index, output in scored:
                         results[index] = output
                 return results
 
     @torch.inference_mode()
     def _score_rows(self, rows: list[list[int]], wanted) -> list[tuple[int, ScoreOutput]]:
-        """One forward pass over ``rows``; for each row, the log-probability
-        of each wanted continuation starting at its position."""
+        """One forward pass over ``rows`` (worker thread); for each row, the
+        log-probability of each wanted continuation starting at its position."""
         width = max(len(row) for row in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        with self._attention_kernels():
+        with self._model_lock, self._attention_kernels():
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
-        self.usage.forward_passes += 1
-        self.usage.scored_tokens += int(mask.sum())
         outputs = []
         for i, requests in enumerate(wanted):
             for index, start, continuation in requests:

@@ -22,7 +22,10 @@ of each node, their probabilities), and one decoding pass draws one token for
 every active sequence. The uniform for the k-th token of a step is a hash of
 (seed, k), so equal seeds and equal sequences give equal steps whatever else
 is in the batch. Concurrent ``extend`` calls (from ``asyncio.gather``) are
-merged into the same passes.
+merged into the same passes (``piscale.lm.batching.MergedCalls``). The
+passes, and the unrolling of a new prompt's tree, run on a worker thread, so
+that a large tree leaves the caller's event loop free (a server answers its
+probes meanwhile).
 
 The default rule, ``counting_rule``, writes short counting solutions such as
 "Add 2\n\nAdd 1\n\n\boxed{4}".
@@ -34,6 +37,7 @@ import asyncio
 import math
 import re
 import string
+import threading
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from piscale.lm.base import FinishReason, Handle, ScoreOutput, StepOutput, StepParams, Stopwatch, Usage, find_stop
+from piscale.lm.batching import MergedCalls
 from piscale.lm.table import SequenceTable, TableLM, check_open, check_score
 
 ToyRule = Callable[[str, tuple[str, ...]], Mapping[str, float]]
@@ -124,7 +129,6 @@ class _Request:
     handles: list[Handle]
     params: StepParams
     seeds: np.ndarray
-    future: asyncio.Future
 
 
 class ToyLM(TableLM):
@@ -186,9 +190,11 @@ class ToyLM(TableLM):
         self._child_prob = np.zeros((0, 1), dtype=float)
 
         self._sequences: SequenceTable[_Sequence] = SequenceTable()
-        self._queue: list[_Request] = []
-        self._flush_scheduled = False
+        self._steps: MergedCalls[_Request, list[StepOutput]] = MergedCalls(self._decode_counted, self._step_over)
         self._rng = np.random.default_rng(seed)
+        # Held by whoever reads or grows the tree arrays on a worker thread
+        # (unrolling a prompt replaces them several at a time).
+        self._tree_lock = threading.Lock()
 
     # -- text ---------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -256,6 +262,10 @@ class ToyLM(TableLM):
 
     def _locate(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], int]:
         """The context of ``prompt`` and the tree node its answer prefix reaches."""
+        with self._tree_lock:
+            return self._locate_held(prompt)
+
+    def _locate_held(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], int]:
         context, prefix = self._split(prompt)
         node = self._root(context)
         for position, token in enumerate(prefix):
@@ -350,28 +360,29 @@ class ToyLM(TableLM):
     def enumerate_answers(self, prompt_ids: Sequence[int]) -> list[ToyAnswer]:
         """Every complete answer to the prompt with its exact probability
         (the probabilities sum to one)."""
-        context, root = self._locate(prompt_ids)
-        if root != self._roots[context]:
-            raise ValueError("enumerate_answers takes a prompt without an answer prefix")
-        answers = []
-        stack: list[tuple[int, float]] = [(root, 0.0)]
-        while stack:
-            node, log_probability = stack.pop()
-            if self._token[node] == self.eos_token_id:
-                path = self._path(node)
-                answers.append(ToyAnswer(tuple(path), self.decode(path), log_probability))
-                continue
-            for j in range(self._child_token.shape[1]):
-                if self._child_node[node, j] >= 0:
-                    stack.append((int(self._child_node[node, j]), log_probability + math.log(self._child_prob[node, j])))
-        return answers
+        with self._tree_lock:
+            context, root = self._locate_held(prompt_ids)
+            if root != self._roots[context]:
+                raise ValueError("enumerate_answers takes a prompt without an answer prefix")
+            answers = []
+            stack: list[tuple[int, float]] = [(root, 0.0)]
+            while stack:
+                node, log_probability = stack.pop()
+                if self._token[node] == self.eos_token_id:
+                    path = self._path(node)
+                    answers.append(ToyAnswer(tuple(path), self.decode(path), log_probability))
+                    continue
+                for j in range(self._child_token.shape[1]):
+                    if self._child_node[node, j] >= 0:
+                        stack.append((int(self._child_node[node, j]), log_probability + math.log(self._child_prob[node, j])))
+            return answers
 
     # -- sequences ----------------------------------------------------------
     async def open(self, prompts, copies=1) -> list[list[Handle]]:
         checked, counts = check_open(prompts, copies, self.context_length)
         prompts = [tuple(p) for p in checked]
         with Stopwatch(self.usage):
-            located = [self._locate(p) for p in prompts]
+            located = await asyncio.to_thread(lambda: [self._locate(p) for p in prompts])
             self.usage.calls += 1
             self.usage.forward_passes += 1
             self.usage.prefill_tokens += sum(len(p) for p in prompts)
@@ -403,46 +414,28 @@ class ToyLM(TableLM):
         for sequence in sequences:
             sequence.busy = True
         self.usage.calls += 1
-        loop = asyncio.get_running_loop()
-        request = _Request(handles, params, seed_array, loop.create_future())
-        self._queue.append(request)
-        if not self._flush_scheduled:
-            # Run after every coroutine that is ready now has queued its
-            # request, so that concurrent searches share decoding passes.
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return await request.future
+        return await self._steps.submit(_Request(handles, params, seed_array))
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        requests, self._queue = self._queue, []
-        results: list[list[StepOutput] | Exception]
+    def _decode_counted(self, requests: list[_Request]) -> list[list[StepOutput]]:
+        """``_decode``, its counts undone when it fails (its requests are
+        then decoded again one by one; see ``MergedCalls``)."""
         counted = (self.usage.generated_tokens, self.usage.forward_passes)
         try:
             with Stopwatch(self.usage):
-                results = list(self._decode(requests))
+                return self._decode(requests)
         except Exception:
-            # Decoding writes nothing until every row is done, so each request
-            # can be decoded again on its own: the one that fails fails alone.
             self.usage.generated_tokens, self.usage.forward_passes = counted
-            results = []
-            for request in requests:
-                try:
-                    with Stopwatch(self.usage):
-                        results.append(self._decode([request])[0])
-                except Exception as error:
-                    results.append(error)
-        for request, result in zip(requests, results):
-            for handle in request.handles:
-                self._sequences[handle].busy = False
-            if request.future.done():
-                continue
-            if isinstance(result, Exception):
-                request.future.set_exception(result)
-            else:
-                request.future.set_result(result)
+            raise
+
+    def _step_over(self, request: _Request) -> None:
+        for handle in request.handles:
+            self._sequences[handle].busy = False
 
     def _decode(self, requests: list[_Request]) -> list[list[StepOutput]]:
+        with self._tree_lock:
+            return self._decode_held(requests)
+
+    def _decode_held(self, requests: list[_Request]) -> list[list[StepOutput]]:
         rows = [(request, handle) for request in requests for handle in request.handles]
         count = len(rows)
         node = np.array([self._sequences[h].node for _, h in rows], dtype=np.int64)
@@ -507,10 +500,14 @@ class ToyLM(TableLM):
         with Stopwatch(self.usage):
             self.usage.calls += 1
             self.usage.forward_passes += 1
+            self.usage.scored_tokens += sum(len(prompt) + len(continuation) for prompt, continuation in pairs)
+            return await asyncio.to_thread(self._score_pairs, pairs)
+
+    def _score_pairs(self, pairs: list[tuple[tuple[int, ...], list[int]]]) -> list[ScoreOutput]:
+        with self._tree_lock:
             outputs = []
             for prompt, continuation in pairs:
-                self.usage.scored_tokens += len(prompt) + len(continuation)
-                node: int | None = self._locate(prompt)[1]
+                node: int | None = self._locate_held(prompt)[1]
                 values = []
                 for token in continuation:
                     column = np.flatnonzero(self._child_token[node] == token) if node is not None else []

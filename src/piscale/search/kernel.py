@@ -167,9 +167,9 @@ def draw_reference(final: Sweep, rng: np.random.Generator) -> list[Node]:
     return final.nodes[index].lineage()
 
 
-def outcome(final: Sweep, selection: str, log_evidence: float | None) -> Outcome:
+async def outcome(final: Sweep, selection: str, log_evidence: float | None) -> Outcome:
     """The final population as an outcome, its answer chosen by ``selection``."""
     answers = [extract_answer(n.response()) for n in final.nodes]
     log_weights = final.log_weights
-    chosen = select.choose(selection, answers, log_weights)
+    chosen = await select.choose_async(selection, answers, log_weights)
     return Outcome(list(final.nodes), [float(w) for w in log_weights], chosen, log_evidence)

@@ -37,4 +37,4 @@ def layout(budget: int, settings: Settings) -> Particles:
 
 async def search(driver: Driver, layout: Particles, settings: Settings, rng: np.random.Generator) -> Outcome:
     final = await sweep(driver, layout.particles, rng, hook=driver.trace)
-    return outcome(final, settings.selection, final.log_z)
+    return await outcome(final, settings.selection, final.log_z)

@@ -49,4 +49,4 @@ async def search(driver: Driver, layout: Sweeps, settings: Settings, rng: np.ran
             reference = draw_reference(sweeps[-1], rng)
             if driver.trace is not None:
                 driver.trace.event("reference", iteration=iteration + 1, steps=[n.text for n in reference])
-    return outcome(sweeps[-1], settings.selection, sweeps[0].log_z)
+    return await outcome(sweeps[-1], settings.selection, sweeps[0].log_z)

@@ -80,4 +80,4 @@ async def search(driver: Driver, layout: Ladder, settings: Settings, rng: np.ran
         if driver.trace is not None:
             for k, reference in enumerate(drawn):
                 driver.trace.event("reference", iteration=iteration + 1, chain=k, steps=[n.text for n in reference])
-    return outcome(sweeps[0], settings.selection, log_evidence)
+    return await outcome(sweeps[0], settings.selection, log_evidence)

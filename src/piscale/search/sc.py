@@ -18,7 +18,7 @@ from piscale.search.driver import Driver
 from piscale.search.layout import Samples
 from piscale.search.result import Outcome
 from piscale.search.samples import sample_answers
-from piscale.search.select import group_answers, heaviest_group
+from piscale.search.select import group_answers_async, heaviest_group
 from piscale.search.settings import Settings
 
 
@@ -28,7 +28,7 @@ def layout(budget: int, settings: Settings) -> Samples:
 
 async def search(driver: Driver, layout: Samples, settings: Settings, rng: np.random.Generator) -> Outcome:
     answers, log_weights = await sample_answers(driver, layout, rng)
-    groups = group_answers([extract_answer(node.response()) for node in answers])
+    groups = await group_answers_async([extract_answer(node.response()) for node in answers])
     winner = heaviest_group(groups, [1.0] * len(answers))
     chosen = groups.index(winner) if winner is not None else 0
     return Outcome(answers, log_weights, chosen)

@@ -17,7 +17,7 @@ from piscale.search.driver import Driver
 from piscale.search.layout import Samples
 from piscale.search.result import Outcome
 from piscale.search.samples import sample_answers
-from piscale.search.select import group_answers, heaviest_group, max_weight
+from piscale.search.select import group_answers_async, heaviest_group, max_weight
 from piscale.search.settings import Settings
 
 
@@ -32,7 +32,7 @@ async def search(driver: Driver, layout: Samples, settings: Settings, rng: np.ra
         mass = np.exp(scores - scores[np.isfinite(scores)].max())
     else:
         mass = np.where(np.isfinite(scores), scores, 0.0)
-    groups = group_answers([extract_answer(node.response()) for node in answers])
+    groups = await group_answers_async([extract_answer(node.response()) for node in answers])
     winner = heaviest_group(groups, mass)
     members = [i for i, g in enumerate(groups) if g == winner] if winner is not None else list(range(len(answers)))
     chosen = members[max_weight(scores[members])]
