@@ -410,6 +410,8 @@ def test_the_page_is_self_contained_and_carries_the_data():
     assert [s["id"] for s in data["stories"]] == ["first-story", "second-story"]
     assert [e[0] for e in data["stories"][0]["chains"]["0"]] == ["v", "v"]
     assert "no bias table given" in render_page(stories, None)
+    assert "events in story time (text order, corrected by" in render_page(stories, rows, temporal="rules")
+    assert "events in text order, coloured" in render_page(stories, rows, temporal="text")
 
 
 def chromium() -> str:

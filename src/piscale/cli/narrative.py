@@ -235,7 +235,11 @@ def ui(
         if not path.is_file():
             fail(f"{bias_folder} has no bias.json; run `piscale narrative bias` first")
         rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
-    output.write_text(render_page(results, rows), encoding="utf-8")
+    try:
+        temporal = json.loads((extraction / "index.json").read_text(encoding="utf-8"))["settings"].get("temporal")
+    except (KeyError, TypeError, AttributeError):
+        temporal = None  # an extraction from before the setting was recorded
+    output.write_text(render_page(results, rows, temporal=temporal), encoding="utf-8")
     typer.echo(f"wrote {output} ({len(results)} stories)")
 
 

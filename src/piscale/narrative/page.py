@@ -1,6 +1,7 @@
 """A self-contained HTML page to explore an extraction: pick a story, see its
 characters (gender, certainty, importance, mentions) and each main
-character's event chain in temporal order, coloured by verb category, and
+character's event chain in temporal order (saying which order the
+extraction used), coloured by verb category, and
 the corpus-level odds ratios with their intervals.
 
 ``render_page`` takes results (``output.load_results``) and, optionally, the
@@ -122,19 +123,31 @@ def _bias_svg(rows: Sequence[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def render_page(results: Sequence[StoryResult], bias_rows: Sequence[dict[str, Any]] | None = None) -> str:
-    """The page (see the module docstring)."""
+_ORDER_WORDS = {
+    "rules": "in story time (text order, corrected by tense, aspect and temporal connectives)",
+    "text": "in text order",
+}
+
+
+def render_page(
+    results: Sequence[StoryResult], bias_rows: Sequence[dict[str, Any]] | None = None, *, temporal: str | None = None
+) -> str:
+    """The page (see the module docstring); ``temporal`` names the order the
+    extraction ranked events by (``index.json``'s settings), to say so."""
     stories = [_story_data(r) for r in results]
     data = json.dumps({"stories": stories, "colours": CATEGORY_COLOURS}, ensure_ascii=False).replace("</", "<\\/")
     legend = "".join(
         f'<span class="chip" style="background:{colour}">{html.escape(name.removeprefix("verb."))}</span>'
         for name, colour in CATEGORY_COLOURS.items()
     )
+    order = html.escape(_ORDER_WORDS.get(temporal or "", "in temporal order"))
     summary = (
         f"{len(results)} stories, {sum(len(r.characters) for r in results)} characters, "
         f"{sum(len(r.events) for r in results)} events"
     )
-    return _PAGE.format(summary=html.escape(summary), legend=legend, bias=_bias_svg(bias_rows or []), data=data)
+    return _PAGE.format(
+        summary=html.escape(summary), order=order, legend=legend, bias=_bias_svg(bias_rows or []), data=data
+    )
 
 
 _PAGE = """<!DOCTYPE html>
@@ -165,7 +178,7 @@ select {{ font-size: 1em; max-width: 30em; }}
 </style></head>
 <body>
 <h1>Narrative event chains and gender</h1>
-<p>{summary}. Pick a story: its characters, then each main character's events in temporal order, coloured by
+<p>{summary}. Pick a story: its characters, then each main character's events {order}, coloured by
 WordNet verb category (<b>bold</b>: the sentence's most salient event; <i>italic, dashed</i>: the character is the
 object). Hover an event to read its sentence.</p>
 <p><label for="story">story</label> <select id="story"></select> <span id="origin"></span></p>
