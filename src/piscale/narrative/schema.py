@@ -66,7 +66,7 @@ class Event:
     start: int
     end: int
     mention: int
-    temporal_rank: int
+    temporal_rank: int  # place in story time, 0 first (events of one verb share it)
     salience: float
     salient: bool  # the most salient event of its sentence
     in_quote: bool  # said inside direct speech
