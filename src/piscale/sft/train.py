@@ -165,7 +165,7 @@ def train(
     place) on ``data``, or resume the run in ``out``. With ``stop_at_step``
     the run stops after that step, saving a checkpoint to continue from;
     otherwise it runs to the end and saves the model to ``out``."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     out = Path(out)
     examples = load_data(data, tokenizer, recipe)
@@ -253,6 +253,7 @@ def train(
         processing_class=tokenizer,
         callbacks=[Record()],
     )
+    trainer.remove_callback(PrinterCallback)  # ``progress`` reports steps; the Trainer would print each log dict too
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     done = trainer.state.global_step
     if trainer.state.max_steps != steps:
