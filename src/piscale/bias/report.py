@@ -146,9 +146,11 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, title: str
             )
         left.scatter([quality["perplexity"]], [pair["null_wasserstein"]["q95"]], marker="_", s=200, color="0.5")
     right.axhline(0.0, color="0.6", linestyle=":", linewidth=1)
-    names = f"{chosen[0]} vs {chosen[1]}" if chosen else ""
-    left.set_ylabel(f"W1, {names} (grey: 95% of W1 without bias)")
-    right.set_ylabel(f"mean property difference, {names}")
+    names = f"{chosen[0]} − {chosen[1]}" if chosen else ""
+    left.set_title(f"W1, {names} (grey: no-bias 95th percentile)", fontsize=9)
+    right.set_title(f"difference of mean property, {names}", fontsize=9)
+    left.set_ylabel("W1 between the property distributions")
+    right.set_ylabel("mean difference")
     for ax in (left, right):
         ax.set_xlabel("perplexity of the continuations under the model")
         ax.grid(True, alpha=0.3)
