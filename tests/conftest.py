@@ -57,3 +57,14 @@ def vllm_server(vllm_model_folder: Path):
 
     with start(vllm_model_folder) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def vllm_reference(vllm_model_folder: Path):
+    """The vLLM tests' model in transformers (model, tokenizer): the
+    contract's references and the hf engine."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_folder)
+    model = AutoModelForCausalLM.from_pretrained(vllm_model_folder, dtype="float32").eval()
+    return model, tokenizer

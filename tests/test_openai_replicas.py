@@ -29,12 +29,15 @@ class ScriptedReplicas:
     [host number, seed] to the prompt, and each server remembers the token
     lists it has seen (what its prefix cache would hold)."""
 
-    def __init__(self, hosts: list[str], metrics: bool = False, cached: int = 0):
+    def __init__(self, hosts: list[str], metrics: bool = False, cached: int = 0, next_tokens: bool = False):
         self.hosts = hosts
         self.seen: dict[str, list[list[int]]] = {host: [] for host in hosts}
         self.passes = dict.fromkeys(hosts, 0)
         self.metrics = metrics
         self.cached = cached
+        self.next_tokens = next_tokens
+        """whether the servers answer vLLM's logprob_token_ids (token t gets
+        log-probability -t/10), or ignore the field"""
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         host = request.url.host
@@ -50,6 +53,15 @@ class ScriptedReplicas:
             return httpx.Response(200, json={"choices": [{"index": 0, "text": "", "finish_reason": "length",
                                                           "logprobs": {"token_logprobs": values}}],
                                              "usage": {"prompt_tokens": len(prompt), "completion_tokens": 0}})
+        if self.next_tokens and body.get("logprob_token_ids"):
+            self.seen[host].append(prompt)
+            table = {f"token_id:{t}": -t / 10 for t in body["logprob_token_ids"]}
+            return httpx.Response(200, json={
+                "choices": [{"index": 0, "text": "x", "finish_reason": "length",
+                             "logprobs": {"token_logprobs": [-0.1], "top_logprobs": [table]}}],
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": 1,
+                          "prompt_tokens_details": {"cached_tokens": min(self.cached, len(prompt))}},
+            })
         new = [self.hosts.index(host) + 100, int(body.get("seed", 0))][: body["max_tokens"]]
         self.seen[host].append(prompt + new)
         self.passes[host] += 1 + len(new)
@@ -100,7 +112,7 @@ async def test_forward_passes_are_estimated_where_the_server_has_no_counter():
 
 async def test_one_request_per_distinct_prompt_goes_before_the_others():
     servers = ScriptedReplicas(["a"])
-    lm = servers.lm()
+    lm = servers.lm(score_mode="echo")
     order = []
     inner = servers.handler
 
@@ -114,6 +126,30 @@ async def test_one_request_per_distinct_prompt_goes_before_the_others():
     assert [s.token_ids for s in scores] == [[5], [6], [7], [8, 9]]
     assert sorted(map(tuple, order[:2])) == [(1, 2, 5), (3, 4, 7)]  # one per prompt first
     assert lm.usage.scored_tokens == 3 + 3 + 3 + 4 and lm.usage.prefill_tokens == 0
+
+
+async def test_one_token_continuations_come_from_one_ordinary_request_per_prompt():
+    """A judge's Yes/No: one request per prompt asks for the tokens'
+    log-probabilities at its generated position, and reads the prompt from
+    the server's cache; longer continuations still echo."""
+    servers = ScriptedReplicas(["a"], cached=2, next_tokens=True)
+    lm = servers.lm()
+    scores = await lm.score([[1, 2], [1, 2], [3, 4], [1, 2]], [[5], [6], [7], [8, 9]])
+    assert [s.logprobs for s in scores[:3]] == [[-0.5], [-0.6], [-0.7]]
+    assert scores[3].logprobs == [-0.5, -0.5]  # echoed
+    assert sorted(map(tuple, servers.seen["a"])) == [(1, 2), (1, 2, 8, 9), (3, 4)]
+    assert lm.server_usage.cached_tokens == 2 + 2
+    assert lm.usage.scored_tokens == 0 + 0 + 4  # what the server did not find cached
+
+
+async def test_a_server_without_token_log_probabilities_is_asked_once():
+    servers = ScriptedReplicas(["a"], next_tokens=False)
+    lm = servers.lm()
+    first = await lm.score([[1, 2], [1, 2]], [[5], [6]])
+    assert [s.logprobs for s in first] == [[-0.5], [-0.5]]  # echoed instead
+    asked = len(servers.seen["a"])
+    await lm.score([[1, 2]], [[5]])
+    assert len(servers.seen["a"]) == asked + 1  # no second try of logprob_token_ids
 
 
 def test_metrics_text_is_summed_over_labels():
@@ -171,7 +207,7 @@ async def test_new_prompts_go_to_the_replica_with_fewer_sequences():
 
 async def test_scoring_a_prompt_again_goes_where_it_was_scored():
     servers = ScriptedReplicas(["a", "b"])
-    lm = servers.lm()
+    lm = servers.lm(score_mode="echo")
     for _ in range(2):
         await lm.score([[1, 2], [1, 2], [7, 8]], [[3], [4], [9]])
     assert len(servers.holder([1, 2])) == 1

@@ -1,6 +1,7 @@
 """piscale on a live vLLM server (the CPU build, SmolLM2-135M in float32),
-through the OpenAI engine. Run with ``make test-vllm``; without vLLM in the
-test interpreter every test here skips.
+through the OpenAI engine (vLLM in this process: tests/test_vllm_engine.py).
+Run with ``make test-vllm``; without vLLM in the test interpreter every test
+here skips.
 
 * the engine contract suite, referenced by transformers on the same weights;
 * greedy steps equal the hf engine's on the same folder;
@@ -11,9 +12,11 @@ test interpreter every test here skips.
 * two vLLM replicas give the answer of one under the same seed.
 
 vLLM caches whole blocks of the KV cache only (128 tokens on its CPU backend)
-and recomputes the tail of every request, so the two contract checks that
-count prefilled tokens exactly fail there by design; they are expected
-failures, and the tests below bound the same costs by the block size.
+and recomputes the tail of every request, so the contract check that counts
+prefilled tokens exactly fails there by design; it is an expected failure,
+and the tests below bound the same cost by the block size. (The check that
+a judge's Yes and No read their prompt once passes since both engines ask
+for them in one request.)
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from piscale.lm.testing import (
     CHECKS,
     EngineCase,
     check_forks_share_one_prefill_and_resampling_prefills_nothing,
-    check_one_token_continuations_of_one_prompt_read_it_once,
 )
 from piscale.rewards.judge import LLMJudge
 
@@ -38,28 +40,15 @@ pytestmark = pytest.mark.vllm
 
 QUESTION = "What is 12 times 7? Answer in one short sentence."
 PAGED_CACHE = (
-    "vLLM caches whole KV blocks and recomputes each request's tail, so the prefilled and scored tokens "
+    "vLLM caches whole KV blocks and recomputes each request's tail, so the prefilled tokens "
     "are not counted once per prompt; bounded by the block size in this module's own tests"
 )
-EXACT_PREFILL_CHECKS = {
-    check_forks_share_one_prefill_and_resampling_prefills_nothing,
-    check_one_token_continuations_of_one_prompt_read_it_once,
-}
-
-
-@pytest.fixture(scope="module")
-def reference(vllm_model_folder):
-    """The same weights in transformers: the contract's references and the hf engine."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(vllm_model_folder)
-    model = AutoModelForCausalLM.from_pretrained(vllm_model_folder, dtype="float32").eval()
-    return model, tokenizer
+EXACT_PREFILL_CHECKS = {check_forks_share_one_prefill_and_resampling_prefills_nothing}
 
 
 @pytest.fixture
-def remote(vllm_server, reference):
-    return OpenAILM(vllm_server.model, vllm_server.base_url, tokenizer=reference[1], max_retries=1)
+def remote(vllm_server, vllm_reference):
+    return OpenAILM(vllm_server.model, vllm_server.base_url, tokenizer=vllm_reference[1], max_retries=1)
 
 
 def server_metrics(root: str) -> dict[str, float]:
@@ -73,7 +62,7 @@ def block_size(root: str) -> int:
     return int(match.group(1))
 
 
-@pytest.mark.parametrize(
+CONTRACT = pytest.mark.parametrize(
     "check",
     [
         pytest.param(
@@ -86,10 +75,16 @@ def block_size(root: str) -> int:
     ],
     ids=[check.__name__.removeprefix("check_") for check in CHECKS],
 )
-async def test_contract(vllm_server, reference, check):
+
+
+# -- a vLLM server through the OpenAI engine --------------------------------------------------
+
+
+@CONTRACT
+async def test_contract(vllm_server, vllm_reference, check):
     from test_lm_contract import transformers_case
 
-    model, tokenizer = reference
+    model, tokenizer = vllm_reference
     local = transformers_case(model, tokenizer)
     lm = OpenAILM(vllm_server.model, vllm_server.base_url, tokenizer=tokenizer, max_retries=1)
     await check(EngineCase(lm, local.reference_greedy, local.reference_logprobs))
@@ -119,10 +114,15 @@ async def test_forks_read_the_prompt_about_once(vllm_server, remote):
     assert remote.usage.prefill_tokens < used.prompt_tokens / 2
 
 
-async def test_greedy_steps_equal_the_hf_engine(remote, reference):
+async def test_greedy_steps_equal_the_hf_engine(remote, vllm_reference):
+    await greedy_steps_equal_the_hf_engine(remote, vllm_reference)
+    assert remote.usage.forward_passes > 0 and remote.usage.wall_time > 0
+
+
+async def greedy_steps_equal_the_hf_engine(remote, vllm_reference):
     from piscale.lm.hf import TransformersLM
 
-    model, tokenizer = reference
+    model, tokenizer = vllm_reference
     local = TransformersLM(model, tokenizer)
     prompt = local.chat([{"role": "user", "content": QUESTION}])
     assert remote.chat([{"role": "user", "content": QUESTION}]) == prompt
@@ -138,7 +138,7 @@ async def test_greedy_steps_equal_the_hf_engine(remote, reference):
         if mine.finish_reason not in ("stop", "length"):
             break
     assert remote.token_ids(there) == local.token_ids(here)
-    assert remote.usage.forward_passes > 0 and remote.usage.wall_time > 0
+    remote.release([there])
 
 
 @pytest.mark.parametrize("algorithm", ["pf", "bon", "dvts"])
@@ -170,14 +170,14 @@ async def test_particle_filtering_hits_the_prefix_cache(vllm_server, remote):
 
 
 @pytest.mark.slow
-async def test_two_replicas_give_the_answer_of_one(vllm_server, vllm_model_folder, reference):
+async def test_two_replicas_give_the_answer_of_one(vllm_server, vllm_model_folder, vllm_reference):
     from vllm_support import vllm_server as start
 
     options = dict(seed=3, max_steps=3, max_step_tokens=24, max_tokens=64)
-    one = OpenAILM(vllm_server.model, vllm_server.base_url, tokenizer=reference[1])
+    one = OpenAILM(vllm_server.model, vllm_server.base_url, tokenizer=vllm_reference[1])
     alone = await search.run(one, LLMJudge(one), QUESTION, "pf", 4, **options)
     with start(vllm_model_folder) as second:
-        two = OpenAILM(vllm_server.model, [vllm_server.base_url, second.base_url], tokenizer=reference[1])
+        two = OpenAILM(vllm_server.model, [vllm_server.base_url, second.base_url], tokenizer=vllm_reference[1])
         spread = await search.run(two, LLMJudge(two), QUESTION, "pf", 4, **options)
     assert spread.text == alone.text
     assert [c.text for c in spread.candidates] == [c.text for c in alone.candidates]

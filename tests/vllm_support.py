@@ -1,5 +1,6 @@
 """Helpers for the tests marked ``vllm`` (this module holds no tests).
 
+``vllm_engine`` builds piscale's in-process vLLM engine (``vllm.LLM``);
 ``vllm_server`` runs vLLM's OpenAI-compatible server in a subprocess of its
 own process group on a free loopback port, waits until ``/health`` answers,
 and stops the whole group (the API server, its engine core and workers) at
@@ -105,6 +106,34 @@ def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # the engine core and workers, if they outlived the API server
     process.wait()
+
+
+@contextlib.contextmanager
+def vllm_engine(folder: Path, threads: int | None = None) -> Iterator:
+    """piscale's in-process vLLM engine (``piscale.lm.vllm.VLLMLM``) on
+    ``folder``, with the server's environment (a smaller KV cache:
+    ``PISCALE_VLLM_ENGINE_KVCACHE_GB``, default 2); its engine core stops at
+    the end."""
+    import asyncio
+
+    from piscale.lm.vllm import VLLMLM
+
+    environment = server_environment(threads)
+    environment["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("PISCALE_VLLM_ENGINE_KVCACHE_GB", "2")
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    try:
+        engine = VLLMLM(folder, name=MODEL_NAME, dtype="float32", enforce_eager=True, max_model_len=2048)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    try:
+        yield engine
+    finally:
+        asyncio.run(engine.close())
 
 
 @contextlib.contextmanager

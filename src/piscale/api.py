@@ -134,7 +134,7 @@ async def asolve_many(
 
     ``model`` and ``reward`` are specs (``piscale models list``;
     ``piscale.rewards.from_spec``) or objects; ``engine`` is auto, hf,
-    llamacpp or openai; ``engine_options`` go to the engine's constructor
+    llamacpp, vllm or openai; ``engine_options`` go to the engine's constructor
     (e.g. llama.cpp's ``max_sequences``); ``trust_remote_code`` lets a reward
     checkpoint run its own code; ``system`` is the system prompt; ``trace``
     keeps each search's genealogy; ``progress(i, summary)`` is called after

@@ -42,7 +42,7 @@ def annotate_command(
         False, "--keep-truncated", help="Let responses that hit the token cap be chosen or rejected."
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts sampled and scored together; a kill loses at most one batch."),
-    engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | openai"),
+    engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | vllm | openai"),
     engine_option: list[str] = typer.Option([], "--engine-option", help="Engine argument KEY=VALUE (repeatable)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),

@@ -50,7 +50,7 @@ def evaluate(
     budgets: str = typer.Option("1,2,4,8", "--budgets", help="Comma-separated budgets."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
     db: Path = typer.Option(Path("results.sqlite"), "--db", help="SQLite results database (created if missing)."),
-    engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | openai"),
+    engine: str = typer.Option("auto", "--engine", help="auto | hf | llamacpp | vllm | openai"),
     engine_option: list[str] = typer.Option(
         [], "--engine-option", help="Engine argument KEY=VALUE, e.g. max_sequences=64 for llama.cpp (repeatable)."
     ),

@@ -23,7 +23,7 @@ def generate(
     question: str = typer.Argument(..., help="The question to answer."),
     n: int = typer.Option(4, "--n", help="How many answers to sample."),
     model: str = typer.Option(DEFAULT_MODEL, help="Catalog name, .gguf file, folder or hub id."),
-    engine: str = typer.Option("auto", help="auto | hf | llamacpp | openai"),
+    engine: str = typer.Option("auto", help="auto | hf | llamacpp | vllm | openai"),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
     engine_option: list[str] = typer.Option(
         [], "--engine-option", help="Engine argument KEY=VALUE, e.g. n_threads=2 for llama.cpp (repeatable)."
@@ -93,7 +93,7 @@ def solve(
     reward: str = typer.Option(
         "judge", help="judge[:MODEL] | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | certainty | value[:PATH] | embed:POS|NEG | none"
     ),
-    engine: str = typer.Option("auto", help="auto | hf | llamacpp | openai"),
+    engine: str = typer.Option("auto", help="auto | hf | llamacpp | vllm | openai"),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda if present)"),
     engine_option: list[str] = typer.Option(
         [], "--engine-option", help="Engine argument KEY=VALUE, e.g. max_sequences=64 for llama.cpp (repeatable)."

@@ -19,7 +19,7 @@ def serve(
     host: str = typer.Option(None, help="Address to listen on (default 127.0.0.1)."),
     port: int = typer.Option(None, help="Port (default 8000)."),
     served_model_name: str = typer.Option(None, help="The model name clients use (default: the spec)."),
-    engine: str = typer.Option(None, help="auto | hf | llamacpp | openai"),
+    engine: str = typer.Option(None, help="auto | hf | llamacpp | vllm | openai"),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda if present)"),
     api_key: str = typer.Option(
         None,

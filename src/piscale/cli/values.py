@@ -34,7 +34,7 @@ def collect(
     limit: int = typer.Option(None, "--limit", help="Use the first N problems."),
     start: int = typer.Option(0, "--start", help="Skip the first N problems (before --limit)."),
     model: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--model", help="Policy model spec."),
-    engine: str = typer.Option("llamacpp", "--engine", help="auto | hf | llamacpp | openai"),
+    engine: str = typer.Option("llamacpp", "--engine", help="auto | hf | llamacpp | vllm | openai"),
     engine_option: list[str] = typer.Option(
         [], "--engine-option", help="Engine argument KEY=VALUE, e.g. n_threads=2 (repeatable)."
     ),

@@ -3,7 +3,8 @@
 ``load(spec)`` builds a backend from a model spec: a catalog name, a ``.gguf``
 file, a local folder, a hub id, or ``toy`` (the exact toy model used in tests
 and demos). ``engine`` picks the backend: ``hf`` (transformers, CPU or CUDA),
-``llamacpp`` (native GGUF on CPU, the ``piscale[llamacpp]`` extra), ``openai``
+``llamacpp`` (native GGUF on CPU, the ``piscale[llamacpp]`` extra), ``vllm``
+(vLLM in this process; vLLM installed apart, see docs/serving.md), ``openai``
 (any OpenAI-compatible server: ``openai:MODEL@URL``), or ``auto``.
 """
 
@@ -15,7 +16,7 @@ from piscale.lm.base import Handle, LanguageModel, ScoreOutput, StepOutput, Step
 
 __all__ = ["Handle", "LanguageModel", "ScoreOutput", "StepOutput", "StepParams", "Usage", "load", "pick_engine"]
 
-ENGINES = ("auto", "hf", "llamacpp", "openai")
+ENGINES = ("auto", "hf", "llamacpp", "vllm", "openai")
 log = logging.getLogger(__name__)
 
 
@@ -75,6 +76,12 @@ def load(spec: str, *, engine: str = "auto", device: str | None = None, dtype: s
         from piscale.lm.llamacpp import LlamaCppLM
 
         return LlamaCppLM.from_spec(spec, **options)
+    if chosen == "vllm":
+        from piscale.lm.vllm import VLLMLM, vllm_available
+
+        if not vllm_available():
+            raise ImportError("the vllm engine needs vLLM installed in this environment (see docs/serving.md)")
+        return VLLMLM.from_spec(spec, dtype=dtype, **options)
     from piscale.lm.hf import TransformersLM
     from piscale.models import load_transformers
 

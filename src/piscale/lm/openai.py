@@ -17,10 +17,16 @@ How the protocol maps onto HTTP:
   log-probabilities, and the stop string kept in the text
   (``include_stop_str_in_output``; SGLang's ``no_stop_trim``); the seed of
   each sequence goes in the request, so a step depends only on its own seed;
-* ``score`` asks for prompt log-probabilities: ``echo`` with ``max_tokens``
-  0 (OpenAI's legacy way; vLLM and ``piscale serve``), or vLLM's
-  ``prompt_logprobs``; ``logprob_start_len`` (SGLang's name) tells servers
-  that support it to score only the continuation;
+* ``score`` reads the one-token continuations of a prompt (a judge's Yes
+  and No) from one request that generates a token and asks for those
+  tokens' log-probabilities (vLLM's ``logprob_token_ids``): an ordinary
+  request, so the prompt comes from the server's prefix cache. Longer
+  continuations, and servers without that field, ask for prompt
+  log-probabilities: ``echo`` with ``max_tokens`` 0 (OpenAI's legacy way;
+  vLLM and ``piscale serve``), or vLLM's ``prompt_logprobs`` (vLLM reads
+  such a request in full, past its prefix cache); ``logprob_start_len``
+  (SGLang's name) tells servers that support it to score only the
+  continuation;
 * ``encode``/``decode``/``chat`` use a local transformers tokenizer when one
   is given (fast, no round trip; a catalog name or ``.gguf`` path reads the
   tokenizer from the GGUF file), else the server's ``/tokenize`` and
@@ -276,6 +282,10 @@ class OpenAILM(TableLM):
         self._in_flight = 0
         self._busy_since = 0.0
         self._score_affinity = _LRU()
+        self._next_token_scoring: bool | None = None
+        """whether the server returns the log-probabilities of given tokens
+        at a generated position (vLLM's ``logprob_token_ids``); None until
+        tried."""
 
     @classmethod
     def from_spec(cls, spec: str, **options: Any) -> OpenAILM:
@@ -724,14 +734,16 @@ class OpenAILM(TableLM):
         self.usage.calls += 1
         routes = [_Sequence(p, self._score_replica(p)) for p, _ in pairs]
         await self._read_passes({r.replica for r in routes}, baseline=True)
+        outputs: list[ScoreOutput | None] = [None] * len(pairs)
+        if self.score_mode == "auto" and self._next_token_scoring is not False:
+            await self._score_next_tokens(pairs, routes, outputs)
         # One request per distinct prompt goes first, the rest of its pairs
         # after it, so that those find the prompt in the server's cache.
         first: dict[tuple[int, ...], int] = {}
         for i, (prompt, continuation) in enumerate(pairs):
-            if continuation:
+            if continuation and outputs[i] is None:
                 first.setdefault(tuple(prompt), i)
         leaders = set(first.values())
-        outputs: list[ScoreOutput | None] = [None] * len(pairs)
 
         async def run(indices: list[int]) -> None:
             done = await asyncio.gather(*(self._score_one(*pairs[i], routes[i].replica) for i in indices))
@@ -739,9 +751,55 @@ class OpenAILM(TableLM):
                 outputs[i] = output
 
         await run(sorted(leaders))
-        await run([i for i in range(len(pairs)) if i not in leaders])
+        await run([i for i in range(len(pairs)) if i not in leaders and outputs[i] is None])
         await self._count_passes(routes, outputs, scoring=True)
         return [o for o in outputs if o is not None]
+
+    async def _score_next_tokens(self, pairs, routes: list[_Sequence], outputs: list[ScoreOutput | None]) -> None:
+        """Fill ``outputs`` for the one-token continuations, one request per
+        prompt. A server that ignores or refuses ``logprob_token_ids`` is
+        marked so, and its pairs are left for prompt log-probabilities."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (prompt, continuation) in enumerate(pairs):
+            if len(continuation) == 1:
+                groups.setdefault(tuple(prompt), []).append(i)
+        if not groups:
+            return
+
+        async def one(prompt: tuple[int, ...], indices: list[int]) -> bool:
+            tokens = sorted({pairs[i][1][0] for i in indices})
+            body: dict[str, Any] = {
+                "model": self.model,
+                "prompt": self._prompt(list(prompt)),
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": len(tokens),
+                "logprob_token_ids": tokens,
+                "return_tokens_as_token_ids": True,
+            }
+            replica = routes[indices[0]].replica
+            try:
+                data = await self._post(self.replicas[replica].base_url + "/completions", body, replica)
+            except ServerError as error:
+                if error.status in (400, 422):
+                    return False
+                raise
+            self._count_usage(data.get("usage"), prompt_length=len(prompt), scoring=True)
+            field = _first_choice(data).get("logprobs") or {}
+            tables = field.get("top_logprobs") if isinstance(field, dict) else None
+            table = tables[0] if isinstance(tables, list) and tables and isinstance(tables[0], dict) else {}
+            values = {int(m.group(1)): v for key, v in table.items() if (m := _TOKEN_ID.match(str(key)))}
+            if any(token not in values for token in tokens):
+                return False
+            for i in indices:
+                outputs[i] = ScoreOutput(list(pairs[i][1]), [_logprob(values[pairs[i][1][0]])])
+            return True
+
+        answered = await asyncio.gather(*(one(prompt, indices) for prompt, indices in groups.items()))
+        if all(answered):
+            self._next_token_scoring = True
+        elif not any(answered):
+            self._next_token_scoring = False
 
     def _score_replica(self, prompt: list[int]) -> int:
         """Where a scoring prompt goes: where the same prompt went before (its
