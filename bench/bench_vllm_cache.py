@@ -76,9 +76,10 @@ def engine_runs(args) -> dict:
 
 def server_runs(args) -> dict:
     runs = {}
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # for /reset_prefix_cache
     with vllm_server(model_folder(), threads=args.threads) as server:
         for label, mode in (("prompt_logprobs", "echo"), ("next_token", "auto")):
-            httpx.post(server.root + "/reset_prefix_cache", timeout=60)
+            httpx.post(server.root + "/reset_prefix_cache", timeout=60).raise_for_status()
             before = _parse_metrics(httpx.get(server.root + "/metrics", timeout=30).text)
             lm = OpenAILM(server.model, server.base_url, tokenizer=str(server.folder), score_mode=mode)
             run = asyncio.run(pf(lm, args))

@@ -10,7 +10,8 @@ catalog GGUF into ``$PISCALE_HOME/converted/``, made on first use.
 
 The server runs on the CPU build of vLLM with few threads, so that it shares
 a small machine; ``PISCALE_VLLM_THREADS`` (default 1) and
-``PISCALE_VLLM_KVCACHE_GB`` (default 4) change that.
+``PISCALE_VLLM_KVCACHE_GB`` (default 2: two servers and the in-process
+engine at once fit a machine shared with other work) change that.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def server_environment(threads: int | None = None) -> dict[str, str]:
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("PISCALE_VLLM_KVCACHE_GB", "4"),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("PISCALE_VLLM_KVCACHE_GB", "2"),
         # vLLM's CPU backend otherwise pins one OpenMP thread to every core
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "OMP_NUM_THREADS": str(threads),

@@ -147,6 +147,7 @@ class Stopwatch:
 class LanguageModel(abc.ABC):
     """A backend. Subclasses: ``piscale.lm.hf.TransformersLM`` (local, CPU or
     CUDA), ``piscale.lm.llamacpp.LlamaCppLM`` (local GGUF on CPU),
+    ``piscale.lm.vllm.VLLMLM`` (vLLM in this process),
     ``piscale.lm.openai.OpenAILM`` (any OpenAI-compatible server)."""
 
     name: str = "lm"
