@@ -70,13 +70,21 @@ os.replace(target + ".tmp", target)
 PY
   mkdir -p docs/sft
   cp runs/sft/sweep/sweep.json docs/sft/sweep.json
-  cp runs/sft/sweep/sweep.png docs/sft/sweep.png
   for run in runs/sft/sweep/*/; do
     name=$(basename "$run")
     cp "$run/metrics.jsonl" "docs/sft/$name.metrics.jsonl"
-    [[ -e $run/sft.json ]] && cp "$run/sft.json" "docs/sft/$name.sft.json"
+    if [[ -e $run/sft.json ]]; then cp "$run/sft.json" "docs/sft/$name.sft.json"; fi
   done
-  true
+  .venv/bin/python - <<'PY'
+import json
+from piscale.sft.plots import plot_runs
+from piscale.sft.train import read_metrics
+sweep = json.load(open("runs/sft/sweep/sweep.json"))
+runs = {name: read_metrics(f"runs/sft/sweep/{name}") for name in sweep["runs"]}
+plot_runs(runs, "docs/sft/sweep.png", early_step={n: r["early_steps"] for n, r in sweep["runs"].items()})
+best = sweep["early_ranking"][0]
+plot_runs({best: runs[best]}, f"docs/sft/{best}.png")
+PY
 }
 
 steps=("$@")

@@ -1,5 +1,5 @@
-"""Training curves: loss, gradient norm and learning rate against step, one
-line per run (a single run, or the runs of a sweep side by side)."""
+"""Training curves: loss, gradient norm and learning rate against the data
+seen, one line per run (a single run, or the runs of a sweep side by side)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ _PANELS = (("loss", "training loss (completion tokens)"), ("grad_norm", "gradien
 def plot_runs(runs: Mapping[str, Sequence], path: str | Path, early_step: Mapping[str, int] | None = None) -> Path:
     """One figure of three panels; ``runs`` maps a name to its per-step
     metrics (objects with ``step``, ``loss``, ``grad_norm``,
-    ``learning_rate``). ``early_step`` marks where each run's early
-    indicators end. The format follows the file's suffix (PNG, SVG)."""
+    ``learning_rate``, ``epoch``). ``early_step`` marks the step where each
+    run's early indicators end. The format follows the file's suffix (PNG, SVG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,14 +22,17 @@ def plot_runs(runs: Mapping[str, Sequence], path: str | Path, early_step: Mappin
 
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.6), layout="constrained")
     for number, (name, metrics) in enumerate(runs.items()):
-        steps = [m.step for m in metrics]
+        # Against the data seen, not the step: runs with larger batches take
+        # fewer, longer steps, and their curves then line up with the others.
+        seen = [m.epoch for m in metrics]
         for ax, (field, _) in zip(axes, _PANELS):
-            (line,) = ax.plot(steps, [getattr(m, field) for m in metrics], marker="o" if len(steps) < 30 else "",
+            (line,) = ax.plot(seen, [getattr(m, field) for m in metrics], marker="o" if len(seen) < 30 else "",
                               markersize=3, label=name, linestyle=("-", "--", "-.", ":")[number % 4])
-            if early_step and name in early_step:
-                ax.axvline(early_step[name], color=line.get_color(), alpha=0.3, linewidth=1)
+            marks = [m.epoch for m in metrics if early_step and m.step == early_step.get(name)]
+            if marks:
+                ax.axvline(marks[0], color=line.get_color(), alpha=0.35, linewidth=1)
     for ax, (_, label) in zip(axes, _PANELS):
-        ax.set_xlabel("optimiser step")
+        ax.set_xlabel("epochs of data seen")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     axes[2].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
