@@ -429,6 +429,30 @@ def test_a_value_reward_is_identified_by_its_head_file_and_backbone(tmp_path: Pa
     assert "identity_unavailable" in reward_identity("value:./no/such/head.safetensors", "toy")["models"][0]
 
 
+def test_a_configuration_is_keyed_by_what_its_files_hold_not_where_they_lie(tmp_path: Path, task, monkeypatch) -> None:
+    """The shipped head in another checkout of the package, and the same
+    policy file named by another path, resume the stored results; a changed
+    head file does not."""
+    import shutil
+
+    import piscale.rewards.value as value
+
+    config = EvalConfig(model="toy", reward="value")
+    grid = Grid.parse("bon", "1", "0")
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        here = Evaluation(store, task, config, grid, identity={"spec": "toy", "identity": "sha256:ab"})
+        elsewhere = tmp_path / "checkout" / "default.safetensors"
+        elsewhere.parent.mkdir()
+        shutil.copyfile(value.shipped_head_path(), elsewhere)
+        monkeypatch.setattr(value, "shipped_head_path", lambda: elsewhere)
+        there = Evaluation(store, task, config, grid, identity={"spec": "/models/toy.gguf", "identity": "sha256:ab"})
+        assert there.config_key == here.config_key
+        with elsewhere.open("ab") as file:
+            file.write(b" ")
+        changed = Evaluation(store, task, config, grid, identity={"spec": "toy", "identity": "sha256:ab"})
+        assert changed.config_key != here.config_key
+
+
 async def test_a_result_that_cannot_be_graded_is_a_recorded_failure(tmp_path: Path, task) -> None:
     class NoUsage(ScriptedSearch):
         async def __call__(self, *args, **kwargs):

@@ -230,7 +230,7 @@ def value_head_identity(path: str | None) -> list[dict]:
 
     try:
         head = shipped_head_path() if path is None else Path(path)
-        identities = [{"spec": str(head), "identity": f"sha256:{file_sha256(head)}"}]
+        identities = [{"spec": path or "value", "identity": f"sha256:{file_sha256(head)}"}]
     except (OSError, ValueError) as error:
         return [{"spec": path or "value", "identity_unavailable": f"{type(error).__name__}: {error}"}]
     try:
@@ -241,8 +241,13 @@ def value_head_identity(path: str | None) -> list[dict]:
 
 
 def _for_key(identity: Mapping) -> dict:
-    """An identity without the reason it was unavailable: that wording is for
+    """What of a model's identity decides a key: its content hash where there
+    is one, not the spec it was found by (the same file elsewhere, as a
+    package's head file in another checkout, resumes its results); else the
+    spec, without the reason the hash was unavailable: that wording is for
     people and may change between versions while the model stays the same."""
+    if "identity" in identity:
+        return {k: v for k, v in identity.items() if k != "spec"}
     return {k: v for k, v in identity.items() if k != "identity_unavailable"}
 
 
