@@ -191,6 +191,9 @@ class ToyLM(TableLM):
 
         self._sequences: SequenceTable[_Sequence] = SequenceTable()
         self._steps: MergedCalls[_Request, list[StepOutput]] = MergedCalls(self._decode_counted, self._step_over)
+        # Scoring calls that arrive together are one pass too, so concurrent
+        # searches stay in step and their next decoding calls merge as well.
+        self._scores: MergedCalls[list, list[ScoreOutput]] = MergedCalls(self._score_counted)
         self._rng = np.random.default_rng(seed)
         # Held by whoever reads or grows the tree arrays on a worker thread
         # (unrolling a prompt replaces them several at a time).
@@ -499,9 +502,14 @@ class ToyLM(TableLM):
         pairs = [(tuple(p), c) for p, c in check_score(prompts, continuations, self.context_length)]
         with Stopwatch(self.usage):
             self.usage.calls += 1
-            self.usage.forward_passes += 1
             self.usage.scored_tokens += sum(len(prompt) + len(continuation) for prompt, continuation in pairs)
-            return await asyncio.to_thread(self._score_pairs, pairs)
+            return await self._scores.submit(pairs)
+
+    def _score_counted(self, requests: list[list]) -> list[list[ScoreOutput]]:
+        """One merged scoring pass (on the worker thread): every request's pairs."""
+        with self._tree_lock:  # a decoding pass on the other worker counts under it too
+            self.usage.forward_passes += 1
+        return [self._score_pairs(pairs) for pairs in requests]
 
     def _score_pairs(self, pairs: list[tuple[tuple[int, ...], list[int]]]) -> list[ScoreOutput]:
         with self._tree_lock:
