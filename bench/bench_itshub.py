@@ -176,7 +176,10 @@ def main() -> None:
         [args.itshub_python, "-c", "import its_hub; print(its_hub.__version__)"], capture_output=True, text=True
     ).stdout.strip()}
     os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # for /reset_prefix_cache
-    with vllm_server(folder, "--generation-config", "vllm", model="policy", threads=args.threads) as server:
+    # a token budget per engine step that no step here reaches: vLLM 0.32's CPU runner fails on a seeded
+    # request whose prefill is split over steps (CPU generators have no offset to rewind)
+    extra = ("--generation-config", "vllm", "--max-num-batched-tokens", "16384")
+    with vllm_server(folder, *extra, model="policy", threads=args.threads) as server:
         for system in args.systems.split(","):
             library, algorithm = system.split(":")
             httpx.post(server.root + "/reset_prefix_cache", timeout=60).raise_for_status()

@@ -74,7 +74,9 @@ def main() -> None:
     started = time.time()
     os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # for /reset_prefix_cache
     runs = []
-    with vllm_server(folder, threads=args.threads) as first, vllm_server(folder, threads=args.threads) as second:
+    # see bench_vllm_particles.py: no prefill split over engine steps
+    extra = ("--max-num-batched-tokens", "16384")
+    with vllm_server(folder, *extra, threads=args.threads) as first, vllm_server(folder, *extra, threads=args.threads) as second:
         for servers in ([first], [first, second], [first]):
             for server in (first, second):
                 httpx.post(server.root + "/reset_prefix_cache", timeout=60).raise_for_status()

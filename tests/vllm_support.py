@@ -110,11 +110,11 @@ def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def vllm_engine(folder: Path, threads: int | None = None) -> Iterator:
+def vllm_engine(folder: Path, threads: int | None = None, **options) -> Iterator:
     """piscale's in-process vLLM engine (``piscale.lm.vllm.VLLMLM``) on
     ``folder``, with the server's environment (a smaller KV cache:
     ``PISCALE_VLLM_ENGINE_KVCACHE_GB``, default 2); its engine core stops at
-    the end."""
+    the end. ``options`` go to ``vllm.LLM`` beside the defaults."""
     import asyncio
 
     from piscale.lm.vllm import VLLMLM
@@ -124,7 +124,7 @@ def vllm_engine(folder: Path, threads: int | None = None) -> Iterator:
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     try:
-        engine = VLLMLM(folder, name=MODEL_NAME, dtype="float32", enforce_eager=True, max_model_len=2048)
+        engine = VLLMLM(folder, name=MODEL_NAME, **{"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, **options})
     finally:
         for name, value in saved.items():
             if value is None:
