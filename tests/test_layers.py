@@ -6,7 +6,8 @@ Layers, low to high; a module may import its own layer and the ones below:
                                     piscale.models (the model catalog the
                                     backends and rewards resolve names with),
                                     piscale.recipe (the fine-tuning recipe
-                                    the trainers share),
+                                    the trainers share), piscale.jsonl
+                                    (resumable records files),
                                     the piscale package itself (its public
                                     names load lazily)
     1  backends                     piscale.lm
@@ -42,7 +43,7 @@ PACKAGE = SOURCE / "piscale"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "numerics and leaf utilities",
-        ("piscale.smc", "piscale.grading", "piscale.data", "piscale.models", "piscale.recipe", "piscale"),
+        ("piscale.smc", "piscale.grading", "piscale.data", "piscale.models", "piscale.recipe", "piscale.jsonl", "piscale"),
     ),
     ("backends", ("piscale.lm",)),
     ("rewards", ("piscale.rewards",)),

@@ -33,7 +33,6 @@ uninterrupted one would have.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import zlib
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from piscale.jsonl import JSONLinesError, append_lines, read_lines
 from piscale.tasks import BUILTIN_FILES, TaskError, identified_records, load_task, read_records
 from piscale.lm.base import LanguageModel
 from piscale.rewards.aggregate import check_aggregation, score_trajectories
@@ -183,42 +183,24 @@ def skipped_path(out: Path) -> Path:
 
 
 def _read_done(path: Path, scoring: Mapping[str, object], sampled: Mapping[str, object]) -> set[str]:
-    """Ids already written to ``path``, after cutting a torn last line; refuses
-    a file scored otherwise (``scoring``) or sampled otherwise (``sampled``,
-    checked on lines whose responses were sampled)."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        # A crash cut the last line short: drop it (its prompt is redone).
-        keep = data.rfind(b"\n") + 1
-        with path.open("r+b") as handle:
-            handle.truncate(keep)
-        data = data[:keep]
+    """Ids already written to ``path``, after cutting a torn last line (a
+    crash cut it short; its prompt is redone); refuses a file scored
+    otherwise (``scoring``) or sampled otherwise (``sampled``, checked on
+    lines whose responses were sampled)."""
     done = set()
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise AnnotationError(f"{path}:{number}: not valid JSON ({error}); is it an annotation file?") from error
-        expected = dict(scoring) | (dict(sampled) if record.get("policy") != "given" else {})
-        for key, value in expected.items():
-            if record.get(key) != value:
-                raise AnnotationError(
-                    f"{path} was written with {key} {record.get(key)!r}, not {value!r}; "
-                    "pass another --out, or the same settings to resume it"
-                )
-        done.add(str(record["id"]))
+    try:
+        for _, record in read_lines(path):
+            expected = dict(scoring) | (dict(sampled) if record.get("policy") != "given" else {})
+            for key, value in expected.items():
+                if record.get(key) != value:
+                    raise AnnotationError(
+                        f"{path} was written with {key} {record.get(key)!r}, not {value!r}; "
+                        "pass another --out, or the same settings to resume it"
+                    )
+            done.add(str(record["id"]))
+    except JSONLinesError as error:
+        raise AnnotationError(f"{error}; is it an annotation file?") from None
     return done
-
-
-def _append(path: Path, records: Sequence[Mapping]) -> None:
-    if not records:
-        return
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 # -- the run ----------------------------------------------------------------
@@ -312,8 +294,8 @@ async def annotate(
             })
         # Pairs are written before skips: a crash between the two writes
         # redoes only skipped prompts, which write the same lines again.
-        _append(out, pairs)
-        _append(skipped_out, skipped)
+        append_lines(out, pairs)
+        append_lines(skipped_out, skipped)
         summary.pairs += len(pairs)
         summary.responses += sum(map(len, candidates))
         if progress is not None:

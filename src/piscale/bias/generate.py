@@ -33,7 +33,6 @@ refuses a file written with other settings.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 import zlib
@@ -46,6 +45,7 @@ import numpy as np
 
 from piscale.bias.prompts import Attribute, Prompt
 from piscale.bias.tilt import TargetReward, TextScorer
+from piscale.jsonl import JSONLinesError, append_lines, read_lines
 from piscale.lm.base import LanguageModel
 from piscale.search import run
 from piscale.search.driver import SEED_RANGE
@@ -179,34 +179,18 @@ async def log_likelihoods(lm: LanguageModel, ids: Sequence[list[int]], texts: Se
 def read_records(path: Path, identity: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The records of a samples file, after cutting a torn last line;
     with ``identity``, refuses records written under another one."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with path.open("r+b") as handle:
-            handle.truncate(keep)
-        data = data[:keep]
     records = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SampleFileError(f"{path}:{number}: not valid JSON ({error})") from None
-        if identity is not None and record.get("run") != identity:
-            raise SampleFileError(
-                f"{path} holds samples of another run ({record.get('run')}); "
-                "pass another output folder, or the same settings to resume it"
-            )
-        records.append(record)
+    try:
+        for _, record in read_lines(path):
+            if identity is not None and record.get("run") != identity:
+                raise SampleFileError(
+                    f"{path} holds samples of another run ({record.get('run')}); "
+                    "pass another output folder, or the same settings to resume it"
+                )
+            records.append(record)
+    except JSONLinesError as error:
+        raise SampleFileError(str(error)) from None
     return records
-
-
-def _append(path: Path, records: Sequence[dict]) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 async def generate(
@@ -258,7 +242,7 @@ async def generate(
                 "seconds": seconds / len(batch), "run": run_id,
             })
             tokens += output["generated_tokens"]
-        _append(out, fresh)
+        append_lines(out, fresh)
         records.extend(fresh)
         if progress is not None:
             progress(len(done) + start + len(batch), len(done) + len(jobs), tokens)
