@@ -207,3 +207,59 @@ def test_spec_value_path_loads_the_head_and_its_backbone(tmp_path, backbone, mon
     assert scores == pytest.approx(by_hand(backbone, head, 1, STEPS), abs=1e-5)
     with pytest.raises(HeadFileError, match="no value head file"):
         from_spec(f"value:{tmp_path / 'missing.safetensors'}")
+
+
+def test_a_product_spec_multiplies_the_value_by_the_arithmetic_check(tmp_path, backbone, monkeypatch):
+    from piscale import models
+    from piscale.eval.runner import reward_identity
+    from piscale.rewards import ArithmeticReward, WeightedSum
+    from piscale.rewards.spec import from_spec, product_terms
+
+    model, tokenizer = backbone
+    monkeypatch.setattr(models, "load_transformers", lambda spec, **options: (model, tokenizer))
+    head = random_head(model.config.hidden_size, seed=5)
+    path = tmp_path / "head.safetensors"
+    layout = {"kind": "parts", "marker": "\n\n", "system_prompt": SYSTEM, "prompt_format": None}
+    HeadFile(head, {"backbone": "some-backbone", "dtype": "float32", "layer": 1, "layout": layout}).save(path)
+
+    reward = from_spec(f"value:{path} * arith")
+    assert isinstance(reward, WeightedSum) and reward.scale == "log"
+    wrong = [*STEPS[:1], "He buys 4, so 3 + 4 = 8.\n\n", "The answer is \\boxed{8}."]
+    values = [by_hand(backbone, head, 1, steps) for steps in (STEPS, wrong)]
+    checks = asyncio.run(ArithmeticReward().score([PROMPT] * 2, [STEPS, wrong]))
+    assert checks[0][1] == 1.0 and checks[1][1] == 0.0  # the checker sees the wrong sum
+    scores = asyncio.run(reward.score([PROMPT] * 2, [STEPS, wrong]))
+    for got, value, check in zip(scores, values, checks):
+        expected = [np.log(v) + (np.log(c) if c > 0 else -np.inf) for v, c in zip(value, check)]
+        assert got == pytest.approx(expected, abs=1e-5)
+    assert scores[1][1] == -np.inf  # a rejected step keeps its zero likelihood
+
+    # A '*' inside one reward's argument does not split it.
+    assert product_terms("verify:2*3") == ["verify:2*3"]
+    assert product_terms("value * arith") == ["value", "arith"]
+    with pytest.raises(ValueError, match="unknown reward kind"):
+        from_spec("value*")
+    # The product's configuration holds the head file's hash.
+    identity = reward_identity(f"value:{path}*arith", "policy")
+    assert identity["models"][0]["identity"] == f"sha256:{file_sha256(path)}"
+
+
+def test_the_server_loads_a_value_head_once_and_treats_products_by_their_terms(tmp_path, backbone, monkeypatch):
+    from piscale import models
+    from piscale.lm.toy import ToyLM
+    from piscale.serve.config import ServerConfig
+    from piscale.serve.rewards import RewardPool
+
+    model, tokenizer = backbone
+    loads = []
+    monkeypatch.setattr(models, "load_transformers", lambda spec, **options: loads.append(spec) or (model, tokenizer))
+    path = tmp_path / "head.safetensors"
+    layout = {"kind": "parts", "marker": "\n\n", "system_prompt": SYSTEM, "prompt_format": None}
+    HeadFile(random_head(model.config.hidden_size), {"backbone": "b", "dtype": "float32", "layer": 1,
+                                                     "layout": layout}).save(path)
+    pool = RewardPool(ServerConfig(model="toy", rewards=(f"value:{path}*arith",)), ToyLM())
+    first, second = (pool.build(pool.check(f"value:{path}*arith")) for _ in range(2))
+    assert first.reward is second.reward and loads == ["b"]  # one backbone for every request
+    assert pool.check("arith*verify:7") == "arith*verify:7"  # cheap terms: offered without --allow-reward
+    with pytest.raises(Exception, match="not enabled"):
+        pool.check(f"value:{path}*judge")

@@ -291,6 +291,8 @@ def test_collect_and_train_commands_end_to_end(tmp_path, tiny_folder, monkeypatc
     assert metadata["layer"] in (1, 2) and metadata["training"]["seed"] == 0
     assert len(metadata["training"]["data_sha256"]) == 64
     assert "arith" in metadata["metrics"]["baselines_on_validation"]
+    crossed = json.loads((tmp_path / "report.json").read_text())["cross_validation"]
+    assert crossed["value*arith"]["steps"] == crossed["arith"]["steps"] == crossed["value"]["steps"]
     too_many = runner.invoke(app, ["prm", "train", "--db", str(db), "--backbone", str(tiny_folder), "--problems", "50",
                                    "--out", str(tmp_path / "other.safetensors")])
     assert too_many.exit_code == 2 and "holds 12 problem collections, fewer than the 50" in too_many.output

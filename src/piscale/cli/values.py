@@ -250,8 +250,12 @@ def train(
         cross_validation = {"folds": folds, "layers_chosen": fold_layers,
                             "value": evaluate_scores(out_of_fold, table, rollouts, every).to_dict()}
         for spec in baseline:
-            scores = scores_in_table(reward_step_scores(from_spec(spec), rollouts, every), table)
+            other = from_spec(spec)
+            scores = scores_in_table(reward_step_scores(other, rollouts, every), table)
             cross_validation[spec] = evaluate_scores(scores, table, rollouts, every).to_dict()
+            if other.scale == "probability":  # the product of experts the spec value*SPEC searches with
+                product = evaluate_scores(out_of_fold * scores, table, rollouts, every)
+                cross_validation[f"value*{spec}"] = product.to_dict()
 
     metrics = {
         "validation": fitted.validation.to_dict(),

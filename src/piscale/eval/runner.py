@@ -209,7 +209,13 @@ REWARD_KINDS_WITH_MODELS = ("judge", "prm", "cdr")
 def reward_identity(spec: str, policy_spec: str) -> dict:
     """The reward spec with the identity of every model it names (a judge,
     a PRM, the two models of a density ratio), so a changed reward model
-    file changes the configuration. ``judge`` alone judges with the policy."""
+    file changes the configuration. ``judge`` alone judges with the policy.
+    A product (``value*arith``) holds the models of all its terms."""
+    from piscale.rewards.spec import product_terms
+
+    terms = product_terms(spec)
+    if len(terms) > 1:
+        return {"spec": spec, "models": [m for term in terms for m in reward_identity(term, policy_spec).get("models", [])]}
     kind, _, argument = spec.partition(":")
     if kind == "value":
         return {"spec": spec, "models": value_head_identity(argument.strip() or None)}

@@ -10,6 +10,12 @@
 | ``embed:POSITIVE|NEGATIVE`` | ``EmbeddingReward``; several descriptions on a side are separated by ``;`` |
 | ``certainty``, ``certainty:group[:WINDOW]`` | ``SelfCertaintyReward``: the policy's mean token log-probability, or its lowest ``WINDOW``-token group mean; search only |
 | ``value:PATH``, ``value`` | ``StepValueReward`` from a head file (``piscale prm train``), its backbone named in the file; ``value`` alone: the head shipped for the catalog's default math policy |
+| ``SPEC*SPEC[*...]`` | the product of the terms' likelihoods (``WeightedSum`` in log space, every weight 1), e.g. ``value*arith`` |
+
+A product is a product of experts: each term multiplies the likelihood that
+the partial answer is good, so a step the arithmetic checker rejects keeps
+its zero and the value ranks the steps it accepts. A ``*`` splits a spec only
+when every part starts with a known kind, so ``verify:2*3`` is one verifier.
 
 MODEL is anything ``piscale.lm.load`` accepts (a catalog name, a GGUF file, a
 folder, a hub id). Backends are built with ``load_lm`` (default
@@ -38,6 +44,13 @@ def from_spec(
     """The reward a spec names (see the module doc)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a reward spec must be a non-empty string; kinds: {', '.join(KINDS)}")
+    terms = product_terms(spec)
+    if len(terms) > 1:
+        from piscale.rewards.compose import WeightedSum
+
+        options = dict(policy=policy, policy_spec=policy_spec, device=device, load_lm=load_lm,
+                       trust_remote_code=trust_remote_code)
+        return WeightedSum([(1.0, from_spec(term, **options)) for term in terms])
     kind, _, argument = spec.strip().partition(":")
     kind = kind.strip().lower()
     argument = argument.strip()
@@ -103,6 +116,16 @@ def from_spec(
     from piscale.rewards.prm import load_prm
 
     return load_prm(_prm_source(argument), device=device, trust_remote_code=trust_remote_code)
+
+
+def product_terms(spec: str) -> list[str]:
+    """The terms of a product spec (``value*arith`` -> ``["value", "arith"]``),
+    or ``[spec]`` when it is one reward: a ``*`` splits only where every part
+    starts with a known kind, so a verifier's answer may hold one."""
+    parts = [part.strip() for part in spec.split("*")]
+    if len(parts) > 1 and all(part.partition(":")[0].strip().lower() in KINDS for part in parts):
+        return parts
+    return [spec.strip()]
 
 
 def _certainty(spec: str, argument: str) -> Reward:

@@ -26,11 +26,23 @@ from piscale.serve.config import CHEAP_REWARD_KINDS, ServerConfig
 from piscale.serve.errors import bad_request
 from piscale.serve.metered import MeteredLM
 
-_SHARED_KINDS = ("prm", "embed")
+# Rewards that hold a model of their own, loaded once and shared by all
+# requests (a value head reads its own backbone, not the served policy's).
+_SHARED_KINDS = ("prm", "embed", "value")
+# Rewards that hold no model and no state: a product of them and shared ones
+# is shared too.
+_STATELESS_KINDS = ("arith", "verify", "certainty")
 
 
 def reward_kind(spec: str) -> str:
     return spec.strip().partition(":")[0].strip().lower()
+
+
+def term_kinds(spec: str) -> list[str]:
+    """The kind of every term of a spec (one for a plain spec, several for a product)."""
+    from piscale.rewards.spec import product_terms
+
+    return [reward_kind(term) for term in product_terms(spec)]
 
 
 @dataclass
@@ -74,7 +86,7 @@ class RewardPool:
         if not isinstance(spec, str) or not spec.strip():
             raise bad_request("reward must be a non-empty reward spec, or 'none'", param="reward")
         spec = self.normalize(spec)
-        if spec == "none" or spec in self.enabled or reward_kind(spec) in CHEAP_REWARD_KINDS:
+        if spec == "none" or spec in self.enabled or all(k in CHEAP_REWARD_KINDS for k in term_kinds(spec)):
             return spec
         offered = ", ".join(sorted(self.enabled | {"none", "verify:ANSWER", "arith"}))
         raise bad_request(
@@ -94,8 +106,8 @@ class RewardPool:
             return RequestReward(None)
         from piscale.rewards import from_spec
 
-        kind = reward_kind(spec)
-        if kind in _SHARED_KINDS:
+        kinds = term_kinds(spec)
+        if any(k in _SHARED_KINDS for k in kinds) and all(k in _SHARED_KINDS + _STATELESS_KINDS for k in kinds):
             reward = self._shared.get(spec)
             if reward is None:
                 reward = from_spec(
