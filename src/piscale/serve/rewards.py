@@ -28,10 +28,9 @@ from piscale.serve.metered import MeteredLM
 
 # Rewards that hold a model of their own, loaded once and shared by all
 # requests (a value head reads its own backbone, not the served policy's).
+# The cheap kinds hold no model and no state, so a product of them and
+# shared ones is shared too.
 _SHARED_KINDS = ("prm", "embed", "value")
-# Rewards that hold no model and no state: a product of them and shared ones
-# is shared too.
-_STATELESS_KINDS = ("arith", "verify", "certainty")
 
 
 def reward_kind(spec: str) -> str:
@@ -107,7 +106,7 @@ class RewardPool:
         from piscale.rewards import from_spec
 
         kinds = term_kinds(spec)
-        if any(k in _SHARED_KINDS for k in kinds) and all(k in _SHARED_KINDS + _STATELESS_KINDS for k in kinds):
+        if any(k in _SHARED_KINDS for k in kinds) and all(k in _SHARED_KINDS + CHEAP_REWARD_KINDS for k in kinds):
             reward = self._shared.get(spec)
             if reward is None:
                 reward = from_spec(
