@@ -12,7 +12,12 @@ against the references and measures, on exactly the same answers:
   transformers engine in bfloat16 by default: one forward pass per answer;
   in a search the backend returns them with every step, for free);
 * the answer's length in characters (shorter first), a baseline that needs no
-  model at all.
+  model at all;
+* any reward spec given with ``--reward`` (``value``, ``value:HEAD``,
+  ``value*arith``, ``judge:MODEL`` ...), scored here on every answer of the
+  problems whose answers are neither all right nor all wrong: only those
+  hold pairs, and on the others every reward's top answer is right or
+  wrong alike.
 
 For each: the pairwise accuracy over (correct, incorrect) pairs of answers to
 the same problem (ties one half), pooled over problems, with a 95% bootstrap
@@ -21,6 +26,9 @@ written as JSON.
 
     .venv/bin/python experiments/reward_table.py runs/gsm8k-qwen2.5-coder-0.5b-value.sqlite \
         --out experiments/values/reward-table-test.json
+    .venv/bin/python experiments/reward_table.py experiments/db/gsm8k-qwen2.5-coder-0.5b.sqlite \
+        --budget 16 --no-certainty --reward value --reward value:runs/head.safetensors \
+        --out experiments/values/reward-table-test-100.json
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ import numpy as np
 
 from piscale.eval.store import ResultStore
 from piscale.grading import answers_equal
-from piscale.rewards import ArithmeticReward, score_trajectories
+from piscale.rewards import ArithmeticReward, Reward, from_spec, score_trajectories
 from piscale.rewards.certainty import SelfCertaintyReward
+from piscale.rewards.spec import product_terms
 from piscale.search import DEFAULT_SYSTEM_PROMPT
 from piscale.tasks import load_task
 from piscale.values.measures import pairwise_accuracy
@@ -111,6 +120,21 @@ async def certainty_scores(policy: str, engine: str, sets: list[dict]) -> tuple[
     return found, time.perf_counter() - started
 
 
+async def spec_scores(reward: Reward, sets: list[dict]) -> list[list[float]]:
+    """``reward``'s score of every answer of the sets that hold pairs (zeros
+    elsewhere, where no pair and no choice of top answer depends on them),
+    one problem per call so that a problem's answers share the backbone's
+    prompt cache."""
+    found = []
+    for answer_set in sets:
+        if len(set(answer_set["correct"])) < 2:
+            found.append([0.0] * len(answer_set["candidates"]))
+            continue
+        trajectories = [[p for p in c["text"].split("\n\n") if p.strip()] or [c["text"]] for c in answer_set["candidates"]]
+        found.append(await score_trajectories(reward, [answer_set["question"]] * len(trajectories), trajectories, "model"))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("db", type=Path)
@@ -122,6 +146,8 @@ def main() -> None:
                         help="measure every reward on the first K answers of each set only (certainty costs a forward pass each)")
     parser.add_argument("--engine", default="hf", help="engine that reads the log-probabilities")
     parser.add_argument("--no-certainty", action="store_true", help="skip the policy's forward passes")
+    parser.add_argument("--reward", action="append", default=[], metavar="SPEC",
+                        help="a reward spec to measure besides the stored scores (repeatable)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -149,6 +175,20 @@ def main() -> None:
     flat = asyncio.run(score_trajectories(arith, prompts, trajectories, "model"))
     table.append(measure("arith", sets, [[v for v, o in zip(flat, owners) if o == k] for k in range(len(sets))]))
     table.append(measure("shorter answer", sets, [[-len(c["text"]) for c in s["candidates"]] for s in sets]))
+    # A product A*B is scored as the product of its terms' scores, each term
+    # read once however many specs share it (the value's backbone is the cost).
+    term_scores: dict[str, list[list[float]]] = {}
+    spec_seconds = {}
+    for spec in args.reward:
+        started = time.perf_counter()
+        for term in product_terms(spec):
+            if term not in term_scores:
+                term_scores[term] = asyncio.run(spec_scores(from_spec(term), sets))
+        scores = [[float(np.prod(values)) for values in zip(*(term_scores[t][k] for t in product_terms(spec)))]
+                  for k in range(len(sets))]
+        table.append(measure(spec, sets, scores))
+        spec_seconds[spec] = round(time.perf_counter() - started, 1)
+        print(f"{spec}: {spec_seconds[spec]} s", flush=True)
     seconds = None
     if not args.no_certainty:
         found, seconds = asyncio.run(certainty_scores(args.policy, args.engine, sets))
@@ -160,6 +200,7 @@ def main() -> None:
         "answers_per_problem": min(args.budget, args.answers or args.budget),
         "sample_accuracy": float(np.mean([np.mean(s["correct"]) for s in sets])),
         "certainty_seconds": seconds,
+        "reward_seconds": spec_seconds,
         "machine": f"{platform.machine()}, 2 cores shared with other jobs",
         "rewards": table,
     }

@@ -19,6 +19,15 @@ from piscale.serve import ServerConfig, create_app
 from test_serve_support import metrics, serve_in_thread, serve_subprocess
 
 
+STALLING = "10^{10^{10}}"
+"""An answer math-verify spends seconds parsing (5 s, its own limit, on this machine)."""
+
+GRADING_LIMIT = 3.0
+"""The time limit of the tests' grading: under the stalling answer's 5 s, and
+far over an ordinary comparison's 0.1 s even on a heavily shared CPU (at a
+load average of 6 to 10, limits of 1 and 2 s failed these tests)."""
+
+
 @pytest.fixture(scope="module")
 def base():
     with serve_subprocess(
@@ -217,7 +226,7 @@ def test_an_adversarial_verify_answer_does_not_stall_the_server():
     """math-verify spends seconds on 10^{10^{10}}; the grading runs in a
     worker process that the time limit kills, while /health, /metrics and
     plain requests are answered."""
-    with serve_subprocess("--model", "toy", "--grading-timeout", "2") as url:
+    with serve_subprocess("--model", "toy", "--grading-timeout", str(GRADING_LIMIT)) as url:
         scaled = {"algorithm": "bon", "budget": 2, "reward": "verify:10^{10^{10}}", "seed": 0}
         slow, slow_result = in_background(
             lambda: httpx.post(url + "/v1/chat/completions", json=chat_body("What is 2 + 2?", piscale=scaled), timeout=120)
@@ -237,10 +246,10 @@ def test_an_adversarial_verify_answer_does_not_stall_the_server():
 async def test_the_grading_pool_kills_an_overrunning_comparison_and_goes_on():
     from piscale.grading import GradingPool
 
-    pool = GradingPool(workers=1, timeout=1.0)
+    pool = GradingPool(workers=1, timeout=GRADING_LIMIT)
     try:
         assert await pool.equal("\\frac{1}{2}", "0.5")
-        assert not await pool.equal("3", "10^{10^{10}}")  # seconds of work: stopped after one
+        assert not await pool.equal("3", STALLING)  # seconds of work: stopped after one
         assert pool.timed_out == 1
         assert await pool.equal("2/4", "1/2")  # a fresh worker answers
         assert not await pool.equal("1/3", "0.5")
@@ -252,10 +261,10 @@ async def test_a_reward_grades_an_answer_that_ran_out_of_time_once():
     from piscale.grading import GradingPool, install_pool
     from piscale.rewards.verify import VerifierReward
 
-    pool = GradingPool(workers=1, timeout=1.0)
+    pool = GradingPool(workers=1, timeout=GRADING_LIMIT)
     previous = install_pool(pool)
     try:
-        reward = VerifierReward("10^{10^{10}}")
+        reward = VerifierReward(STALLING)
         answers = [["\\boxed{3}"], ["\\boxed{4}"], ["\\boxed{10^{10^{10}}}"]]
         assert await reward.score(["q"] * 3, answers) == [[0.0], [0.0], [1.0]]
         assert pool.timed_out == 1  # the first comparison ran out of time; the next one was not tried
@@ -266,8 +275,6 @@ async def test_a_reward_grades_an_answer_that_ran_out_of_time_once():
         pool.close()
 
 
-STALLING = "10^{10^{10}}"
-"""An answer math-verify spends seconds parsing."""
 
 
 async def test_a_vote_groups_alike_in_the_grading_pool_and_pays_a_stalling_answer_once():
@@ -277,7 +284,7 @@ async def test_a_vote_groups_alike_in_the_grading_pool_and_pays_a_stalling_answe
     easy = ["\\frac{1}{2}", "0.5", None, "3", "6/2", "x+1", "1+x", "7"]
     assert group_answers(easy) == [0, 0, None, 1, 1, 2, 2, 3]
     assert await group_answers_async(easy) == [0, 0, None, 1, 1, 2, 2, 3]  # no pool: graded here
-    pool = GradingPool(workers=1, timeout=1.0)
+    pool = GradingPool(workers=1, timeout=GRADING_LIMIT)
     previous = install_pool(pool)
     try:
         assert await group_answers_async(easy) == [0, 0, None, 1, 1, 2, 2, 3]
@@ -305,7 +312,7 @@ def test_a_vote_over_a_stalling_answer_does_not_stall_the_server():
     answer with math-verify: in the grading workers, under their time limit,
     while /health is answered."""
     toy = ToyLM(stalling_rule, words=ANSWERS)
-    config = ServerConfig(model="toy", grading_timeout=2.0)
+    config = ServerConfig(model="toy", grading_timeout=GRADING_LIMIT)
     with serve_in_thread(create_app(config, toy)) as url:
         searches = [
             {"algorithm": "sc", "budget": 4, "reward": "none", "seed": 0, "candidates": True},
