@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from vllm_support import vllm_server  # noqa: E402
+from _report import header, settings  # noqa: E402
 
 from piscale import search  # noqa: E402
 from piscale.eval.stats import wilson_interval  # noqa: E402
@@ -159,14 +159,10 @@ def main() -> None:
         raise SystemExit("the judge's Yes and No must be one token each for the its_hub driver")
     started = time.time()
     report: dict = {
-        "benchmark": "itshub_vllm",
-        "command": "python " + " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu",
-                    "load_average_at_start": os.getloadavg()},
+        **header("itshub_vllm", started, device="cpu"),
         "model": args.model, "folder": str(folder), "dtype": "float32",
         "task": {"name": "gsm8k", "fingerprint": task.fingerprint, "ids": [p.id for p in problems]},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings(args),
         "reward": "the policy model judging itself: piscale's LLMJudge template, P(Yes)/(P(Yes)+P(No)) of the next token",
         "systems": {},
     }

@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import header
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_MODELS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")
@@ -121,16 +122,8 @@ def main() -> None:
         print(json.dumps(run))
         runs.append(run)
     report = {
-        "benchmark": "model_load",
-        "command": "python bench/bench_model_load.py " + " ".join(sys.argv[1:]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "load_average_at_start": load_at_start,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **header("model_load", load_at_start=load_at_start, torch=torch.__version__,
+                 transformers=transformers.__version__),
         "runs": runs,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

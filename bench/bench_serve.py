@@ -51,7 +51,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -59,6 +58,7 @@ from pathlib import Path
 import httpx
 
 from piscale.serve.process import free_port, server_process
+from _report import header
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
@@ -282,10 +282,7 @@ def run_abuse(args, command: list[str], base: str) -> int:
         log.close()
     clean_p95, abused_p95 = clean["latency_p95_s"], abused["good"]["latency_p95_s"]
     record = {
-        "benchmark": "serve_abuse",
-        "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load_at_start]},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **header("serve_abuse", load_at_start=load_at_start),
         "settings": {
             "model": args.model, "engine": args.engine, "engine_options": args.engine_option,
             "algorithm": "pf", "reward": args.reward, "budget": args.budget, "max_steps": args.max_steps,
@@ -360,10 +357,7 @@ def main() -> int:
     if sequential["requests_per_second"] and concurrent["requests_per_second"]:
         gain = round(concurrent["requests_per_second"] / sequential["requests_per_second"], 2)
     record = {
-        "benchmark": "serve_load",
-        "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load_at_start]},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **header("serve_load", load_at_start=load_at_start),
         "settings": {
             "model": args.model, "engine": args.engine, "engine_options": args.engine_option,
             "algorithm": "pf", "reward": args.reward,

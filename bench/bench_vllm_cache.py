@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from vllm_support import model_folder, vllm_engine, vllm_server  # noqa: E402
+from _report import header, settings  # noqa: E402
 
 from piscale import search  # noqa: E402
 from piscale.lm.openai import OpenAILM, _parse_metrics  # noqa: E402
@@ -107,11 +107,8 @@ def main() -> None:
     started = time.time()
     runs = engine_runs(args) if args.target == "engine" else server_runs(args)
     report = {
-        "benchmark": "vllm_cache",
-        "command": "python " + " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **header("vllm_cache", started),
+        "settings": settings(args),
         "runs": runs,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import particles_cached  # noqa: E402
 from vllm_support import model_folder, vllm_engine  # noqa: E402
+from _report import header  # noqa: E402
 
 QUESTION = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -96,11 +96,7 @@ def main() -> None:
     folder = folder_for(args.model)
     started = time.time()
     report: dict = {
-        "benchmark": "vllm_particles",
-        "command": "python " + " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu",
-                    "load_average_at_start": os.getloadavg()},
+        **header("vllm_particles", started, device="cpu"),
         "model": str(folder), "dtype": "float32", "vllm": vllm.__version__, "torch": torch.__version__,
         "workload": {"steps": args.steps, "step_tokens": args.step_tokens, "temperature": 0.8,
                      "resampling": "multinomial, every step", "threads": args.threads, "repeats": args.repeats},

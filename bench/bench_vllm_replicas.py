@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from vllm_support import model_folder, vllm_server  # noqa: E402
+from _report import header, settings  # noqa: E402
 
 from piscale import search  # noqa: E402
 from piscale.lm.openai import OpenAILM  # noqa: E402
@@ -87,11 +87,8 @@ def main() -> None:
             print(json.dumps({k: v for k, v in run.items() if k not in ("texts", "candidates")}), flush=True)
     one, two, one_again = runs
     report = {
-        "benchmark": "vllm_replicas",
-        "command": "python " + " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **header("vllm_replicas", started),
+        "settings": settings(args),
         "model": str(folder),
         "runs": runs,
         "same_answers": one["texts"] == two["texts"] == one_again["texts"]
