@@ -65,6 +65,24 @@ PY
     --engine-option max_sequences=200 --engine-option context_length=1024
 }
 
+# Particle filtering with the correct-SMC options (the incremental potential,
+# so that the weighted particles target p(x | c) r(x); systematic resampling
+# only when ESS/N < 0.5) at budget 8, against the 100-problem run's
+# baselines under the same reward (the arithmetic checker) on the same
+# problems. The options are the textbook ones, fixed before this run and
+# chosen on no test problem; the database starts as a copy of the
+# 100-problem run's, so every pair is over the same problems and samples.
+gsm8k_0_5b_smc() {
+  local name=gsm8k-qwen2.5-coder-0.5b-smc
+  if [[ ! -e runs/$name.sqlite && ! -e experiments/db/$name.sqlite ]]; then
+    cp experiments/db/gsm8k-qwen2.5-coder-0.5b.sqlite "runs/$name.sqlite"
+  fi
+  local grid=(--reward arith --algorithms pf --budgets 8 --seeds 0 --chunk-size 4 --parallel 3 --engine llamacpp)
+  step "$name" --dataset gsm8k --limit "${LIMIT:-100}" --model qwen2.5-coder-0.5b-instruct \
+    --option max_tokens=512 --option pf.potential=incremental --option pf.resampler=systematic \
+    --option pf.ess_threshold=0.5 --engine-option max_sequences=200 --engine-option context_length=1024
+}
+
 # Particle filtering against its baselines under the learned step value
 # (experiments/values.sh trains it on GSM8K *training* rollouts; `value`
 # names the head shipped in the package), on GSM8K *test* problems, none of
@@ -106,6 +124,7 @@ case "${1:-all}" in
   gsm8k-1.5b) gsm8k_1_5b ;;
   gsm8k-0.5b-remedies) gsm8k_0_5b_remedies ;;
   gsm8k-0.5b-value) gsm8k_0_5b_value ;;
+  gsm8k-0.5b-smc) gsm8k_0_5b_smc ;;
   all) gsm8k_0_5b; math500_0_5b; gsm8k_1_5b; gsm8k_0_5b_remedies ;;
-  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | gsm8k-0.5b-value | all)" >&2; exit 2 ;;
+  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | gsm8k-0.5b-value | gsm8k-0.5b-smc | all)" >&2; exit 2 ;;
 esac
