@@ -21,7 +21,11 @@ against the references and measures, on exactly the same answers:
 
 For each: the pairwise accuracy over (correct, incorrect) pairs of answers to
 the same problem (ties one half), pooled over problems, with a 95% bootstrap
-interval over problems; and how often its top answer is correct. Results are
+interval over problems; how often its top answer is correct; and, at each
+budget of ``--select-budgets``, the accuracy of best-of-N and weighted
+best-of-N under it (the mean over every subset of that many answers, as
+``piscale report`` computes it), per problem too, so that a search run under
+the same reward on the same problems can be paired with it. Results are
 written as JSON.
 
     .venv/bin/python experiments/reward_table.py runs/gsm8k-qwen2.5-coder-0.5b-value.sqlite \
@@ -42,7 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
+from piscale.eval.grade import samples_of
 from piscale.eval.store import ResultStore
+from piscale.eval.subsample import expected_accuracy
 from piscale.grading import answers_equal
 from piscale.rewards import ArithmeticReward, Reward, from_spec, score_trajectories
 from piscale.rewards.certainty import SelfCertaintyReward
@@ -80,7 +86,28 @@ def bootstrap_pairwise(wins_pairs: list[tuple[float, int]], draws: int = 2000, s
     return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
 
 
-def measure(name: str, sets: list[dict], scores: list[list[float]]) -> dict:
+def selection_accuracy(sets: list[dict], scores: list[list[float]], budgets: list[int], scale: str) -> dict:
+    """Per problem, best-of-N's and weighted best-of-N's accuracy at each
+    budget when the answers carry ``scores``. Problems whose answers are all
+    right or all wrong select alike under any scores."""
+    found: dict[str, list[float]] = {}
+    for budget in budgets:
+        for selection in ("bon", "wbon"):
+            found[f"{selection}@{budget}"] = [
+                expected_accuracy(
+                    selection,
+                    samples_of([{**c, "score": v} for c, v in zip(s["candidates"], values)], s["reference"], scale),
+                    budget,
+                    seed=0,
+                ).accuracy
+                for s, values in zip(sets, scores)
+            ]
+    return found
+
+
+def measure(
+    name: str, sets: list[dict], scores: list[list[float]], budgets: list[int] = (), scale: str = "probability"
+) -> dict:
     flat_scores, flat_correct, flat_problems, per_problem, top = [], [], [], [], 0
     for answer_set, values in zip(sets, scores):
         correct = answer_set["correct"]
@@ -91,6 +118,7 @@ def measure(name: str, sets: list[dict], scores: list[list[float]]) -> dict:
         per_problem.append(((one.accuracy or 0.0) * one.pairs, one.pairs))
         top += bool(correct[int(np.argmax(values))])
     pooled = pairwise_accuracy(flat_scores, flat_correct, flat_problems)
+    per_problem_selection = selection_accuracy(sets, scores, list(budgets), scale)
     return {
         "reward": name,
         "pairwise_accuracy": pooled.accuracy,
@@ -98,6 +126,8 @@ def measure(name: str, sets: list[dict], scores: list[list[float]]) -> dict:
         "pairs": pooled.pairs,
         "problems_with_pairs": pooled.problems,
         "top_answer_correct": top / len(sets),
+        "selection": {key: float(np.mean(values)) for key, values in per_problem_selection.items()},
+        "selection_per_problem": per_problem_selection,
     }
 
 
@@ -130,8 +160,12 @@ async def spec_scores(reward: Reward, sets: list[dict]) -> list[list[float]]:
         if len(set(answer_set["correct"])) < 2:
             found.append([0.0] * len(answer_set["candidates"]))
             continue
-        trajectories = [[p for p in c["text"].split("\n\n") if p.strip()] or [c["text"]] for c in answer_set["candidates"]]
-        found.append(await score_trajectories(reward, [answer_set["question"]] * len(trajectories), trajectories, "model"))
+        trajectories = [
+            [p for p in c["text"].split("\n\n") if p.strip()] or [c["text"]] for c in answer_set["candidates"]
+        ]
+        found.append(
+            await score_trajectories(reward, [answer_set["question"]] * len(trajectories), trajectories, "model")
+        )
     return found
 
 
@@ -142,29 +176,56 @@ def main() -> None:
     parser.add_argument("--config", default=None, help="configuration key (default: the only one with bon answers)")
     parser.add_argument("--dataset", default="gsm8k")
     parser.add_argument("--policy", default="qwen2.5-coder-0.5b-instruct")
-    parser.add_argument("--answers", type=int, default=None,
-                        help="measure every reward on the first K answers of each set only (certainty costs a forward pass each)")
+    parser.add_argument(
+        "--answers",
+        type=int,
+        default=None,
+        help="measure every reward on the first K answers of each set only (certainty costs a forward pass each)",
+    )
     parser.add_argument("--engine", default="hf", help="engine that reads the log-probabilities")
     parser.add_argument("--no-certainty", action="store_true", help="skip the policy's forward passes")
-    parser.add_argument("--reward", action="append", default=[], metavar="SPEC",
-                        help="a reward spec to measure besides the stored scores (repeatable)")
+    parser.add_argument(
+        "--reward",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a reward spec to measure besides the stored scores (repeatable)",
+    )
+    parser.add_argument(
+        "--select-budgets",
+        default="8",
+        help="comma-separated budgets at which to measure bon and wbon under each reward",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    store = ResultStore(args.db)
+    store = ResultStore(args.db, read_only=True)
     config, sets = stored_answer_sets(store, args.budget, args.config)
     references = {p.id: p.reference for p in load_task(args.dataset).problems}
     for answer_set in sets:
-        answer_set["correct"] = [answers_equal(c["answer"], references[answer_set["problem_id"]])
-                                 for c in answer_set["candidates"]]
+        answer_set["reference"] = references[answer_set["problem_id"]]
+        answer_set["correct"] = [
+            answers_equal(c["answer"], references[answer_set["problem_id"]]) for c in answer_set["candidates"]
+        ]
     sets.sort(key=lambda s: s["problem_id"])
     for answer_set in sets:
         answer_set["candidates"] = answer_set["candidates"][: args.answers]
         answer_set["correct"] = answer_set["correct"][: args.answers]
-    print(f"{len(sets)} problems x {args.budget} answers; "
-          f"{sum(sum(s['correct']) for s in sets)} correct", flush=True)
+    print(f"{len(sets)} problems x {args.budget} answers; {sum(sum(s['correct']) for s in sets)} correct", flush=True)
 
-    table = [measure("stored (the run's reward)", sets, [[c["score"] for c in s["candidates"]] for s in sets])]
+    budgets = [int(b) for b in args.select_budgets.split(",") if b]
+    # The log-scale kinds (piscale.rewards: certainty, cdr, embed) vote with exp(score - max).
+    stored_spec = next(c["reward"] for c in store.configs() if c["config_key"] == config)
+    stored_scale = "log" if stored_spec.split(":")[0] in {"certainty", "cdr", "embed"} else "probability"
+    table = [
+        measure(
+            "stored (the run's reward)",
+            sets,
+            [[c["score"] for c in s["candidates"]] for s in sets],
+            budgets,
+            stored_scale,
+        )
+    ]
     arith = ArithmeticReward()
     prompts, trajectories, owners = [], [], []
     for k, answer_set in enumerate(sets):
@@ -173,26 +234,35 @@ def main() -> None:
             trajectories.append([p for p in candidate["text"].split("\n\n") if p.strip()] or [candidate["text"]])
             owners.append(k)
     flat = asyncio.run(score_trajectories(arith, prompts, trajectories, "model"))
-    table.append(measure("arith", sets, [[v for v, o in zip(flat, owners) if o == k] for k in range(len(sets))]))
+    table.append(
+        measure("arith", sets, [[v for v, o in zip(flat, owners) if o == k] for k in range(len(sets))], budgets)
+    )
     table.append(measure("shorter answer", sets, [[-len(c["text"]) for c in s["candidates"]] for s in sets]))
     # A product A*B is scored as the product of its terms' scores, each term
     # read once however many specs share it (the value's backbone is the cost).
     term_scores: dict[str, list[list[float]]] = {}
+    term_scales: dict[str, str] = {}
     spec_seconds = {}
     for spec in args.reward:
         started = time.perf_counter()
         for term in product_terms(spec):
             if term not in term_scores:
-                term_scores[term] = asyncio.run(spec_scores(from_spec(term), sets))
-        scores = [[float(np.prod(values)) for values in zip(*(term_scores[t][k] for t in product_terms(spec)))]
-                  for k in range(len(sets))]
-        table.append(measure(spec, sets, scores))
+                reward = from_spec(term)
+                term_scales[term] = reward.scale
+                term_scores[term] = asyncio.run(spec_scores(reward, sets))
+        scores = [
+            [float(np.prod(values)) for values in zip(*(term_scores[t][k] for t in product_terms(spec)))]
+            for k in range(len(sets))
+        ]
+        if any(term_scales[t] != "probability" for t in product_terms(spec)):
+            raise SystemExit(f"{spec}: only probability-scale rewards multiply into a likelihood here")
+        table.append(measure(spec, sets, scores, budgets))
         spec_seconds[spec] = round(time.perf_counter() - started, 1)
         print(f"{spec}: {spec_seconds[spec]} s", flush=True)
     seconds = None
     if not args.no_certainty:
         found, seconds = asyncio.run(certainty_scores(args.policy, args.engine, sets))
-        table += [measure(name, sets, scores) for name, scores in found.items()]
+        table += [measure(name, sets, scores, budgets, "log") for name, scores in found.items()]
     report = {
         "database": str(args.db),
         "config": config,
@@ -208,9 +278,12 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for row in table:
         low, high = row["interval_95"]
-        print(f"{row['reward']:28s} pairwise {row['pairwise_accuracy']:.3f} [{low:.3f}, {high:.3f}] "
-              f"on {row['pairs']} pairs / {row['problems_with_pairs']} problems; top answer correct "
-              f"{row['top_answer_correct']:.2f}")
+        selections = "".join(f"; {key} {value:.3f}" for key, value in row["selection"].items())
+        print(
+            f"{row['reward']:28s} pairwise {row['pairwise_accuracy']:.3f} [{low:.3f}, {high:.3f}] "
+            f"on {row['pairs']} pairs / {row['problems_with_pairs']} problems; top answer correct "
+            f"{row['top_answer_correct']:.2f}{selections}"
+        )
 
 
 if __name__ == "__main__":
