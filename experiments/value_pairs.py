@@ -1,0 +1,113 @@
+"""Particle filtering against best-of-N under the same learned reward, paired by problem.
+
+Best-of-N and weighted best-of-N need no new generation to be measured under
+a new reward: ``experiments/reward_table.py`` re-scores one stored set of
+answers per problem and records, per problem, the accuracy of each selection
+at each budget (the mean over every subset of that many answers). This
+script pairs those with a particle-filtering run stored by ``piscale eval``
+under the same reward on the same problems (its configuration names the
+head file by hash), and writes the paired differences with their 95%
+intervals as JSON.
+
+PF's answer is taken twice: as the run chose it, and re-chosen from the same
+final particles by the weighted vote (as ``piscale report`` does, †).
+
+    .venv/bin/python experiments/value_pairs.py \\
+        --table experiments/values/reward-table-test-100.json --reward value \\
+        --db runs/gsm8k-qwen2.5-coder-0.5b-value.sqlite --budget 8 \\
+        --out experiments/values/value-pairs-test.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from piscale.eval.grade import answer_by_selection, grade
+from piscale.eval.stats import paired_difference, wilson_interval
+from piscale.eval.store import ResultStore
+
+
+def pf_rows(store: ResultStore, budget: int, head_sha256: str | None, variant: str | None) -> dict[str, dict]:
+    """The stored pf results at ``budget`` under the value head with this
+    hash (the only value configuration, when None), keyed by problem."""
+    configs = [c for c in store.configs() if c["reward"].split(":")[0] == "value"]
+    if head_sha256 is not None:
+        configs = [
+            c for c in configs if any(head_sha256 in m["identity"] for m in c["description"]["reward"]["models"])
+        ]
+    if len(configs) != 1:
+        raise SystemExit(f"{len(configs)} value configurations match; pass --head-sha256")
+    config = configs[0]["config_key"]
+    rows = [r for r in store.results(config) if r["algorithm"] == "pf" and r["budget"] == budget]
+    variants = sorted({r["variant"] for r in rows})
+    if variant is None:
+        if len(variants) != 1:
+            raise SystemExit(f"pf@{budget} is stored in {len(variants)} variants ({variants}); pass --variant")
+        variant = variants[0]
+    return {r["problem_id"]: r for r in rows if r["variant"] == variant}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", type=Path, required=True, help="reward_table.py's JSON")
+    parser.add_argument("--reward", required=True, help="the table's row for the reward the pf run used")
+    parser.add_argument("--db", type=Path, required=True, help="the pf run's database")
+    parser.add_argument("--budget", type=int, default=8)
+    parser.add_argument("--head-sha256", default=None, help="the value head of the pf run's configuration")
+    parser.add_argument("--variant", default=None, help="the pf variant (its options), when several are stored")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    table = json.loads(args.table.read_text())
+    row = next((r for r in table["rewards"] if r["reward"] == args.reward), None)
+    if row is None:
+        raise SystemExit(f"no row {args.reward!r} in {args.table}; it has {[r['reward'] for r in table['rewards']]}")
+    baselines = {name: dict(zip(table["problems"], values)) for name, values in row["selection_per_problem"].items()}
+
+    store = ResultStore(args.db, read_only=True)
+    found = pf_rows(store, args.budget, args.head_sha256, args.variant)
+    problems = [p for p in table["problems"] if p in found]
+    if not problems:
+        raise SystemExit("the pf run and the table share no problem")
+    pf = [float(found[p]["expected_accuracy"]) for p in problems]
+    voted = []
+    for p in problems:
+        result = store.search(found[p]["search_id"])
+        voted.append(float(grade(answer_by_selection(result, "weighted-vote"), found[p]["reference"])))
+
+    searches = {"pf": pf, "pf weighted vote": voted}
+    report = {
+        "table": str(args.table),
+        "reward": args.reward,
+        "database": str(args.db),
+        "budget": args.budget,
+        "pf_variant": next(iter(found.values()))["variant"],
+        "problems": problems,
+        "machine": f"{platform.machine()}, 2 cores",
+        "accuracy": {},
+        "paired": {},
+    }
+    for name, scores in {**searches, **{k: [baselines[k][p] for p in problems] for k in baselines}}.items():
+        mean = float(np.mean(scores))
+        report["accuracy"][name] = {"mean": mean, "wilson_95": list(wilson_interval(mean, len(problems)))}
+    for name, scores in searches.items():
+        for baseline in baselines:
+            mean, low, high = paired_difference(scores, [baselines[baseline][p] for p in problems])
+            report["paired"][f"{name} - {baseline}"] = {"mean": mean, "interval_95": [low, high]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{len(problems)} problems; pf variant {report['pf_variant']}")
+    for name, cell in report["accuracy"].items():
+        print(f"  {name:20s} {100 * cell['mean']:5.1f}")
+    for name, cell in report["paired"].items():
+        low, high = cell["interval_95"]
+        print(f"  {name:28s} {100 * cell['mean']:+6.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+
+
+if __name__ == "__main__":
+    main()
