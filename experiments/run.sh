@@ -118,6 +118,22 @@ gsm8k_0_5b_value() {
   done
 }
 
+# The same particle filter as step 2 above (correct-SMC options, budget 8,
+# under REWARD, default `value`), on the first LIMIT (default 100) test
+# problems, whose best-of-N answers the 100-problem run already holds (bon@16,
+# the same policy, prompt and sampling): experiments/reward_table.py
+# re-scores those under the same reward, giving bon and wbon at 8 and 16 per
+# problem with no new generation, and experiments/value_pairs.py pairs them
+# with this run. Problems run in order and resume after a stop.
+gsm8k_0_5b_value_pf() {
+  local grid=(--dataset gsm8k --limit "${LIMIT:-100}" --model qwen2.5-coder-0.5b-instruct --reward "${REWARD:-value}"
+              --option max_tokens=512 --seeds 0 --chunk-size 4 --parallel 3 --engine llamacpp
+              --engine-option max_sequences=200 --engine-option context_length=1024
+              --algorithms pf --budgets 8 --option pf.potential=incremental
+              --option pf.resampler=systematic --option pf.ess_threshold=0.5)
+  step gsm8k-qwen2.5-coder-0.5b-value-pf
+}
+
 case "${1:-all}" in
   gsm8k-0.5b) gsm8k_0_5b ;;
   math500-0.5b) math500_0_5b ;;
@@ -125,6 +141,7 @@ case "${1:-all}" in
   gsm8k-0.5b-remedies) gsm8k_0_5b_remedies ;;
   gsm8k-0.5b-value) gsm8k_0_5b_value ;;
   gsm8k-0.5b-smc) gsm8k_0_5b_smc ;;
+  gsm8k-0.5b-value-pf) gsm8k_0_5b_value_pf ;;
   all) gsm8k_0_5b; math500_0_5b; gsm8k_1_5b; gsm8k_0_5b_remedies ;;
-  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | gsm8k-0.5b-value | gsm8k-0.5b-smc | all)" >&2; exit 2 ;;
+  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | gsm8k-0.5b-value | gsm8k-0.5b-smc | gsm8k-0.5b-value-pf | all)" >&2; exit 2 ;;
 esac
