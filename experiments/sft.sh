@@ -35,7 +35,7 @@ before() { evaluate "$MODEL"; }
 # at seed 0; rejection sampling = best-of-4 under the verifier), distinct per
 # problem; 15% of the problems held out for the sweep's final loss.
 data() {
-  run sft data --db experiments/db/values-gsm8k_train-qwen2.5-coder-0.5b.sqlite --dataset gsm8k_train \
+  run sft data --db experiments/db/values-gsm8k_train-qwen2.5-coder-0.5b.sqlite --dataset gsm8k_train --problems 139 \
     --algorithms rollouts --out runs/sft/train.jsonl --validation runs/sft/validation.jsonl --validation-fraction 0.15
 }
 

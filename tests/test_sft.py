@@ -319,6 +319,33 @@ def test_sft_data_reads_rollouts_and_searches_from_a_results_database(tmp_path: 
     assert read_examples(out)[0].messages[-1] == {"role": "assistant", "content": "1+1 is \\boxed{2}"}
 
 
+def test_sft_data_takes_the_first_problem_collections_only_when_asked(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from piscale.cli import app
+    from piscale.eval.store import ResultRow, ResultStore
+
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        store.ensure_config("k1", "gsm8k_train", "m", "rollouts", {"collect": {}})
+        run = store.start_run("k1", {})
+        for index in (3, 1, 2):  # stored in this order, which is the one --problems counts in
+            problem = f"gsm8k_train-{index}"
+            rollouts = [{"steps": [f"{index} is \\boxed{{{index}}}"], "correct": True, "ended": True}]
+            result = {"question": f"What is {index}?", "system": "Box it.", "rollouts": rollouts}
+            row = ResultRow(problem, "rollouts", 1, 0, str(index), str(index), True, 1.0, False, 1, 1, 0.0, 0.0, 0.0, 0.0)
+            store.save_search("k1", run, (problem, "rollouts", "", 1, 0), result, lambda _, row=row: [row])
+    out = tmp_path / "sft.jsonl"
+    command = ["sft", "data", "--db", str(db), "--out", str(out)]
+    done = CliRunner().invoke(app, [*command, "--problems", "2"])
+    assert done.exit_code == 0, done.output
+    assert [json.loads(line)["problem_id"] for line in out.read_text().splitlines()] == ["gsm8k_train-3", "gsm8k_train-1"]
+    everything = CliRunner().invoke(app, command)
+    assert everything.exit_code == 0 and len(out.read_text().splitlines()) == 3
+    too_many = CliRunner().invoke(app, [*command, "--problems", "4"])
+    assert too_many.exit_code == 2 and "holds 3 problem collections, fewer than the 4" in too_many.output
+
+
 def test_the_cli_trains_resumes_and_reports(tmp_path: Path):
     from typer.testing import CliRunner
 

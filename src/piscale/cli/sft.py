@@ -187,6 +187,11 @@ def data_command(
     dataset: str = typer.Option("gsm8k_train", "--dataset", help="The training task whose searches to use."),
     algorithms: str = typer.Option("pf,bon,rollouts", "--algorithms", help="Searches to take answers from (rollouts: prm collect's)."),
     per_problem: int = typer.Option(None, "--per-problem", help="At most N distinct answers per problem (default: all)."),
+    problems: int = typer.Option(
+        None, "--problems",
+        help="Take prm collect's rollouts of only the first N problem collections stored in each database "
+        "(all by default), so that the data reproduces from a database that has grown since.",
+    ),
     validation: Path = typer.Option(None, "--validation", help="Also write the answers of held-out problems here."),
     validation_fraction: float = typer.Option(0.1, "--validation-fraction", help="Share of problems held out."),
     seed: int = typer.Option(0, "--seed", help="Seeds the choice of held-out problems."),
@@ -200,11 +205,13 @@ def data_command(
     wanted = {a.strip() for a in algorithms.split(",") if a.strip()}
     if per_problem is not None and per_problem < 1:
         fail(f"--per-problem must be >= 1, got {per_problem}")
+    if problems is not None and problems < 1:
+        fail(f"--problems must be >= 1, got {problems}")
     answers = []
     try:
         for path in db:
             with ResultStore(path, read_only=True) as store:
-                answers += searched_answers(store, dataset, wanted)
+                answers += searched_answers(store, dataset, wanted, problems)
     except StoreError as error:
         fail(str(error))
     if not answers:
@@ -228,12 +235,23 @@ def data_command(
     typer.echo(f"of {len(answers)} answers found; left out: {skipped or 'none'}")
 
 
-def searched_answers(store, dataset: str, algorithms: set[str]) -> list:
+def searched_answers(store, dataset: str, algorithms: set[str], first_collections: int | None = None) -> list:
     """Every graded answer of the wanted searches on ``dataset`` in a store:
     a PF/BoN search's chosen answer (its full-budget row says whether it is
-    correct), and every rollout of ``prm collect``."""
+    correct), and every rollout of ``prm collect`` (with
+    ``first_collections``, of the first that many problem collections
+    stored, as ``piscale prm train --problems`` counts them)."""
+    from piscale.eval.store import StoreError
     from piscale.sft.searched import SearchedAnswer
+    from piscale.values.collect import ALGORITHM
 
+    collections = [e["search_id"] for e in store.searches() if e["algorithm"] == ALGORITHM]
+    if first_collections is not None and "rollouts" in algorithms:
+        if first_collections > len(collections):
+            raise StoreError(f"{store.path} holds {len(collections)} problem collections, "
+                             f"fewer than the {first_collections} asked for")
+        collections = collections[:first_collections]
+    kept = set(collections)
     found = []
     for config in store.configs():
         if config["dataset"] != dataset:
@@ -242,7 +260,7 @@ def searched_answers(store, dataset: str, algorithms: set[str]) -> list:
         source = f"{store.path.name}:{key}"
         if "rollouts" in algorithms:
             for entry in store.searches(key):
-                if entry["algorithm"] != "rollouts":
+                if entry["search_id"] not in kept:
                     continue
                 result = store.search(entry["search_id"])
                 for rollout in result["rollouts"]:
