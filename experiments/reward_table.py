@@ -266,6 +266,7 @@ def main() -> None:
     report = {
         "database": str(args.db),
         "config": config,
+        "stored_reward": stored_spec,
         "problems": [s["problem_id"] for s in sets],
         "answers_per_problem": min(args.budget, args.answers or args.budget),
         "sample_accuracy": float(np.mean([np.mean(s["correct"]) for s in sets])),

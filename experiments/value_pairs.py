@@ -10,7 +10,11 @@ head file by hash), and writes the paired differences with their 95%
 intervals as JSON.
 
 PF's answer is taken twice: as the run chose it, and re-chosen from the same
-final particles by the weighted vote (as ``piscale report`` does, †).
+final particles by the weighted vote (as ``piscale report`` does, †). Beside
+the accuracies, what a vote has to work with: how many distinct answers the
+final particles hold and how often one of them is correct, against the same
+for ``budget`` independent samples (the mean over subsets of the stored
+answers: pass@b and the expected number of distinct answers).
 
     .venv/bin/python experiments/value_pairs.py \\
         --table experiments/values/reward-table-test-100.json --reward value \\
@@ -25,23 +29,30 @@ import json
 import platform
 from pathlib import Path
 
+import math
+
 import numpy as np
 
-from piscale.eval.grade import answer_by_selection, grade
+from piscale.eval.grade import answer_by_selection, final_population, grade, samples_of
 from piscale.eval.stats import paired_difference, wilson_interval
 from piscale.eval.store import ResultStore
+from piscale.eval.subsample import pass_at
+from piscale.search.select import group_answers
 
 
-def pf_rows(store: ResultStore, budget: int, head_sha256: str | None, variant: str | None) -> dict[str, dict]:
-    """The stored pf results at ``budget`` under the value head with this
-    hash (the only value configuration, when None), keyed by problem."""
-    configs = [c for c in store.configs() if c["reward"].split(":")[0] == "value"]
+def pf_rows(
+    store: ResultStore, reward: str, budget: int, head_sha256: str | None, variant: str | None
+) -> dict[str, dict]:
+    """The stored pf results at ``budget`` under the reward spec ``reward``
+    whose configuration holds the value head with this hash (the only such
+    configuration, when None), keyed by problem."""
+    configs = [c for c in store.configs() if c["reward"] == reward]
     if head_sha256 is not None:
         configs = [
             c for c in configs if any(head_sha256 in m["identity"] for m in c["description"]["reward"]["models"])
         ]
     if len(configs) != 1:
-        raise SystemExit(f"{len(configs)} value configurations match; pass --head-sha256")
+        raise SystemExit(f"{len(configs)} configurations with reward {reward!r} match; pass --head-sha256")
     config = configs[0]["config_key"]
     rows = [r for r in store.results(config) if r["algorithm"] == "pf" and r["budget"] == budget]
     variants = sorted({r["variant"] for r in rows})
@@ -52,10 +63,32 @@ def pf_rows(store: ResultStore, budget: int, head_sha256: str | None, variant: s
     return {r["problem_id"]: r for r in rows if r["variant"] == variant}
 
 
+def independent_diversity(table: dict, budget: int) -> dict[str, tuple[float, float]]:
+    """Per problem of the table's answer sets: pass@budget and the expected
+    number of distinct answers among ``budget`` of them drawn without
+    replacement (each answer group is present unless all ``budget`` draws
+    miss it)."""
+    store = ResultStore(Path(table["database"]), read_only=True)
+    found = {}
+    for entry in store.searches():
+        if entry["config_key"] != table["config"] or entry["algorithm"] != "bon" or entry["problem_id"] not in table["problems"]:
+            continue
+        if entry["problem_id"] in found:
+            continue
+        result = store.search(entry["search_id"])
+        candidates = result["candidates"][: table["answers_per_problem"]]
+        reference = next(r["reference"] for r in store.results(table["config"]) if r["search_id"] == entry["search_id"])
+        groups = [g for g in group_answers([c.get("answer") for c in candidates]) if g is not None]
+        n = len(candidates)
+        distinct = sum(1 - math.comb(n - groups.count(g), budget) / math.comb(n, budget) for g in set(groups))
+        found[entry["problem_id"]] = (pass_at(samples_of(candidates, reference), budget), distinct)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", type=Path, required=True, help="reward_table.py's JSON")
-    parser.add_argument("--reward", required=True, help="the table's row for the reward the pf run used")
+    parser.add_argument("--reward", required=True, help="the table's row for the reward spec the pf run used")
     parser.add_argument("--db", type=Path, required=True, help="the pf run's database")
     parser.add_argument("--budget", type=int, default=8)
     parser.add_argument("--head-sha256", default=None, help="the value head of the pf run's configuration")
@@ -70,15 +103,21 @@ def main() -> None:
     baselines = {name: dict(zip(table["problems"], values)) for name, values in row["selection_per_problem"].items()}
 
     store = ResultStore(args.db, read_only=True)
-    found = pf_rows(store, args.budget, args.head_sha256, args.variant)
+    stored = "stored (the run's reward)"
+    reward = table["stored_reward"] if args.reward == stored else args.reward
+    found = pf_rows(store, reward, args.budget, args.head_sha256, args.variant)
     problems = [p for p in table["problems"] if p in found]
     if not problems:
         raise SystemExit("the pf run and the table share no problem")
     pf = [float(found[p]["expected_accuracy"]) for p in problems]
-    voted = []
+    voted, covered, distinct = [], [], []
     for p in problems:
         result = store.search(found[p]["search_id"])
         voted.append(float(grade(answer_by_selection(result, "weighted-vote"), found[p]["reference"])))
+        answers, _ = final_population(result)
+        covered.append(float(any(grade(a, found[p]["reference"]) for a in set(answers) if a is not None)))
+        distinct.append(len({g for g in group_answers(answers) if g is not None}))
+    independent = independent_diversity(table, args.budget)
 
     searches = {"pf": pf, "pf weighted vote": voted}
     report = {
@@ -91,6 +130,12 @@ def main() -> None:
         "machine": f"{platform.machine()}, 2 cores",
         "accuracy": {},
         "paired": {},
+        "final_answers": {
+            "pf_holds_a_correct_answer": float(np.mean(covered)),
+            f"pass@{args.budget}": float(np.mean([independent[p][0] for p in problems])),
+            "pf_distinct_answers": float(np.mean(distinct)),
+            f"distinct_answers_of_{args.budget}_samples": float(np.mean([independent[p][1] for p in problems])),
+        },
     }
     for name, scores in {**searches, **{k: [baselines[k][p] for p in problems] for k in baselines}}.items():
         mean = float(np.mean(scores))
@@ -107,6 +152,8 @@ def main() -> None:
     for name, cell in report["paired"].items():
         low, high = cell["interval_95"]
         print(f"  {name:28s} {100 * cell['mean']:+6.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+    for name, value in report["final_answers"].items():
+        print(f"  {name:36s} {value:.2f}")
 
 
 if __name__ == "__main__":
