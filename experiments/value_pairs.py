@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=8)
     parser.add_argument("--head-sha256", default=None, help="the value head of the pf run's configuration")
     parser.add_argument("--variant", default=None, help="the pf variant (its options), when several are stored")
+    parser.add_argument("--from-problem", type=int, default=0,
+                        help="pair only problems numbered from this index on (e.g. past those an earlier choice looked at)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -106,7 +108,7 @@ def main() -> None:
     stored = "stored (the run's reward)"
     reward = table["stored_reward"] if args.reward == stored else args.reward
     found = pf_rows(store, reward, args.budget, args.head_sha256, args.variant)
-    problems = [p for p in table["problems"] if p in found]
+    problems = [p for p in table["problems"] if p in found and int(p.rsplit("-", 1)[1]) >= args.from_problem]
     if not problems:
         raise SystemExit("the pf run and the table share no problem")
     pf = [float(found[p]["expected_accuracy"]) for p in problems]
@@ -126,6 +128,7 @@ def main() -> None:
         "database": str(args.db),
         "budget": args.budget,
         "pf_variant": next(iter(found.values()))["variant"],
+        "from_problem": args.from_problem,
         "problems": problems,
         "machine": f"{platform.machine()}, 2 cores",
         "accuracy": {},
