@@ -23,8 +23,9 @@ For each: the pairwise accuracy over (correct, incorrect) pairs of answers to
 the same problem (ties one half), pooled over problems, with a 95% bootstrap
 interval over problems; how often its top answer is correct; and, at each
 budget of ``--select-budgets``, the accuracy of best-of-N and weighted
-best-of-N under it (the mean over every subset of that many answers, as
-``piscale report`` computes it), per problem too, so that a search run under
+best-of-N under it (the mean over subsets of that many answers: all of
+them, or 2,000 seeded ones where there are more than 5,000, as ``piscale
+report`` computes it), per problem too, so that a search run under
 the same reward on the same problems can be paired with it. Results are
 written as JSON.
 
@@ -204,9 +205,7 @@ def main() -> None:
     references = {p.id: p.reference for p in load_task(args.dataset).problems}
     for answer_set in sets:
         answer_set["reference"] = references[answer_set["problem_id"]]
-        answer_set["correct"] = [
-            answers_equal(c["answer"], references[answer_set["problem_id"]]) for c in answer_set["candidates"]
-        ]
+        answer_set["correct"] = [answers_equal(c["answer"], answer_set["reference"]) for c in answer_set["candidates"]]
     sets.sort(key=lambda s: s["problem_id"])
     for answer_set in sets:
         answer_set["candidates"] = answer_set["candidates"][: args.answers]
@@ -245,18 +244,19 @@ def main() -> None:
     spec_seconds = {}
     for spec in args.reward:
         started = time.perf_counter()
-        for term in product_terms(spec):
-            if term not in term_scores:
-                reward = from_spec(term)
-                term_scales[term] = reward.scale
-                term_scores[term] = asyncio.run(spec_scores(reward, sets))
+        terms = product_terms(spec)
+        rewards = {term: from_spec(term) for term in terms if term not in term_scores}
+        term_scales.update({term: reward.scale for term, reward in rewards.items()})
+        # Checked before the costly scoring: a product multiplies likelihoods.
+        if len(terms) > 1 and any(term_scales[t] != "probability" for t in terms):
+            raise SystemExit(f"{spec}: only probability-scale rewards multiply into a likelihood here")
+        for term, reward in rewards.items():
+            term_scores[term] = asyncio.run(spec_scores(reward, sets))
         scores = [
             [float(np.prod(values)) for values in zip(*(term_scores[t][k] for t in product_terms(spec)))]
             for k in range(len(sets))
         ]
-        if any(term_scales[t] != "probability" for t in product_terms(spec)):
-            raise SystemExit(f"{spec}: only probability-scale rewards multiply into a likelihood here")
-        table.append(measure(spec, sets, scores, budgets))
+        table.append(measure(spec, sets, scores, budgets, term_scales[terms[0]] if len(terms) == 1 else "probability"))
         spec_seconds[spec] = round(time.perf_counter() - started, 1)
         print(f"{spec}: {spec_seconds[spec]} s", flush=True)
     seconds = None

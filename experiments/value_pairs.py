@@ -3,7 +3,8 @@
 Best-of-N and weighted best-of-N need no new generation to be measured under
 a new reward: ``experiments/reward_table.py`` re-scores one stored set of
 answers per problem and records, per problem, the accuracy of each selection
-at each budget (the mean over every subset of that many answers). This
+at each budget (the mean over subsets of that many answers, as ``piscale
+report`` averages them). This
 script pairs those with a particle-filtering run stored by ``piscale eval``
 under the same reward on the same problems (its configuration names the
 head file by hash), and writes the paired differences with their 95%
@@ -26,10 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 from pathlib import Path
-
-import math
 
 import numpy as np
 
@@ -69,6 +69,7 @@ def independent_diversity(table: dict, budget: int) -> dict[str, tuple[float, fl
     replacement (each answer group is present unless all ``budget`` draws
     miss it)."""
     store = ResultStore(Path(table["database"]), read_only=True)
+    references = {r["search_id"]: r["reference"] for r in store.results(table["config"])}
     found = {}
     for entry in store.searches():
         if entry["config_key"] != table["config"] or entry["algorithm"] != "bon" or entry["problem_id"] not in table["problems"]:
@@ -77,7 +78,7 @@ def independent_diversity(table: dict, budget: int) -> dict[str, tuple[float, fl
             continue
         result = store.search(entry["search_id"])
         candidates = result["candidates"][: table["answers_per_problem"]]
-        reference = next(r["reference"] for r in store.results(table["config"]) if r["search_id"] == entry["search_id"])
+        reference = references[entry["search_id"]]
         groups = [g for g in group_answers([c.get("answer") for c in candidates]) if g is not None]
         n = len(candidates)
         distinct = sum(1 - math.comb(n - groups.count(g), budget) / math.comb(n, budget) for g in set(groups))
