@@ -124,10 +124,11 @@ gsm8k_0_5b_value() {
 # the same policy, prompt and sampling): experiments/reward_table.py
 # re-scores those under the same reward, giving bon and wbon at 8 and 16 per
 # problem with no new generation, and experiments/value_pairs.py pairs them
-# with this run. Problems run in order and resume after a stop.
+# with this run. SEEDS (default 0; e.g. 0,1) repeats the filter with other
+# seeds on the same problems. Problems run in order and resume after a stop.
 gsm8k_0_5b_value_pf() {
   local grid=(--dataset gsm8k --limit "${LIMIT:-100}" --model qwen2.5-coder-0.5b-instruct --reward "${REWARD:-value}"
-              --option max_tokens=512 --seeds 0 --chunk-size 4 --parallel 3 --engine llamacpp
+              --option max_tokens=512 --seeds "${SEEDS:-0}" --chunk-size 4 --parallel 3 --engine llamacpp
               --engine-option max_sequences=200 --engine-option context_length=1024
               --algorithms pf --budgets 8 --option pf.potential=incremental
               --option pf.resampler=systematic --option pf.ess_threshold=0.5)

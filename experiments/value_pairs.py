@@ -15,7 +15,8 @@ final particles by the weighted vote (as ``piscale report`` does, †). Beside
 the accuracies, what a vote has to work with: how many distinct answers the
 final particles hold and how often one of them is correct, against the same
 for ``budget`` independent samples (the mean over subsets of the stored
-answers: pass@b and the expected number of distinct answers).
+answers: pass@b and the expected number of distinct answers). A run with
+several seeds counts each problem as the mean over its seeds.
 
     .venv/bin/python experiments/value_pairs.py \\
         --table experiments/values/reward-table-test-100.json --reward value \\
@@ -42,10 +43,10 @@ from piscale.search.select import group_answers
 
 def pf_rows(
     store: ResultStore, reward: str, budget: int, head_sha256: str | None, variant: str | None
-) -> dict[str, dict]:
+) -> dict[str, list[dict]]:
     """The stored pf results at ``budget`` under the reward spec ``reward``
     whose configuration holds the value head with this hash (the only such
-    configuration, when None), keyed by problem."""
+    configuration, when None): per problem, one row per seed."""
     configs = [c for c in store.configs() if c["reward"] == reward]
     if head_sha256 is not None:
         configs = [
@@ -60,7 +61,11 @@ def pf_rows(
         if len(variants) != 1:
             raise SystemExit(f"pf@{budget} is stored in {len(variants)} variants ({variants}); pass --variant")
         variant = variants[0]
-    return {r["problem_id"]: r for r in rows if r["variant"] == variant}
+    found: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        if r["variant"] == variant:
+            found.setdefault(r["problem_id"], []).append(r)
+    return found
 
 
 def independent_diversity(table: dict, budget: int) -> dict[str, tuple[float, float]]:
@@ -96,6 +101,8 @@ def main() -> None:
     parser.add_argument("--variant", default=None, help="the pf variant (its options), when several are stored")
     parser.add_argument("--from-problem", type=int, default=0,
                         help="pair only problems numbered from this index on (e.g. past those an earlier choice looked at)")
+    parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=None,
+                        help="the pf seeds to average per problem, comma-separated (default: every stored seed)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -109,17 +116,38 @@ def main() -> None:
     stored = "stored (the run's reward)"
     reward = table["stored_reward"] if args.reward == stored else args.reward
     found = pf_rows(store, reward, args.budget, args.head_sha256, args.variant)
-    problems = [p for p in table["problems"] if p in found and int(p.rsplit("-", 1)[1]) >= args.from_problem]
+    # A problem counts once every seed of the run has reached it, so that a
+    # run stopped part-way through a later seed is still paired over the
+    # same seeds on every problem.
+    seeds = sorted({r["seed"] for rows in found.values() for r in rows})
+    if args.seeds is not None:
+        seeds = [s for s in seeds if s in args.seeds]
+        found = {p: [r for r in rows if r["seed"] in seeds] for p, rows in found.items()}
+    problems = [
+        p for p in table["problems"]
+        if len(found.get(p, [])) == len(seeds) and int(p.rsplit("-", 1)[1]) >= args.from_problem
+    ]
     if not problems:
         raise SystemExit("the pf run and the table share no problem")
-    pf = [float(found[p]["expected_accuracy"]) for p in problems]
-    voted, covered, distinct = [], [], []
+    # Per problem, the mean over seeds: the paired interval then resamples
+    # problems, with each problem's seeds kept together.
+    pf, voted, covered, distinct = [], [], [], []
     for p in problems:
-        result = store.search(found[p]["search_id"])
-        voted.append(float(grade(answer_by_selection(result, "weighted-vote"), found[p]["reference"])))
-        answers, _ = final_population(result)
-        covered.append(float(any(grade(a, found[p]["reference"]) for a in set(answers) if a is not None)))
-        distinct.append(len({g for g in group_answers(answers) if g is not None}))
+        per_seed = []
+        for row in found[p]:
+            result = store.search(row["search_id"])
+            answers, _ = final_population(result)
+            per_seed.append((
+                float(row["expected_accuracy"]),
+                float(grade(answer_by_selection(result, "weighted-vote"), row["reference"])),
+                float(any(grade(a, row["reference"]) for a in set(answers) if a is not None)),
+                len({g for g in group_answers(answers) if g is not None}),
+            ))
+        means = np.mean(per_seed, axis=0)
+        pf.append(float(means[0]))
+        voted.append(float(means[1]))
+        covered.append(float(means[2]))
+        distinct.append(float(means[3]))
     independent = independent_diversity(table, args.budget)
 
     searches = {"pf": pf, "pf weighted vote": voted}
@@ -128,7 +156,8 @@ def main() -> None:
         "reward": args.reward,
         "database": str(args.db),
         "budget": args.budget,
-        "pf_variant": next(iter(found.values()))["variant"],
+        "pf_variant": found[problems[0]][0]["variant"],
+        "seeds": seeds,
         "from_problem": args.from_problem,
         "problems": problems,
         "machine": f"{platform.machine()}, 2 cores",
@@ -150,7 +179,7 @@ def main() -> None:
             report["paired"][f"{name} - {baseline}"] = {"mean": mean, "interval_95": [low, high]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{len(problems)} problems; pf variant {report['pf_variant']}")
+    print(f"{len(problems)} problems; pf variant {report['pf_variant']}, seeds {seeds}")
     for name, cell in report["accuracy"].items():
         print(f"  {name:20s} {100 * cell['mean']:5.1f}")
     for name, cell in report["paired"].items():
