@@ -253,7 +253,7 @@ def test_llamacpp_slots_are_sized_for_a_wave_of_the_grid() -> None:
     from rich.console import Console
 
     from piscale.cli.eval import _slots_for_the_grid
-    from piscale.eval.runner import EvalConfig
+    from piscale.eval.grid import EvalConfig
 
     jobs = [SimpleNamespace(budget=b) for b in (1, 4, 16)]
     out = Console(file=io.StringIO())

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from piscale.eval.render import markdown
-from piscale.eval.runner import EvalConfig, EvalError, Evaluation, Grid
+from piscale.eval.grid import EvalConfig, EvalError, Grid
+from piscale.eval.runner import Evaluation
 from piscale.eval.store import ResultStore
 from piscale.eval.summary import summarize
 from piscale.tasks import load_task
@@ -306,7 +307,8 @@ async def test_trace_is_stored_when_asked(tmp_path: Path, task) -> None:
 
 
 def test_options_reach_the_algorithms_that_take_them(tmp_path: Path, task) -> None:
-    from piscale.eval.runner import algorithm_options, oracle_reward, variant_label
+    from piscale.eval.grid import algorithm_options, variant_label
+    from piscale.eval.runner import oracle_reward
 
     options = algorithm_options(("pf", "bon", "dvts"), {"temperature": 0.6, "dvts.beam_width": 2, "resampler": "systematic"})
     assert options == {
@@ -396,7 +398,7 @@ async def test_failures_in_a_row_stop_the_run(tmp_path: Path, task) -> None:
 
 
 def test_reward_identity_names_the_models_it_uses() -> None:
-    from piscale.eval.runner import reward_identity
+    from piscale.eval.identity import reward_identity
 
     judge = reward_identity("judge", "smollm2-135m-instruct")
     assert [m["spec"] for m in judge["models"]] == ["smollm2-135m-instruct"]
@@ -413,7 +415,7 @@ def test_a_value_reward_is_identified_by_its_head_file_and_backbone(tmp_path: Pa
     import hashlib
     import shutil
 
-    from piscale.eval.runner import reward_identity
+    from piscale.eval.identity import reward_identity
     from piscale.rewards.value import shipped_head_path
 
     shipped = shipped_head_path()

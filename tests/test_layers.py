@@ -74,7 +74,7 @@ APPLICATIONS = dict(LAYERS)["applications"]
 # this list; nothing may be added to it.
 BETWEEN_APPLICATIONS = {
     ("piscale.distill", "piscale.annotate"),
-    ("piscale.values.collect", "piscale.eval.runner"),
+    ("piscale.values.collect", "piscale.eval.identity"),
     ("piscale.values.collect", "piscale.eval.store"),
     ("piscale.values.train", "piscale.eval.store"),
 }

@@ -211,7 +211,7 @@ def test_spec_value_path_loads_the_head_and_its_backbone(tmp_path, backbone, mon
 
 def test_a_product_spec_multiplies_the_value_by_the_arithmetic_check(tmp_path, backbone, monkeypatch):
     from piscale import models
-    from piscale.eval.runner import reward_identity
+    from piscale.eval.identity import reward_identity
     from piscale.rewards import ArithmeticReward, WeightedSum
     from piscale.rewards.spec import from_spec, product_terms
 

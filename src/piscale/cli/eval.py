@@ -21,7 +21,8 @@ from piscale.search import ALGORITHMS
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from piscale.eval.runner import EvalConfig, Evaluation, Progress
+    from piscale.eval.grid import EvalConfig
+    from piscale.eval.runner import Evaluation, Progress
 
 
 LOG_EVERY_S = 30.0
@@ -79,7 +80,8 @@ def evaluate(
     """Run algorithms x budgets x seeds on a task; store every result at once; resume on re-run."""
     from rich.console import Console
 
-    from piscale.eval.runner import EvalConfig, EvalError, Evaluation, Grid
+    from piscale.eval.grid import EvalConfig, EvalError, Grid
+    from piscale.eval.runner import Evaluation
     from piscale.eval.store import ResultStore, StoreError
     from piscale.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, TaskError, load_task
 

@@ -151,7 +151,7 @@ def train(
     import numpy as np
 
     from piscale import models
-    from piscale.eval.runner import model_identity
+    from piscale.eval.identity import model_identity
     from piscale.eval.store import ResultStore, StoreError
     from piscale.rewards.spec import from_spec
     from piscale.rewards.value import HeadFile, StepValueReward, ValueHead

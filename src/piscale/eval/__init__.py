@@ -2,7 +2,10 @@
 
 * ``tasks``: MATH500, GSM8K, AIME 2024, AMC 2023 and files of the same
   shapes; the paper's prompt.
-* ``runner``: the grid of algorithms x budgets x seeds, batched through
+* ``grid``: the grid of algorithms x budgets x seeds, its configuration and
+  each algorithm's options; ``identity``: what keys a configuration (model
+  and reward files by hash).
+* ``runner``: the grid planned against the database and run, batched through
   ``piscale.search.run_many``, resumable.
 * ``store``: SQLite in WAL mode; every result committed at once.
 * ``grade`` and ``subsample``: grading through ``piscale.grading`` and the
@@ -15,8 +18,9 @@ The command line is ``piscale eval`` and ``piscale report``.
 """
 
 from piscale.eval.grade import grade, rows_from_result
+from piscale.eval.grid import EvalConfig, EvalError, Grid, Job
 from piscale.eval.report import Group, markdown, summarize, wilson_interval, write_plots
-from piscale.eval.runner import EvalConfig, EvalError, Evaluation, Grid, Job
+from piscale.eval.runner import Evaluation
 from piscale.eval.store import ResultRow, ResultStore, StoreError
 from piscale.eval.subsample import Samples, expected_accuracy, first_subset_choice
 from piscale.tasks import (

@@ -73,7 +73,7 @@ def _counts_note(group: Group) -> str:
             f"{c.algorithm}@{c.budget}: {c.problems}x{c.seeds}" for c in group.cells
         ) + "."
     if group.shared_options:
-        from piscale.eval.runner import variant_label
+        from piscale.eval.grid import variant_label
 
         note += f" Every algorithm ran with {variant_label(group.shared_options).replace(',', ', ')}."
     if group.tied:

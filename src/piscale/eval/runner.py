@@ -39,109 +39,20 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import TYPE_CHECKING
 
 from piscale.eval.grade import SUBSAMPLED_ALGORITHMS, rows_from_result
-from piscale.eval.store import CellKey, ResultRow, ResultStore
-from piscale.tasks import (
-    DEFAULT_PROMPT_TEMPLATE,
-    DEFAULT_SYSTEM_PROMPT,
-    Problem,
-    Task,
-    check_template,
-    format_prompt,
-)
+from piscale.eval.grid import EvalConfig, EvalError, Grid, Job, algorithm_options, budget_problems, variant_label
+from piscale.eval.identity import keyed_description, model_identity, package_versions, reward_identity
+from piscale.eval.store import ResultRow, ResultStore
+from piscale.tasks import Problem, Task, format_prompt
 
 if TYPE_CHECKING:
     from piscale.lm.base import LanguageModel
 
-PACKAGES = ("piscale", "torch", "transformers", "numpy", "math-verify", "llama-cpp-python", "openai", "gguf")
 
 SolveMany = Callable[..., Awaitable[Sequence]]
 """``run_many(lm, reward, questions, algorithm, budget, seed, *, system, trace, **options)``."""
-
-
-class EvalError(ValueError):
-    """A bad grid or configuration; the message says which value."""
-
-
-@dataclass(frozen=True)
-class Grid:
-    algorithms: tuple[str, ...]
-    budgets: tuple[int, ...]
-    seeds: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        for name, values in (("algorithms", self.algorithms), ("budgets", self.budgets), ("seeds", self.seeds)):
-            if not values:
-                raise EvalError(f"the grid needs at least one of {name}")
-            if len(set(values)) != len(values):
-                raise EvalError(f"{name} repeat a value: {list(values)}")
-        if any(b < 1 for b in self.budgets):
-            raise EvalError(f"budgets must be >= 1, got {list(self.budgets)}")
-        if any(s < 0 for s in self.seeds):
-            raise EvalError(f"seeds must be >= 0, got {list(self.seeds)}")
-
-    @classmethod
-    def parse(cls, algorithms: str, budgets: str, seeds: str) -> Grid:
-        """From comma-separated lists, as the command line gives them."""
-        return cls(
-            algorithms=tuple(_items(algorithms, "algorithms", str)),
-            budgets=tuple(sorted(_items(budgets, "budgets", int))),
-            seeds=tuple(_items(seeds, "seeds", int)),
-        )
-
-
-def _items(text: str, what: str, kind: type) -> list:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    try:
-        return [kind(p) for p in parts]
-    except ValueError as error:
-        raise EvalError(f"{what}: expected a comma-separated list of {kind.__name__}, got {text!r}") from error
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What, besides the grid cell and the search options, decides a result.
-    Its hash (with the task's fingerprint and the model's identity) keys
-    stored results."""
-
-    model: str
-    reward: str
-    engine: str = "auto"
-    system: str = DEFAULT_SYSTEM_PROMPT
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    options: Mapping[str, object] = field(default_factory=dict)
-    """Search options: ``KEY`` for every algorithm that takes it,
-    ``ALGORITHM.KEY`` for one algorithm."""
-
-    def __post_init__(self) -> None:
-        check_template(self.prompt_template)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One search setting and the problems that still need it."""
-
-    algorithm: str
-    variant: str
-    options: Mapping[str, object]
-    budget: int
-    """The budget the search runs at."""
-    seed: int
-    stores: tuple[int, ...]
-    """The budgets whose rows each search yields (just ``budget`` unless subsampled)."""
-    problems: tuple[Problem, ...]
-    shared: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    """Other selections whose rows come from the same samples, with their budgets."""
-
-    def cells(self, problem: Problem) -> list[CellKey]:
-        return [
-            (problem.id, algorithm, self.variant, b, self.seed)
-            for algorithm, budgets in ((self.algorithm, self.stores), *self.shared)
-            for b in budgets
-        ]
 
 
 @dataclass
@@ -189,147 +100,6 @@ class Progress:
         return self.generated_tokens / max(time.perf_counter() - self.started, 1e-9)
 
 
-def model_identity(spec: str) -> dict:
-    """What identifies a model: the catalog's identity (file hashes) when it
-    knows the spec, else the spec itself with the reason none was found."""
-    try:
-        from piscale import models
-
-        identity = models.resolve(spec, download=False).identity
-    except Exception as error:  # unknown specs (toy, hub ids, servers) are normal here
-        return {"spec": spec, "identity_unavailable": f"{type(error).__name__}: {error}"}
-    if isinstance(identity, Mapping):
-        return {"spec": spec, **identity}
-    return {"spec": spec, "identity": str(identity)}
-
-
-REWARD_KINDS_WITH_MODELS = ("judge", "prm", "cdr")
-
-
-def reward_identity(spec: str, policy_spec: str) -> dict:
-    """The reward spec with the identity of every model it names (a judge,
-    a PRM, the two models of a density ratio), so a changed reward model
-    file changes the configuration. ``judge`` alone judges with the policy.
-    A product (``value*arith``) holds the models of all its terms."""
-    from piscale.rewards.spec import product_terms
-
-    terms = product_terms(spec)
-    if len(terms) > 1:
-        return {"spec": spec, "models": [m for term in terms for m in reward_identity(term, policy_spec).get("models", [])]}
-    kind, _, argument = spec.partition(":")
-    if kind == "value":
-        return {"spec": spec, "models": value_head_identity(argument.strip() or None)}
-    if kind not in REWARD_KINDS_WITH_MODELS:
-        return {"spec": spec}
-    names = [policy_spec] if kind == "judge" and not argument else [m.strip() for m in argument.split(",") if m.strip()]
-    return {"spec": spec, "models": [model_identity(name) for name in names]}
-
-
-def value_head_identity(path: str | None) -> list[dict]:
-    """A learned value's head file (the shipped one when ``path`` is None) by
-    its sha256, and its backbone's identity: retraining the head, or
-    changing the backbone it reads, changes the configuration."""
-    from pathlib import Path
-
-    from piscale.models import file_sha256
-    from piscale.rewards.value import HeadFile, shipped_head_path
-
-    try:
-        head = shipped_head_path() if path is None else Path(path)
-        identities = [{"spec": path or "value", "identity": f"sha256:{file_sha256(head)}"}]
-    except (OSError, ValueError) as error:
-        return [{"spec": path or "value", "identity_unavailable": f"{type(error).__name__}: {error}"}]
-    try:
-        identities.append(model_identity(HeadFile.read(head).metadata["backbone"]))
-    except (OSError, ValueError, KeyError) as error:
-        identities.append({"spec": "backbone", "identity_unavailable": f"{type(error).__name__}: {error}"})
-    return identities
-
-
-def _for_key(identity: Mapping) -> dict:
-    """What of a model's identity decides a key: its content hash where there
-    is one, not the spec it was found by (the same file elsewhere, as a
-    package's head file in another checkout, resumes its results); else the
-    spec, without the reason the hash was unavailable: that wording is for
-    people and may change between versions while the model stays the same."""
-    if "identity" in identity:
-        return {k: v for k, v in identity.items() if k != "spec"}
-    return {k: v for k, v in identity.items() if k != "identity_unavailable"}
-
-
-def _keyed(description: Mapping) -> dict:
-    """What of a configuration's description decides its key: of the data,
-    only its fingerprint (not what it was called or where it was read from:
-    the same problems moved elsewhere resume their results); everything else
-    but the wording of unavailable identities."""
-    reward = description["reward"]
-    return {
-        **description,
-        "dataset": {"fingerprint": description["dataset"]["fingerprint"]},
-        "model": _for_key(description["model"]),
-        "reward": {**reward, "models": [_for_key(m) for m in reward.get("models", [])]},
-    }
-
-
-def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def variant_label(options: Mapping[str, object]) -> str:
-    """A short stable name for a set of search options ("" for none)."""
-    return ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(options.items()))
-
-
-def algorithm_options(algorithms: Sequence[str], options: Mapping[str, object]) -> dict[str, dict[str, object]]:
-    """The options each algorithm receives; an option no algorithm of the
-    grid takes is an error, as is an unknown algorithm."""
-    from piscale.search import ALGORITHMS
-
-    unknown = [a for a in algorithms if a not in ALGORITHMS]
-    if unknown:
-        raise EvalError(f"unknown algorithm {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
-    chosen: dict[str, dict[str, object]] = {a: {} for a in algorithms}
-    for key, value in options.items():
-        target, dot, name = key.rpartition(".")
-        if dot:
-            if target not in chosen:
-                raise EvalError(f"option {key!r} names algorithm {target!r}, which is not in the grid")
-            if name not in ALGORITHMS[target].options:
-                raise EvalError(f"{target} takes no option {name!r}; it takes {', '.join(ALGORITHMS[target].options)}")
-            chosen[target][name] = value
-            continue
-        takers = [a for a in algorithms if key in ALGORITHMS[a].options]
-        if not takers:
-            raise EvalError(f"no algorithm of the grid ({', '.join(algorithms)}) takes the option {key!r}")
-        for algorithm in takers:
-            chosen[algorithm].setdefault(key, value)
-    return chosen
-
-
-def budget_problems(algorithm: str, budgets: Sequence[int], options: Mapping[str, object]) -> dict[int, str]:
-    """Budgets ``algorithm`` cannot spend, with the search's reason. Bad
-    option values are errors for every budget, so they raise instead."""
-    from piscale.search import ALGORITHMS
-    from piscale.search.settings import build_settings
-
-    spec = ALGORITHMS[algorithm]
-    try:
-        settings = build_settings(spec.name, spec.options, spec.defaults, dict(options))
-    except (ValueError, TypeError) as error:
-        raise EvalError(f"{algorithm}: {error}") from error
-    problems = {}
-    for budget in budgets:
-        try:
-            spec.layout(budget, settings)
-        except ValueError as error:
-            problems[budget] = str(error)
-    return problems
 
 
 class Evaluation:
@@ -366,12 +136,12 @@ class Evaluation:
             "system": config.system,
             "prompt_template": config.prompt_template,
         }
-        keyed = _keyed(description)
+        keyed = keyed_description(description)
         self.config_key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
         # A database written when the key still held where the data was read
         # from keeps its key: the same data, model and reward resume there.
         for stored in store.configs():
-            if stored["config_key"] != self.config_key and _keyed(stored["description"]) == keyed:
+            if stored["config_key"] != self.config_key and keyed_description(stored["description"]) == keyed:
                 self.config_key = stored["config_key"]
                 break
         store.ensure_config(self.config_key, task.label, config.model, config.reward, description)

@@ -145,7 +145,7 @@ class Group:
 
     def short_label(self, algorithm: str) -> str:
         """``algorithm`` without the options that every algorithm shares."""
-        from piscale.eval.runner import variant_label
+        from piscale.eval.grid import variant_label
 
         name, options = label_options(algorithm)
         shared = self.shared_options
@@ -348,7 +348,7 @@ def _tied_searches(populations: dict[int, dict], rows: Sequence[dict]) -> dict[i
 def _rows_by_other_selection(populations: dict[int, dict], rows: Sequence[dict]) -> list[dict]:
     """For each stored row of a search in ``populations``, the row that
     search gives under the other rule, unless that variant is stored."""
-    from piscale.eval.runner import variant_label
+    from piscale.eval.grid import variant_label
 
     stored = {(r["config_key"], r["problem_id"], r["algorithm"], r["variant"], r["budget"], r["seed"]) for r in rows}
     derived = []

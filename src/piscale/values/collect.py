@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from piscale.eval.runner import model_identity, package_versions
+from piscale.eval.identity import model_identity, package_versions
 from piscale.eval.store import ResultRow, ResultStore
 from piscale.tasks import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, Problem, Task, format_prompt
 from piscale.grading import answers_equal, extract_answer
