@@ -9,8 +9,9 @@ against the references and measures, on exactly the same answers:
 * ``arith`` (the arithmetic checker), re-scored here;
 * self-certainty (``certainty`` and ``certainty:group:32``) from the
   policy's log-probabilities of the answer, read here by the policy (the
-  transformers engine in bfloat16 by default: one forward pass per answer;
-  in a search the backend returns them with every step, for free);
+  transformers engine in bfloat16 by default, or ``--engine llamacpp``: one
+  forward pass per answer of the problems that hold pairs; in a search the
+  backend returns them with every step, for free);
 * the answer's length in characters (shorter first), a baseline that needs no
   model at all;
 * any reward spec given with ``--reward`` (``value``, ``value:HEAD``,
@@ -141,6 +142,11 @@ async def certainty_scores(policy: str, engine: str, sets: list[dict]) -> tuple[
     started = time.perf_counter()
     try:
         for answer_set in sets:
+            if len(set(answer_set["correct"])) < 2:
+                # As in spec_scores: no pair and no choice depends on these.
+                for name in rewards:
+                    found[name].append([0.0] * len(answer_set["candidates"]))
+                continue
             prompt = lm.prompt_ids(answer_set["question"], system=DEFAULT_SYSTEM_PROMPT)
             continuations = [lm.encode(c["text"]) for c in answer_set["candidates"]]
             outputs = await lm.score([prompt] * len(continuations), continuations)
@@ -183,7 +189,10 @@ def main() -> None:
         default=None,
         help="measure every reward on the first K answers of each set only (certainty costs a forward pass each)",
     )
-    parser.add_argument("--engine", default="hf", help="engine that reads the log-probabilities")
+    parser.add_argument(
+        "--engine", default="hf",
+        help="engine that reads the log-probabilities (llamacpp: the GGUF that sampled the answers, as a search reads them)",
+    )
     parser.add_argument("--no-certainty", action="store_true", help="skip the policy's forward passes")
     parser.add_argument(
         "--reward",
