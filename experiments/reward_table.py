@@ -28,7 +28,11 @@ best-of-N under it (the mean over subsets of that many answers: all of
 them, or 2,000 seeded ones where there are more than 5,000, as ``piscale
 report`` computes it), per problem too, so that a search run under
 the same reward on the same problems can be paired with it. Results are
-written as JSON.
+written as JSON. For ``arith`` and every ``--reward`` spec also the
+measures of partial answers, on every prefix (first t steps) of the answers
+to the problems that hold pairs: AUROC against the answer's outcome, and the
+pairwise accuracy of a correct and an incorrect answer at equal depth, as
+``piscale prm train`` reports them on training problems.
 
     .venv/bin/python experiments/reward_table.py runs/gsm8k-qwen2.5-coder-0.5b-value.sqlite \
         --out experiments/values/reward-table-test.json
@@ -57,7 +61,8 @@ from piscale.rewards.certainty import SelfCertaintyReward
 from piscale.rewards.spec import product_terms
 from piscale.search import DEFAULT_SYSTEM_PROMPT
 from piscale.tasks import load_task
-from piscale.values.measures import pairwise_accuracy
+from piscale.values.measures import auroc, pairwise_accuracy, step_pairwise_accuracy
+from piscale.values.train import prefix_scores
 
 
 def stored_answer_sets(store: ResultStore, budget: int, config: str | None) -> tuple[str, list[dict]]:
@@ -157,23 +162,53 @@ async def certainty_scores(policy: str, engine: str, sets: list[dict]) -> tuple[
     return found, time.perf_counter() - started
 
 
-async def spec_scores(reward: Reward, sets: list[dict]) -> list[list[float]]:
+async def spec_scores(reward: Reward, sets: list[dict]) -> tuple[list[list[float]], list[list[np.ndarray]]]:
     """``reward``'s score of every answer of the sets that hold pairs (zeros
     elsewhere, where no pair and no choice of top answer depends on them),
-    one problem per call so that a problem's answers share the backbone's
-    prompt cache."""
-    found = []
+    and of every prefix of those answers (none elsewhere). One problem per
+    call, so that a problem's answers share the backbone's prompt cache; the
+    prefixes are scored after their answers, so a learned value reads them
+    from its cache of the answers instead of reading them again."""
+    finals, prefixes = [], []
     for answer_set in sets:
         if len(set(answer_set["correct"])) < 2:
-            found.append([0.0] * len(answer_set["candidates"]))
+            finals.append([0.0] * len(answer_set["candidates"]))
+            prefixes.append([])
             continue
-        trajectories = [
-            [p for p in c["text"].split("\n\n") if p.strip()] or [c["text"]] for c in answer_set["candidates"]
-        ]
-        found.append(
-            await score_trajectories(reward, [answer_set["question"]] * len(trajectories), trajectories, "model")
-        )
-    return found
+        trajectories = [answer_steps(c["text"]) for c in answer_set["candidates"]]
+        questions = [answer_set["question"]] * len(trajectories)
+        finals.append(await score_trajectories(reward, questions, trajectories, "model"))
+        prefixes.append(await prefix_scores(reward, questions, trajectories))
+    return finals, prefixes
+
+
+def answer_steps(text: str) -> list[str]:
+    """A stored answer's steps: its blank-line separated parts."""
+    return [p for p in text.split("\n\n") if p.strip()] or [text]
+
+
+def step_measures(sets: list[dict], prefixes: list[list[np.ndarray]]) -> dict:
+    """On every prefix of the answers that have prefix scores: AUROC against
+    the answer's outcome (every prefix labelled as its answer ended), and the
+    pairwise accuracy of a correct and an incorrect answer to the same
+    problem compared at equal depth (``step_pairwise_accuracy``)."""
+    scores, labels, per_answer, correct, problems = [], [], [], [], []
+    for answer_set, answers in zip(sets, prefixes):
+        for values, right in zip(answers, answer_set["correct"]):
+            scores += list(values)
+            labels += [float(right)] * len(values)
+            per_answer.append(values)
+            correct.append(right)
+            problems.append(answer_set["problem_id"])
+    if not scores:
+        return {}
+    steps = step_pairwise_accuracy(per_answer, correct, problems)
+    return {
+        "step_auroc": auroc(np.asarray(scores), np.asarray(labels)),
+        "step_pairwise_accuracy": steps.accuracy,
+        "step_pairs": steps.pairs,
+        "prefixes": len(scores),
+    }
 
 
 def main() -> None:
@@ -239,12 +274,16 @@ def main() -> None:
     for k, answer_set in enumerate(sets):
         for candidate in answer_set["candidates"]:
             prompts.append(answer_set["question"])
-            trajectories.append([p for p in candidate["text"].split("\n\n") if p.strip()] or [candidate["text"]])
+            trajectories.append(answer_steps(candidate["text"]))
             owners.append(k)
     flat = asyncio.run(score_trajectories(arith, prompts, trajectories, "model"))
     table.append(
         measure("arith", sets, [[v for v, o in zip(flat, owners) if o == k] for k in range(len(sets))], budgets)
     )
+    # Prefix scores on the problems that hold pairs, the ones every spec
+    # below is scored on, so that the step measures compare on one set.
+    term_prefixes: dict[str, list[list[np.ndarray]]] = {"arith": asyncio.run(spec_scores(arith, sets))[1]}
+    table[-1].update(step_measures(sets, term_prefixes["arith"]))
     table.append(measure("shorter answer", sets, [[-len(c["text"]) for c in s["candidates"]] for s in sets]))
     # A product A*B is scored as the product of its terms' scores, each term
     # read once however many specs share it (the value's backbone is the cost).
@@ -260,12 +299,17 @@ def main() -> None:
         if len(terms) > 1 and any(term_scales[t] != "probability" for t in terms):
             raise SystemExit(f"{spec}: only probability-scale rewards multiply into a likelihood here")
         for term, reward in rewards.items():
-            term_scores[term] = asyncio.run(spec_scores(reward, sets))
+            term_scores[term], term_prefixes[term] = asyncio.run(spec_scores(reward, sets))
         scores = [
-            [float(np.prod(values)) for values in zip(*(term_scores[t][k] for t in product_terms(spec)))]
+            [float(np.prod(values)) for values in zip(*(term_scores[t][k] for t in terms))]
+            for k in range(len(sets))
+        ]
+        prefixes = [
+            [np.prod(values, axis=0) for values in zip(*(term_prefixes[t][k] for t in terms))]
             for k in range(len(sets))
         ]
         table.append(measure(spec, sets, scores, budgets, term_scales[terms[0]] if len(terms) == 1 else "probability"))
+        table[-1].update(step_measures(sets, prefixes))
         spec_seconds[spec] = round(time.perf_counter() - started, 1)
         print(f"{spec}: {spec_seconds[spec]} s", flush=True)
     seconds = None
@@ -293,6 +337,8 @@ def main() -> None:
             f"{row['reward']:28s} pairwise {row['pairwise_accuracy']:.3f} [{low:.3f}, {high:.3f}] "
             f"on {row['pairs']} pairs / {row['problems_with_pairs']} problems; top answer correct "
             f"{row['top_answer_correct']:.2f}{selections}"
+            + (f"; step AUROC {row['step_auroc']:.3f}, step pairwise {row['step_pairwise_accuracy']:.3f}"
+               if "step_auroc" in row else "")
         )
 
 

@@ -432,20 +432,26 @@ def reward_step_scores(reward, rollouts: Sequence[LabelledRollout], chosen: Sequ
     a search with ``model`` aggregation would see them: rollout -> [steps]."""
     import asyncio
 
+    scores = asyncio.run(prefix_scores(reward, [rollouts[i].question for i in chosen], [rollouts[i].steps for i in chosen]))
+    return dict(zip(chosen, scores))
+
+
+async def prefix_scores(reward, questions: Sequence[str], trajectories: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    """``reward``'s score of every prefix of each trajectory (its first t
+    steps, t = 1 .. T), as a search with ``model`` aggregation sees them."""
     from piscale.rewards.aggregate import score_trajectories
 
     prompts, prefixes, owners = [], [], []
-    for i in chosen:
-        r = rollouts[i]
-        for t in range(len(r.steps)):
-            prompts.append(r.question)
-            prefixes.append(list(r.steps[: t + 1]))
+    for i, (question, steps) in enumerate(zip(questions, trajectories)):
+        for t in range(len(steps)):
+            prompts.append(question)
+            prefixes.append(list(steps[: t + 1]))
             owners.append(i)
-    scores = asyncio.run(score_trajectories(reward, prompts, prefixes, "model"))
-    found: dict[int, list[float]] = {}
-    for i, s in zip(owners, scores):
-        found.setdefault(i, []).append(s)
-    return {i: np.asarray(s) for i, s in found.items()}
+    scores = await score_trajectories(reward, prompts, prefixes, "model")
+    found: list[list[float]] = [[] for _ in trajectories]
+    for i, score in zip(owners, scores):
+        found[i].append(score)
+    return [np.asarray(s) for s in found]
 
 
 def scores_in_table(per_rollout: dict[int, np.ndarray], table: StepTable) -> np.ndarray:
