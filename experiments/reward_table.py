@@ -66,18 +66,48 @@ from piscale.values.train import prefix_scores
 
 
 def stored_answer_sets(store: ResultStore, budget: int, config: str | None) -> tuple[str, list[dict]]:
-    """Best-of-N's candidates at ``budget`` of one configuration, per problem."""
+    """Best-of-N's candidates at ``budget`` of one configuration, per problem;
+    a problem searched with several seeds gets their candidates in seed
+    order, as one larger set of independent answers."""
     searches = [s for s in store.searches() if s["algorithm"] == "bon" and s["budget"] == budget]
     configs = sorted({s["config_key"] for s in searches})
     if config is None:
         if len(configs) != 1:
             raise SystemExit(f"{len(configs)} configurations hold bon@{budget} answers ({configs}); pass --config")
         config = configs[0]
-    found = []
-    for entry in searches:
-        if entry["config_key"] == config:
-            found.append({"problem_id": entry["problem_id"], **store.search(entry["search_id"])})
-    return config, found
+    found: dict[str, dict] = {}
+    for entry in sorted(searches, key=lambda s: s["seed"]):
+        if entry["config_key"] != config:
+            continue
+        result = store.search(entry["search_id"])
+        if entry["problem_id"] in found:
+            found[entry["problem_id"]]["candidates"] += result["candidates"]
+        else:
+            found[entry["problem_id"]] = {"problem_id": entry["problem_id"], **result}
+    return config, list(found.values())
+
+
+def answer_sets(databases: list[Path], budget: int, config: str | None) -> tuple[str, str, list[dict], list[str]]:
+    """The answer sets of one configuration held in ``databases`` (e.g. one
+    per seed), a problem's candidates concatenated in the order given; only
+    the problems every database holds. Returns the configuration key, its
+    reward spec, the sets, and the problems left out for want of a database."""
+    keys, per_database, spec = set(), [], None
+    for path in databases:
+        store = ResultStore(path, read_only=True)
+        key, sets = stored_answer_sets(store, budget, config)
+        keys.add(key)
+        spec = next(c["reward"] for c in store.configs() if c["config_key"] == key)
+        per_database.append({s["problem_id"]: s for s in sets})
+    if len(keys) != 1:
+        raise SystemExit(f"the databases hold bon@{budget} answers of different configurations ({sorted(keys)})")
+    shared = set.intersection(*(set(d) for d in per_database))
+    left_out = sorted(set.union(*(set(d) for d in per_database)) - shared)
+    merged = []
+    for problem in sorted(shared):
+        first, *others = (d[problem] for d in per_database)
+        merged.append({**first, "candidates": [c for d in (first, *others) for c in d["candidates"]]})
+    return keys.pop(), spec, merged, left_out
 
 
 def bootstrap_pairwise(wins_pairs: list[tuple[float, int]], draws: int = 2000, seed: int = 0) -> list[float]:
@@ -213,8 +243,8 @@ def step_measures(sets: list[dict], prefixes: list[list[np.ndarray]]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("db", type=Path)
-    parser.add_argument("--budget", type=int, default=32)
+    parser.add_argument("db", type=Path, nargs="+", help="database(s) of one configuration's bon answers (e.g. one per seed)")
+    parser.add_argument("--budget", type=int, default=32, help="the bon budget whose stored answers are read")
     parser.add_argument("--config", default=None, help="configuration key (default: the only one with bon answers)")
     parser.add_argument("--dataset", default="gsm8k")
     parser.add_argument("--policy", default="qwen2.5-coder-0.5b-instruct")
@@ -244,8 +274,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    store = ResultStore(args.db, read_only=True)
-    config, sets = stored_answer_sets(store, args.budget, args.config)
+    config, stored_spec, sets, left_out = answer_sets(args.db, args.budget, args.config)
+    if left_out:
+        print(f"{len(left_out)} problems are not in every database and are left out: {', '.join(left_out)}", flush=True)
     references = {p.id: p.reference for p in load_task(args.dataset).problems}
     for answer_set in sets:
         answer_set["reference"] = references[answer_set["problem_id"]]
@@ -254,11 +285,11 @@ def main() -> None:
     for answer_set in sets:
         answer_set["candidates"] = answer_set["candidates"][: args.answers]
         answer_set["correct"] = answer_set["correct"][: args.answers]
-    print(f"{len(sets)} problems x {args.budget} answers; {sum(sum(s['correct']) for s in sets)} correct", flush=True)
+    answers = min(len(s["candidates"]) for s in sets)
+    print(f"{len(sets)} problems x {answers} answers; {sum(sum(s['correct']) for s in sets)} correct", flush=True)
 
     budgets = [int(b) for b in args.select_budgets.split(",") if b]
     # The log-scale kinds (piscale.rewards: certainty, cdr, embed) vote with exp(score - max).
-    stored_spec = next(c["reward"] for c in store.configs() if c["config_key"] == config)
     stored_scale = "log" if stored_spec.split(":")[0] in {"certainty", "cdr", "embed"} else "probability"
     table = [
         measure(
@@ -317,11 +348,13 @@ def main() -> None:
         found, seconds = asyncio.run(certainty_scores(args.policy, args.engine, sets))
         table += [measure(name, sets, scores, budgets, "log") for name, scores in found.items()]
     report = {
-        "database": str(args.db),
+        "databases": [str(path) for path in args.db],
         "config": config,
+        "left_out": left_out,
         "stored_reward": stored_spec,
         "problems": [s["problem_id"] for s in sets],
-        "answers_per_problem": min(args.budget, args.answers or args.budget),
+        "answers_per_problem": answers,
+        "answer_budget": args.budget,
         "sample_accuracy": float(np.mean([np.mean(s["correct"]) for s in sets])),
         "certainty_seconds": seconds,
         "reward_seconds": spec_seconds,

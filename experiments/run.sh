@@ -135,6 +135,21 @@ gsm8k_0_5b_value_pf() {
   step gsm8k-qwen2.5-coder-0.5b-value-pf
 }
 
+# A second set of 16 answers per problem for the first LIMIT (default 100)
+# test problems: best-of-N at 16 with seed 1, the same policy, prompt,
+# sampling and reward as the first section's run (so the same configuration
+# key), in a database of its own so that the first section's tables keep
+# their one seed. experiments/reward_table.py reads both databases as 32
+# independent answers per problem, which gives best-of-N and weighted
+# best-of-N at 32 under any reward re-scored there:
+#   python experiments/reward_table.py experiments/db/gsm8k-qwen2.5-coder-0.5b.sqlite \
+#     experiments/db/gsm8k-qwen2.5-coder-0.5b-bon-seed1.sqlite --budget 16 --select-budgets 8,16,32 ...
+gsm8k_0_5b_bon_seed1() {
+  local grid=(--reward arith --algorithms bon --budgets 16 --seeds 1 --chunk-size 4 --parallel 3 --engine llamacpp)
+  step gsm8k-qwen2.5-coder-0.5b-bon-seed1 --dataset gsm8k --limit "${LIMIT:-100}" --model qwen2.5-coder-0.5b-instruct \
+    --option max_tokens=512 --engine-option max_sequences=200 --engine-option context_length=1024
+}
+
 case "${1:-all}" in
   gsm8k-0.5b) gsm8k_0_5b ;;
   math500-0.5b) math500_0_5b ;;
@@ -143,6 +158,7 @@ case "${1:-all}" in
   gsm8k-0.5b-value) gsm8k_0_5b_value ;;
   gsm8k-0.5b-smc) gsm8k_0_5b_smc ;;
   gsm8k-0.5b-value-pf) gsm8k_0_5b_value_pf ;;
+  gsm8k-0.5b-bon-seed1) gsm8k_0_5b_bon_seed1 ;;
   all) gsm8k_0_5b; math500_0_5b; gsm8k_1_5b; gsm8k_0_5b_remedies ;;
-  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | gsm8k-0.5b-value | gsm8k-0.5b-smc | gsm8k-0.5b-value-pf | all)" >&2; exit 2 ;;
+  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | gsm8k-0.5b-value | gsm8k-0.5b-smc | gsm8k-0.5b-value-pf | gsm8k-0.5b-bon-seed1 | all)" >&2; exit 2 ;;
 esac

@@ -39,6 +39,7 @@ from piscale.eval.stats import paired_difference, wilson_interval
 from piscale.eval.store import ResultStore
 from piscale.eval.subsample import pass_at
 from piscale.search.select import group_answers
+from reward_table import answer_sets  # experiments/, the directory of this script
 
 
 def pf_rows(
@@ -73,21 +74,22 @@ def independent_diversity(table: dict, budget: int) -> dict[str, tuple[float, fl
     number of distinct answers among ``budget`` of them drawn without
     replacement (each answer group is present unless all ``budget`` draws
     miss it)."""
-    store = ResultStore(Path(table["database"]), read_only=True)
-    references = {r["search_id"]: r["reference"] for r in store.results(table["config"])}
+    databases = [Path(p) for p in table.get("databases") or [table["database"]]]
+    _, _, sets, _ = answer_sets(databases, table.get("answer_budget", table["answers_per_problem"]), table["config"])
+    references = {}
+    for path in databases:
+        store = ResultStore(path, read_only=True)
+        references.update({r["problem_id"]: r["reference"] for r in store.results(table["config"])})
     found = {}
-    for entry in store.searches():
-        if entry["config_key"] != table["config"] or entry["algorithm"] != "bon" or entry["problem_id"] not in table["problems"]:
+    for answer_set in sets:
+        if answer_set["problem_id"] not in table["problems"]:
             continue
-        if entry["problem_id"] in found:
-            continue
-        result = store.search(entry["search_id"])
-        candidates = result["candidates"][: table["answers_per_problem"]]
-        reference = references[entry["search_id"]]
+        candidates = answer_set["candidates"][: table["answers_per_problem"]]
         groups = [g for g in group_answers([c.get("answer") for c in candidates]) if g is not None]
         n = len(candidates)
         distinct = sum(1 - math.comb(n - groups.count(g), budget) / math.comb(n, budget) for g in set(groups))
-        found[entry["problem_id"]] = (pass_at(samples_of(candidates, reference), budget), distinct)
+        reference = references[answer_set["problem_id"]]
+        found[answer_set["problem_id"]] = (pass_at(samples_of(candidates, reference), budget), distinct)
     return found
 
 
