@@ -49,7 +49,8 @@ from _report import header, settings  # noqa: E402
 from piscale import search  # noqa: E402
 from piscale.eval.stats import wilson_interval  # noqa: E402
 from piscale.grading import is_correct  # noqa: E402
-from piscale.lm.openai import OpenAILM, _parse_metrics  # noqa: E402
+from piscale.lm.openai import OpenAILM  # noqa: E402
+from piscale.lm.server_pool import parse_metrics  # noqa: E402
 from piscale.rewards.judge import DEFAULT_TEMPLATE, LLMJudge  # noqa: E402
 from piscale.tasks import load_task  # noqa: E402
 
@@ -63,7 +64,7 @@ COUNTERS = {
 
 
 def counters(root: str) -> dict[str, float]:
-    metrics = _parse_metrics(httpx.get(root + "/metrics", timeout=30).text)
+    metrics = parse_metrics(httpx.get(root + "/metrics", timeout=30).text)
     return {name: metrics.get(metric, 0.0) for name, metric in COUNTERS.items()}
 
 

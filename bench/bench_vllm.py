@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from vllm_support import model_folder, vllm_server  # noqa: E402
 
 from piscale import search  # noqa: E402
-from piscale.lm.openai import OpenAILM, _parse_metrics  # noqa: E402
+from piscale.lm.openai import OpenAILM  # noqa: E402
+from piscale.lm.server_pool import parse_metrics  # noqa: E402
 from piscale.rewards import from_spec  # noqa: E402
 
 QUESTION = (
@@ -84,9 +85,9 @@ async def main() -> None:
 
     with vllm_server(folder, threads=args.threads) as server:
         lm = OpenAILM(server.model, server.base_url, tokenizer=tokenizer)
-        before = _parse_metrics(httpx.get(server.root + "/metrics").text)
+        before = parse_metrics(httpx.get(server.root + "/metrics").text)
         report["vllm_server"] = await run_search(lm, args.budget, args.seed, options)
-        after = _parse_metrics(httpx.get(server.root + "/metrics").text)
+        after = parse_metrics(httpx.get(server.root + "/metrics").text)
         hits = after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
         queries = after["vllm:prefix_cache_queries_total"] - before["vllm:prefix_cache_queries_total"]
         report["vllm_server"].update(

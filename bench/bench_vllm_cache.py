@@ -37,7 +37,8 @@ from vllm_support import model_folder, vllm_engine, vllm_server  # noqa: E402
 from _report import header, settings  # noqa: E402
 
 from piscale import search  # noqa: E402
-from piscale.lm.openai import OpenAILM, _parse_metrics  # noqa: E402
+from piscale.lm.openai import OpenAILM  # noqa: E402
+from piscale.lm.server_pool import parse_metrics  # noqa: E402
 from piscale.rewards.judge import LLMJudge  # noqa: E402
 
 QUESTION = (
@@ -80,10 +81,10 @@ def server_runs(args) -> dict:
     with vllm_server(model_folder(), threads=args.threads) as server:
         for label, mode in (("prompt_logprobs", "echo"), ("next_token", "auto")):
             httpx.post(server.root + "/reset_prefix_cache", timeout=60).raise_for_status()
-            before = _parse_metrics(httpx.get(server.root + "/metrics", timeout=30).text)
+            before = parse_metrics(httpx.get(server.root + "/metrics", timeout=30).text)
             lm = OpenAILM(server.model, server.base_url, tokenizer=str(server.folder), score_mode=mode)
             run = asyncio.run(pf(lm, args))
-            after = _parse_metrics(httpx.get(server.root + "/metrics", timeout=30).text)
+            after = parse_metrics(httpx.get(server.root + "/metrics", timeout=30).text)
             hits = after["vllm:prefix_cache_hits_total"] - before.get("vllm:prefix_cache_hits_total", 0)
             queries = after["vllm:prefix_cache_queries_total"] - before.get("vllm:prefix_cache_queries_total", 0)
             run.update(hit_rate=round(hits / max(queries, 1), 3), cache_queries=queries, cache_hits=hits,

@@ -16,7 +16,8 @@ import pytest
 
 from piscale import search
 from piscale.lm.base import StepParams
-from piscale.lm.openai import OpenAILM, _parse_metrics
+from piscale.lm.openai import OpenAILM
+from piscale.lm.server_pool import parse_metrics
 from piscale.lm.toy import ToyLM
 from test_openai_backend import FavourTwos
 from test_serve_support import serve_subprocess
@@ -121,7 +122,7 @@ async def test_one_request_per_distinct_prompt_goes_before_the_others():
             order.append(json.loads(request.content)["prompt"])
         return inner(request)
 
-    lm._transport = httpx.MockTransport(recording)
+    lm.servers.transport = httpx.MockTransport(recording)
     scores = await lm.score([[1, 2], [1, 2], [3, 4], [1, 2]], [[5], [6], [7], [8, 9]])
     assert [s.token_ids for s in scores] == [[5], [6], [7], [8, 9]]
     assert sorted(map(tuple, order[:2])) == [(1, 2, 5), (3, 4, 7)]  # one per prompt first
@@ -154,7 +155,7 @@ async def test_a_server_without_token_log_probabilities_is_asked_once():
 
 def test_metrics_text_is_summed_over_labels():
     text = '# HELP a b\na_total{x="1"} 2\na_total{x="2"} 3.5\nb 1e3\nbad line\n'
-    assert _parse_metrics(text) == {"a_total": 5.5, "b": 1000.0}
+    assert parse_metrics(text) == {"a_total": 5.5, "b": 1000.0}
 
 
 # -- replicas -----------------------------------------------------------------------

@@ -28,7 +28,8 @@ import pytest
 
 from piscale import search
 from piscale.lm.base import StepParams
-from piscale.lm.openai import OpenAILM, _parse_metrics
+from piscale.lm.openai import OpenAILM
+from piscale.lm.server_pool import parse_metrics
 from piscale.lm.testing import (
     CHECKS,
     EngineCase,
@@ -52,7 +53,7 @@ def remote(vllm_server, vllm_reference):
 
 
 def server_metrics(root: str) -> dict[str, float]:
-    return _parse_metrics(httpx.get(root + "/metrics", timeout=10).text)
+    return parse_metrics(httpx.get(root + "/metrics", timeout=10).text)
 
 
 def block_size(root: str) -> int:

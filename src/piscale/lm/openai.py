@@ -55,7 +55,9 @@ for every client of a shared server; a server without such a counter gets an
 estimate (one pass to read a call's prompts plus one per token of its longest
 step).
 
-Requests run at most ``max_concurrency`` at a time (per replica); transient failures
+The HTTP side (clients, retries, the in-flight time, ``/metrics``) is
+``piscale.lm.server_pool.ServerPool``; this module maps the backend protocol
+onto requests. Requests run at most ``max_concurrency`` at a time (per replica); transient failures
 (connection errors, 408, 429, 5xx) are retried with exponential backoff. A
 sequence whose request still fails is not fatal: its step comes back empty
 with ``finish_reason == "error"`` and the reason in ``error`` (also listed in
@@ -74,9 +76,7 @@ import asyncio
 import logging
 import math
 import os
-import random
 import re
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,19 +85,14 @@ from typing import Any
 import httpx
 
 from piscale.lm.base import Handle, ScoreOutput, StepOutput, StepParams, Usage, find_stop
+from piscale.lm.server_pool import ServerError, ServerPool
 from piscale.lm.table import SequenceTable, TableLM, check_open, check_score
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 API_KEY_ENV = "PISCALE_OPENAI_API_KEY"
-TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _SPEC = re.compile(r"^openai:(?P<model>[^@]+?)(?:@(?P<url>https?://\S+))?$")
-PASS_COUNTERS = ("vllm:iteration_tokens_total_count", "piscale_engine_forward_passes_total")
-"""Prometheus samples that count a server's forward passes: vLLM's histogram
-of tokens per engine iteration (its count is the iterations), and
-``piscale serve``'s counter."""
-_METRIC_LINE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{[^}]*\})?\s+(?P<value>\S+)")
 _TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
 NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "repetition_penalty": 1.0}
 """Request fields that leave sampling untouched on llama.cpp, vLLM and SGLang
@@ -114,14 +109,6 @@ def _logprob(value: Any) -> float:
     return -math.inf if value <= LOGPROB_FLOOR else value
 
 
-class ServerError(RuntimeError):
-    """A request to the server failed (after retries, for transient errors)."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
 @dataclass
 class FailedStep(StepOutput):
     """The step of a sequence whose request failed: no tokens, and why."""
@@ -134,43 +121,10 @@ class SequenceFailure:
 
 
 @dataclass
-class ServerUsage:
-    """What the servers reported doing for this backend, summed over replicas."""
-
-    requests: int = 0
-    """completion requests answered (retries not counted)."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    """prompt tokens the servers found in their prefix caches (only from
-    servers that report it)."""
-    requests_by_replica: list[int] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
 class _Sequence:
     tokens: list[int]
     replica: int = 0
     busy: bool = False
-
-
-@dataclass
-class _Replica:
-    base_url: str
-    root_url: str
-    live: int = 0
-    """sequences routed here that are still open."""
-    in_flight: int = 0
-    requests: int = 0
-    passes_seen: float | None = None
-    """the server's pass counter at its last reading."""
-    pass_counter: str | None = ""
-    """the /metrics sample that counts its passes; "" not yet looked for,
-    None when it has none."""
-    lock: asyncio.Lock | None = None
 
 
 class _LRU:
@@ -243,44 +197,33 @@ class OpenAILM(TableLM):
         if len(set(urls)) != len(urls):
             raise ValueError(f"base_url names a server twice: {urls}")
         self.model = model
-        self.replicas = [_Replica(url, re.sub(r"/v1$", "", url)) for url in urls]
+        self.usage = Usage()
+        self.servers = ServerPool(
+            urls, usage=self.usage, api_key=api_key, max_concurrency=max_concurrency, max_retries=max_retries,
+            retry_backoff=retry_backoff, timeout=timeout, transport=transport,
+        )
+        self.replicas = self.servers.replicas
+        self.server_usage = self.servers.server_usage
         self.base_url = urls[0]
         self.root_url = self.replicas[0].root_url
         self.name = name or f"openai:{model}@{','.join(urls)}"
-        self.api_key = api_key
-        self.max_concurrency = max_concurrency
-        self.max_retries = max_retries
-        self.retry_backoff = retry_backoff
-        self.timeout = timeout
         self.prompt_format = prompt_format
         self.score_mode = score_mode
         self.on_failure = on_failure
-        self.usage = Usage()
-        self.server_usage = ServerUsage(requests_by_replica=[0] * len(urls))
         self.server_passes = server_passes
         self.failures: list[SequenceFailure] = []
         """every sequence request that finally failed, with the reason."""
-        self.retries = 0
-        """transient failures that were retried."""
         if isinstance(tokenizer, str):
             from piscale.models import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = tokenizer
         self._context_length = context_length
-        self._transport = transport
         self._sequences: SequenceTable[_Sequence] = SequenceTable()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: httpx.AsyncClient | None = None
-        self._gates: list[asyncio.Semaphore] | None = None
-        self._sync: httpx.Client | None = None
         self._encoded = _LRU()
         self._decoded = _LRU()
         self._tokenizer_route: str | None = None
         self._echo_max_tokens = 0
-        self._jitter = random.Random(0)
-        self._in_flight = 0
-        self._busy_since = 0.0
         self._score_affinity = _LRU()
         self._next_token_scoring: bool | None = None
         """whether the server returns the log-probabilities of given tokens
@@ -300,98 +243,21 @@ class OpenAILM(TableLM):
         urls = [url for url in (match["url"] or DEFAULT_BASE_URL).split(",") if url]
         return cls(match["model"], urls if len(urls) > 1 else urls[0], **options)
 
-    # -- HTTP ---------------------------------------------------------------
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def _async_client(self, replica: int = 0) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        """The client and the concurrency gate of ``replica`` in the running
-        event loop (all belong to one loop, so a new loop gets new ones)."""
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._client is None or self._gates is None:
-            size = self.max_concurrency * len(self.replicas)
-            limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-            self._client = httpx.AsyncClient(
-                headers=self._headers(), timeout=self.timeout, limits=limits, transport=self._transport
-            )
-            self._gates = [asyncio.Semaphore(self.max_concurrency) for _ in self.replicas]
-            for target in self.replicas:
-                target.lock = asyncio.Lock()
-            self._loop = loop
-        return self._client, self._gates[replica]
-
-    async def _post(self, url: str, body: dict[str, Any], replica: int = 0) -> dict[str, Any]:
-        """POST to ``replicas[replica]`` with retries of transient failures;
-        ServerError otherwise. The time with any request in flight is the
-        backend's ``wall_time``."""
-        client, gate = self._async_client(replica)
-        target = self.replicas[replica]
-        target.in_flight += 1
-        if self._in_flight == 0:
-            self._busy_since = time.perf_counter()
-        self._in_flight += 1
-        try:
-            data = await self._post_with_retries(client, gate, url, body)
-        finally:
-            target.in_flight -= 1
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self.usage.wall_time += time.perf_counter() - self._busy_since
-        target.requests += 1
-        self.server_usage.requests += 1
-        assert self.server_usage.requests_by_replica is not None
-        self.server_usage.requests_by_replica[replica] += 1
-        return data
-
-    async def _post_with_retries(
-        self, client: httpx.AsyncClient, gate: asyncio.Semaphore, url: str, body: dict[str, Any]
-    ) -> dict[str, Any]:
-        failure = "no attempt made"
-        async with gate:
-            for attempt in range(self.max_retries + 1):
-                if attempt:
-                    self.retries += 1
-                    await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 1) * (0.5 + self._jitter.random()))
-                try:
-                    response = await client.post(url, json=body)
-                except httpx.TransportError as error:
-                    failure = f"{type(error).__name__}: {error}"
-                    continue
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        raise ServerError(f"{url} answered 200 with a body that is not JSON", 200) from None
-                failure = f"HTTP {response.status_code}: {_error_message(response)}"
-                if response.status_code not in TRANSIENT_STATUSES:
-                    raise ServerError(f"{url}: {failure}", response.status_code)
-        raise ServerError(f"{url}: {failure} (after {self.max_retries + 1} attempts)")
+    @property
+    def retries(self) -> int:
+        """Transient request failures that were retried."""
+        return self.servers.retries
 
     def _sync_post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A blocking POST for the tokenizer calls the protocol makes
         synchronous (prefer a local tokenizer where speed matters)."""
-        if self._sync is None:
-            self._sync = httpx.Client(headers=self._headers(), timeout=self.timeout)
-        failure = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                import time
-
-                time.sleep(self.retry_backoff * 2 ** (attempt - 1))
-            try:
-                response = self._sync.post(self.root_url + path, json=body)
-            except httpx.TransportError as error:
-                failure = f"{type(error).__name__}: {error}"
-                continue
-            if response.status_code == 200:
-                return response.json()
-            failure = f"HTTP {response.status_code}: {_error_message(response)}"
-            if response.status_code not in TRANSIENT_STATUSES:
-                break
-        raise ServerError(
-            f"{self.root_url}{path} failed ({failure}); a server without /tokenize needs a local tokenizer: "
-            "OpenAILM(..., tokenizer='NAME_OR_PATH')"
-        )
+        try:
+            return self.servers.sync_post(path, body)
+        except ServerError as error:
+            raise ServerError(
+                f"{error}; a server without /tokenize needs a local tokenizer: OpenAILM(..., tokenizer='NAME_OR_PATH')",
+                error.status,
+            ) from error
 
     # -- server facts -------------------------------------------------------
     @property
@@ -401,10 +267,8 @@ class OpenAILM(TableLM):
         return self._context_length
 
     def _probe_context_length(self) -> int:
-        if self._sync is None:
-            self._sync = httpx.Client(headers=self._headers(), timeout=self.timeout)
         try:
-            response = self._sync.get(self.base_url + "/models")
+            response = self.servers.sync_client().get(self.base_url + "/models")
             models = response.json().get("data", []) if response.status_code == 200 else []
         except (httpx.HTTPError, ValueError):
             models = []
@@ -458,10 +322,8 @@ class OpenAILM(TableLM):
         server) rather than ``/tokenize`` (vLLM, SGLang, llama.cpp's own server,
         ``piscale serve``): asked once, by which of the two exists."""
         if self._tokenizer_route is None:
-            if self._sync is None:
-                self._sync = httpx.Client(headers=self._headers(), timeout=self.timeout)
             try:
-                probe = self._sync.post(self.root_url + "/tokenize", json={"model": self.model, "prompt": "a"})
+                probe = self.servers.sync_client().post(self.root_url + "/tokenize", json={"model": self.model, "prompt": "a"})
                 missing = probe.status_code in (404, 405)
             except httpx.HTTPError:
                 missing = False  # unreachable: the real call reports it, with retries
@@ -610,7 +472,7 @@ class OpenAILM(TableLM):
         if seed is not None:
             body["seed"] = seed
         target = self.replicas[sequence.replica]
-        data = await self._post(target.base_url + "/completions", body, sequence.replica)
+        data = await self.servers.post(target.base_url + "/completions", body, sequence.replica)
         self._count_usage(data.get("usage"), prompt_length=len(tokens))
         choice = _first_choice(data)
         text = choice.get("text") or ""
@@ -647,37 +509,9 @@ class OpenAILM(TableLM):
 
     # -- forward passes -----------------------------------------------------
     async def _read_passes(self, replicas: set[int], baseline: bool) -> float:
-        """Read the pass counter of each of ``replicas`` from its /metrics and
-        return how much it grew since the last reading (with ``baseline``,
-        only replicas never read are read, to start their count). A replica
-        without a counter is marked so and not asked again."""
-        if not self.server_passes:
-            return 0.0
-        client, _ = self._async_client()
-        grown = 0.0
-        for replica in sorted(replicas):
-            target = self.replicas[replica]
-            if target.pass_counter is None or (baseline and target.passes_seen is not None):
-                continue
-            assert target.lock is not None
-            async with target.lock:
-                try:
-                    response = await client.get(target.root_url + "/metrics")
-                    samples = _parse_metrics(response.text) if response.status_code == 200 else {}
-                except httpx.HTTPError:
-                    continue  # unreachable now; the next reading covers this call too
-                except ValueError:
-                    samples = {}  # not metrics that can be read
-                counter = target.pass_counter or next((c for c in PASS_COUNTERS if c in samples), None)
-                if counter is None or counter not in samples:
-                    target.pass_counter = None
-                    continue
-                target.pass_counter = counter
-                value = samples[counter]
-                if target.passes_seen is not None and value >= target.passes_seen:
-                    grown += value - target.passes_seen
-                target.passes_seen = value
-        return grown
+        """The growth of the servers' pass counters (``ServerPool.read_passes``);
+        nothing is read when ``server_passes`` is off."""
+        return await self.servers.read_passes(replicas, baseline) if self.server_passes else 0.0
 
     async def _count_passes(self, sequences: Sequence[_Sequence], outputs: Sequence[Any], scoring: bool) -> None:
         """Add a call's forward passes: the growth of the servers' counters,
@@ -779,7 +613,7 @@ class OpenAILM(TableLM):
             }
             replica = routes[indices[0]].replica
             try:
-                data = await self._post(self.replicas[replica].base_url + "/completions", body, replica)
+                data = await self.servers.post(self.replicas[replica].base_url + "/completions", body, replica)
             except ServerError as error:
                 if error.status in (400, 422):
                     return False
@@ -848,14 +682,14 @@ class OpenAILM(TableLM):
             body.update(max_tokens=1, prompt_logprobs=0)
         url = self.replicas[replica].base_url + "/completions"
         try:
-            data = await self._post(url, body, replica)
+            data = await self.servers.post(url, body, replica)
         except ServerError as error:
             if mode != "echo" or body["max_tokens"] != 0 or error.status not in (400, 422):
                 raise
             # Some servers (llama-cpp-python's) want max_tokens >= 1; the one
             # generated token's entry is past the continuation and ignored.
             self._echo_max_tokens = body["max_tokens"] = 1
-            data = await self._post(url, body, replica)
+            data = await self.servers.post(url, body, replica)
         self._count_usage(data.get("usage"), prompt_length=len(ids), scoring=True)
         choice = _first_choice(data)
         start, end = len(prompt), len(ids)
@@ -876,30 +710,7 @@ class OpenAILM(TableLM):
 
     async def close(self) -> None:
         self._sequences.clear()
-        if self._client is not None:
-            try:
-                await self._client.aclose()
-            except RuntimeError:
-                pass  # its event loop is gone
-            self._client = None
-        if self._sync is not None:
-            self._sync.close()
-            self._sync = None
-
-
-def _parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text: each sample name with its values summed over labels."""
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _METRIC_LINE.match(line)
-        if match is None:
-            continue
-        try:
-            value = float(match["value"])
-        except ValueError:
-            continue
-        samples[match["name"]] = samples.get(match["name"], 0.0) + value
-    return samples
+        await self.servers.close()
 
 
 def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
@@ -919,21 +730,3 @@ def _logprob_of(entry: Any, token: int) -> float | None:
     if isinstance(value, (int, float)):
         return float(value)
     return None
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        data = response.json()
-    except ValueError:
-        return response.text[:300]
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-        if "detail" in data:
-            return str(data["detail"])
-        if "message" in data:
-            return str(data["message"])
-    return str(data)[:300]
