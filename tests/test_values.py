@@ -20,12 +20,15 @@ from piscale.lm.toy import ToyLM
 from piscale.values.collect import ALGORITHM, CollectConfig, CollectError, Collection, stored_rollouts
 from piscale.values.train import (
     FeatureCache,
+    LabelledRollout,
     TrainError,
     extract_features,
     fit_and_choose,
     fit_logistic,
     fit_mlp,
     labelled_rollouts,
+    prefix_scores,
+    reward_step_scores,
     validation_problems,
 )
 from piscale.values.measures import auroc, pairwise_accuracy, step_pairwise_accuracy
@@ -340,3 +343,26 @@ def test_cross_validation_scores_every_step_out_of_fold_and_finds_a_planted_sign
     assert auroc(scores, table.outcome) > 0.95
     with pytest.raises(TrainError, match="folds"):
         fold_problems(["a", "b"], 3, seed=0)
+
+
+class CountsX:
+    """A reward on the probability scale: a tenth of the x's in the text it
+    is sent (one joined step under ``model`` aggregation)."""
+
+    name = "count-x"
+    scale = "probability"
+    needs_logprobs = False
+
+    async def score(self, prompts, trajectories):
+        return [[step.count("x") / 10 for step in steps] for steps in trajectories]
+
+
+def test_prefix_scores_score_every_prefix_as_a_search_sees_it():
+    found = asyncio.run(prefix_scores(CountsX(), ["q", "q"], [["x", "yx", "xx"], ["y"]]))
+    assert [list(s) for s in found] == [pytest.approx([0.1, 0.2, 0.4]), [0.0]]
+    rollouts = [
+        LabelledRollout("p0", "q", "s", ("x",), True),
+        LabelledRollout("p1", "q", "s", ("xx", "x"), False),
+    ]
+    by_rollout = reward_step_scores(CountsX(), rollouts, [1])
+    assert list(by_rollout) == [1] and list(by_rollout[1]) == pytest.approx([0.2, 0.3])
