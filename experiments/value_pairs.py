@@ -16,7 +16,10 @@ the accuracies, what a vote has to work with: how many distinct answers the
 final particles hold and how often one of them is correct, against the same
 for ``budget`` independent samples (the mean over subsets of the stored
 answers: pass@b and the expected number of distinct answers). A run with
-several seeds counts each problem as the mean over its seeds.
+several seeds counts each problem as the mean over its seeds. With
+``--baseline-reward`` (and ``--baseline-table``) the baselines are bon and
+wbon under another reward on the same answers, e.g. a free one the learned
+value has to beat.
 
     .venv/bin/python experiments/value_pairs.py \\
         --table experiments/values/reward-table-test-100.json --reward value \\
@@ -98,6 +101,10 @@ def main() -> None:
     parser.add_argument("--table", type=Path, required=True, help="reward_table.py's JSON")
     parser.add_argument("--reward", required=True, help="the table's row for the reward spec the pf run used")
     parser.add_argument("--db", type=Path, required=True, help="the pf run's database")
+    parser.add_argument("--baseline-reward", default=None,
+                        help="the table's row whose bon and wbon the pf run is paired with (default: --reward)")
+    parser.add_argument("--baseline-table", type=Path, default=None,
+                        help="reward_table.py's JSON holding that row, over the same answers (default: --table)")
     parser.add_argument("--budget", type=int, default=8)
     parser.add_argument("--head-sha256", default=None, help="the value head of the pf run's configuration")
     parser.add_argument("--variant", default=None, help="the pf variant (its options), when several are stored")
@@ -109,9 +116,16 @@ def main() -> None:
     args = parser.parse_args()
 
     table = json.loads(args.table.read_text())
-    row = next((r for r in table["rewards"] if r["reward"] == args.reward), None)
+    baseline_path = args.baseline_table or args.table
+    baseline_table = json.loads(baseline_path.read_text())
+    baseline_reward = args.baseline_reward or args.reward
+    row = next((r for r in baseline_table["rewards"] if r["reward"] == baseline_reward), None)
     if row is None:
-        raise SystemExit(f"no row {args.reward!r} in {args.table}; it has {[r['reward'] for r in table['rewards']]}")
+        raise SystemExit(
+            f"no row {baseline_reward!r} in {baseline_path}; it has {[r['reward'] for r in baseline_table['rewards']]}"
+        )
+    if baseline_table["problems"] != table["problems"] or baseline_table["config"] != table["config"]:
+        raise SystemExit(f"{baseline_path} and {args.table} measure different answer sets")
     baselines = {name: dict(zip(table["problems"], values)) for name, values in row["selection_per_problem"].items()}
 
     store = ResultStore(args.db, read_only=True)
@@ -156,6 +170,8 @@ def main() -> None:
     report = {
         "table": str(args.table),
         "reward": args.reward,
+        "baseline_reward": baseline_reward,
+        "baseline_table": str(baseline_path),
         "database": str(args.db),
         "budget": args.budget,
         "pf_variant": found[problems[0]][0]["variant"],
