@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from piscale.eval.grade import samples_of
+from piscale.eval.identity import keyed_description
 from piscale.eval.store import ResultStore
 from piscale.eval.subsample import expected_accuracy
 from piscale.grading import answers_equal
@@ -90,24 +91,34 @@ def stored_answer_sets(store: ResultStore, budget: int, config: str | None) -> t
 def answer_sets(databases: list[Path], budget: int, config: str | None) -> tuple[str, str, list[dict], list[str]]:
     """The answer sets of one configuration held in ``databases`` (e.g. one
     per seed), a problem's candidates concatenated in the order given; only
-    the problems every database holds. Returns the configuration key, its
-    reward spec, the sets, and the problems left out for want of a database."""
-    keys, per_database, spec = set(), [], None
+    the problems every database holds. ``config`` picks the first database's
+    configuration; in the others it is the one with the same keyed
+    description (a database started by an older piscale may hold it under
+    another key). Returns the first database's configuration key, its reward
+    spec, the sets, and the problems left out for want of a database."""
+    per_database, first_key, keyed, spec = [], None, None, ""
     for path in databases:
         store = ResultStore(path, read_only=True)
-        key, sets = stored_answer_sets(store, budget, config)
-        keys.add(key)
-        spec = next(c["reward"] for c in store.configs() if c["config_key"] == key)
+        if first_key is None:
+            first_key, sets = stored_answer_sets(store, budget, config)
+            chosen = next(c for c in store.configs() if c["config_key"] == first_key)
+            keyed, spec = keyed_description(chosen["description"]), chosen["reward"]
+        else:
+            same = [c["config_key"] for c in store.configs() if keyed_description(c["description"]) == keyed]
+            if not same:
+                raise SystemExit(f"{path} holds no configuration like {first_key} of {databases[0]}")
+            _, sets = stored_answer_sets(store, budget, same[0])
         per_database.append({s["problem_id"]: s for s in sets})
-    if len(keys) != 1:
-        raise SystemExit(f"the databases hold bon@{budget} answers of different configurations ({sorted(keys)})")
+    assert first_key is not None
     shared = set.intersection(*(set(d) for d in per_database))
+    if not shared:
+        raise SystemExit(f"no problem has bon@{budget} answers in every one of {[str(p) for p in databases]}")
     left_out = sorted(set.union(*(set(d) for d in per_database)) - shared)
     merged = []
     for problem in sorted(shared):
         first, *others = (d[problem] for d in per_database)
         merged.append({**first, "candidates": [c for d in (first, *others) for c in d["candidates"]]})
-    return keys.pop(), spec, merged, left_out
+    return first_key, spec, merged, left_out
 
 
 def bootstrap_pairwise(wins_pairs: list[tuple[float, int]], draws: int = 2000, seed: int = 0) -> list[float]:

@@ -79,10 +79,8 @@ def independent_diversity(table: dict, budget: int) -> dict[str, tuple[float, fl
     miss it)."""
     databases = [Path(p) for p in table.get("databases") or [table["database"]]]
     _, _, sets, _ = answer_sets(databases, table.get("answer_budget", table["answers_per_problem"]), table["config"])
-    references = {}
-    for path in databases:
-        store = ResultStore(path, read_only=True)
-        references.update({r["problem_id"]: r["reference"] for r in store.results(table["config"])})
+    first = ResultStore(databases[0], read_only=True)  # every problem paired is in the first database
+    references = {r["problem_id"]: r["reference"] for r in first.results(table["config"])}
     found = {}
     for answer_set in sets:
         if answer_set["problem_id"] not in table["problems"]:
