@@ -188,7 +188,7 @@ async def certainty_scores(policy: str, engine: str, sets: list[dict]) -> tuple[
     started = time.perf_counter()
     try:
         for answer_set in sets:
-            if len(set(answer_set["correct"])) < 2:
+            if not holds_pairs(answer_set):
                 # As in spec_scores: no pair and no choice depends on these.
                 for name in rewards:
                     found[name].append([0.0] * len(answer_set["candidates"]))
@@ -212,7 +212,7 @@ async def spec_scores(reward: Reward, sets: list[dict]) -> tuple[list[list[float
     from its cache of the answers instead of reading them again."""
     finals, prefixes = [], []
     for answer_set in sets:
-        if len(set(answer_set["correct"])) < 2:
+        if not holds_pairs(answer_set):
             finals.append([0.0] * len(answer_set["candidates"]))
             prefixes.append([])
             continue
@@ -221,6 +221,12 @@ async def spec_scores(reward: Reward, sets: list[dict]) -> tuple[list[list[float
         finals.append(await score_trajectories(reward, questions, trajectories, "model"))
         prefixes.append(await prefix_scores(reward, questions, trajectories))
     return finals, prefixes
+
+
+def holds_pairs(answer_set: dict) -> bool:
+    """Whether the set has both a correct and an incorrect answer: only then
+    does any pair, or any choice of top answer, depend on the scores."""
+    return len(set(answer_set["correct"])) > 1
 
 
 def answer_steps(text: str) -> list[str]:
