@@ -176,6 +176,10 @@ def measure(
         "top_answer_correct": top / len(sets),
         "selection": {key: float(np.mean(values)) for key, values in per_problem_selection.items()},
         "selection_per_problem": per_problem_selection,
+        # Every answer's score, problem by problem in the order of "problems",
+        # so that products and mixtures of rewards can be measured without
+        # reading any answer again (zeros where a set holds no pair).
+        "scores": [[float(f"{v:.6g}") for v in values] for values in scores],
     }
 
 

@@ -41,6 +41,14 @@ def cached_features(rollouts, cache: Path) -> list[np.ndarray]:
     return [np.load(cache / f"{r.key}.npy").astype(np.float32) for r in rollouts]
 
 
+def feature_folder() -> Path:
+    """The training run's feature folder under $PISCALE_HOME, where there is one."""
+    folders = sorted((piscale_home() / "value-features").glob("qwen2.5-coder-0.5b-instruct-*"))
+    if len(folders) != 1:
+        raise SystemExit(f"{len(folders)} feature folders found; pass --cache")
+    return folders[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", type=Path, required=True)
@@ -52,13 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rollouts = labelled_rollouts(ResultStore(args.db, read_only=True), args.problems)
-    cache = args.cache
-    if cache is None:
-        folders = sorted((piscale_home() / "value-features").glob("qwen2.5-coder-0.5b-instruct-*"))
-        if len(folders) != 1:
-            raise SystemExit(f"{len(folders)} feature folders found; pass --cache")
-        cache = folders[0]
-    raw = cached_features(rollouts, cache)
+    raw = cached_features(rollouts, args.cache or feature_folder())
     readings = {
         "layer 18": lambda f: f[[1]],
         "layers 12+18": lambda f: np.concatenate([f[0], f[1]], axis=-1)[None],

@@ -232,6 +232,33 @@ def test_composed_rewards_pass_the_logprobs_to_the_term_that_reads_them():
         assert candidate.score == pytest.approx(exact_mean(lm, candidate.text) / 0.5, abs=1e-9)
 
 
+def test_an_exponent_in_a_spec_weighs_its_term():
+    """certainty^20*arith: 20 x the exact mean log-probability + log(arith);
+    certainty^1 is certainty itself; a verifier's answer keeps its '^'."""
+    from piscale.rewards import ArithmeticReward, WeightedSum
+    from piscale.rewards.spec import product_terms, split_exponent
+
+    lm = ToyLM()
+    weighed = from_spec("certainty^20*arith")
+    assert isinstance(weighed, WeightedSum) and [w for w, _ in weighed.terms] == [20.0, 1.0]
+    assert weighed.needs_logprobs
+    for candidate in solve(lm, weighed, "bon", budget=4, seed=2, temperature=1.0).candidates:
+        [[checked]] = asyncio.run(ArithmeticReward().score([QUESTION], [[candidate.text]]))
+        assert candidate.score == pytest.approx(20 * exact_mean(lm, candidate.text) + math.log(checked), abs=1e-9)
+    assert isinstance(from_spec("certainty^1"), SelfCertaintyReward)
+    assert isinstance(from_spec("certainty ^ 0.5"), WeightedSum)
+    assert product_terms("value*certainty^20") == ["value", "certainty^20"]
+    assert split_exponent("verify:2^10") == ("verify:2^10", 1.0)
+    assert split_exponent("value:heads/a.safetensors^2") == ("value:heads/a.safetensors", 2.0)
+    from piscale.rewards.verify import VerifierReward
+
+    assert isinstance(from_spec("verify:2^10"), VerifierReward)
+    for bad, message in [("certainty^0", "positive"), ("arith^-1", "positive"), ("arith^x", "must be a number"),
+                         ("certainty^inf", "finite")]:
+        with pytest.raises(ValueError, match=message):
+            from_spec(bad)
+
+
 def test_sampling_temperature_does_not_change_the_scores():
     # Backends report log-probabilities at temperature 1, so answers drawn
     # at 0.5 are scored by the model's own probabilities all the same.

@@ -38,12 +38,12 @@ def reward_identity(spec: str, policy_spec: str) -> dict:
     a PRM, the two models of a density ratio), so a changed reward model
     file changes the configuration. ``judge`` alone judges with the policy.
     A product (``value*arith``) holds the models of all its terms."""
-    from piscale.rewards.spec import product_terms
+    from piscale.rewards.spec import product_terms, split_exponent
 
     terms = product_terms(spec)
     if len(terms) > 1:
         return {"spec": spec, "models": [m for term in terms for m in reward_identity(term, policy_spec).get("models", [])]}
-    kind, _, argument = spec.partition(":")
+    kind, _, argument = split_exponent(spec)[0].partition(":")
     if kind == "value":
         return {"spec": spec, "models": value_head_identity(argument.strip() or None)}
     if kind not in REWARD_KINDS_WITH_MODELS:

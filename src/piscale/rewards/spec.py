@@ -11,11 +11,17 @@
 | ``certainty``, ``certainty:group[:WINDOW]`` | ``SelfCertaintyReward``: the policy's mean token log-probability, or its lowest ``WINDOW``-token group mean; search only |
 | ``value:PATH``, ``value`` | ``StepValueReward`` from a head file (``piscale prm train``), its backbone named in the file; ``value`` alone: the head shipped for the catalog's default math policy |
 | ``SPEC*SPEC[*...]`` | the product of the terms' likelihoods (``WeightedSum`` in log space, every weight 1), e.g. ``value*arith`` |
+| ``SPEC^W`` | the term's likelihood to the power W > 0 (its weight in the ``WeightedSum``), e.g. ``value*arith*certainty^20`` |
 
 A product is a product of experts: each term multiplies the likelihood that
 the partial answer is good, so a step the arithmetic checker rejects keeps
 its zero and the value ranks the steps it accepts. A ``*`` splits a spec only
 when every part starts with a known kind, so ``verify:2*3`` is one verifier.
+An exponent weighs a term against the others: self-certainty's per-token
+means differ by about 0.1 nat between answers where a value's log-odds
+differ by about 1, so ``certainty^20`` lets it count at all. The terms whose
+argument is free text (``verify``, ``embed``) take no exponent, so
+``verify:2^10`` is one verifier of the answer 2^10.
 
 MODEL is anything ``piscale.lm.load`` accepts (a catalog name, a GGUF file, a
 folder, a hub id). Backends are built with ``load_lm`` (default
@@ -24,12 +30,15 @@ folder, a hub id). Backends are built with ``load_lm`` (default
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from piscale.lm.base import LanguageModel
 from piscale.rewards.base import Reward
 
 KINDS = ("judge", "prm", "cdr", "verify", "arith", "embed", "certainty", "value")
+FREE_TEXT_KINDS = ("verify", "embed")
+"""Kinds whose argument is free text, where ``*`` and ``^`` belong to it."""
 
 
 def from_spec(
@@ -44,13 +53,14 @@ def from_spec(
     """The reward a spec names (see the module doc)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a reward spec must be a non-empty string; kinds: {', '.join(KINDS)}")
-    terms = product_terms(spec)
-    if len(terms) > 1:
+    terms = [split_exponent(term) for term in product_terms(spec)]
+    if len(terms) > 1 or terms[0][1] != 1.0:
         from piscale.rewards.compose import WeightedSum
 
         options = dict(policy=policy, policy_spec=policy_spec, device=device, load_lm=load_lm,
                        trust_remote_code=trust_remote_code)
-        return WeightedSum([(1.0, from_spec(term, **options)) for term in terms])
+        return WeightedSum([(weight, from_spec(term, **options)) for term, weight in terms])
+    spec = terms[0][0]
     kind, _, argument = spec.strip().partition(":")
     kind = kind.strip().lower()
     argument = argument.strip()
@@ -123,9 +133,31 @@ def product_terms(spec: str) -> list[str]:
     or ``[spec]`` when it is one reward: a ``*`` splits only where every part
     starts with a known kind, so a verifier's answer may hold one."""
     parts = [part.strip() for part in spec.split("*")]
-    if len(parts) > 1 and all(part.partition(":")[0].strip().lower() in KINDS for part in parts):
+    if len(parts) > 1 and all(term_kind(part) in KINDS for part in parts):
         return parts
     return [spec.strip()]
+
+
+def term_kind(term: str) -> str:
+    """The reward kind a spec or product term starts with (``certainty^20`` -> ``certainty``)."""
+    return term.strip().partition(":")[0].partition("^")[0].strip().lower()
+
+
+def split_exponent(term: str) -> tuple[str, float]:
+    """A product term's own spec and its exponent: ``certainty^20`` ->
+    (``certainty``, 20.0); 1 where it has none, or where its kind's argument
+    is free text (``verify:2^10`` is one verifier)."""
+    term = term.strip()
+    base, caret, power = term.rpartition("^")
+    if not caret or term_kind(term) in FREE_TEXT_KINDS or term_kind(term) not in KINDS:
+        return term, 1.0
+    try:
+        weight = float(power)
+    except ValueError:
+        raise ValueError(f"the exponent in {term!r} must be a number (SPEC^W), got {power.strip()!r}") from None
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"the exponent in {term!r} must be a positive finite number, got {power.strip()!r}")
+    return base.strip(), weight
 
 
 def _certainty(spec: str, argument: str) -> Reward:

@@ -33,15 +33,11 @@ from piscale.serve.metered import MeteredLM
 _SHARED_KINDS = ("prm", "embed", "value")
 
 
-def reward_kind(spec: str) -> str:
-    return spec.strip().partition(":")[0].strip().lower()
-
-
 def term_kinds(spec: str) -> list[str]:
     """The kind of every term of a spec (one for a plain spec, several for a product)."""
-    from piscale.rewards.spec import product_terms
+    from piscale.rewards.spec import product_terms, term_kind
 
-    return [reward_kind(term) for term in product_terms(spec)]
+    return [term_kind(term) for term in product_terms(spec)]
 
 
 @dataclass
