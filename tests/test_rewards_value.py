@@ -209,6 +209,28 @@ def test_spec_value_path_loads_the_head_and_its_backbone(tmp_path, backbone, mon
         from_spec(f"value:{tmp_path / 'missing.safetensors'}")
 
 
+@pytest.mark.parametrize("native, asked, served", [(False, None, "float32"), (True, None, "bfloat16"),
+                                                   (False, "bfloat16", "bfloat16")])
+def test_a_bfloat16_head_is_served_in_float32_where_bfloat16_is_emulated(
+    tmp_path, backbone, monkeypatch, caplog, native, asked, served
+):
+    from piscale import models
+    from piscale.rewards.value import load_value_reward
+
+    model, tokenizer = backbone
+    requested = []
+    monkeypatch.setattr(models, "load_transformers", lambda spec, **o: (requested.append(o["dtype"]), (model, tokenizer))[1])
+    monkeypatch.setattr(models, "bfloat16_is_native", lambda device: native)
+    path = tmp_path / "head.safetensors"
+    layout = {"kind": "parts", "marker": "\n\n", "system_prompt": SYSTEM, "prompt_format": None}
+    HeadFile(random_head(model.config.hidden_size), {"backbone": "b", "dtype": "bfloat16", "layer": 1,
+                                                     "layout": layout}).save(path)
+    with caplog.at_level("WARNING", logger="piscale.rewards.value"):
+        load_value_reward(path, dtype=asked)
+    assert requested == [served]
+    assert ("serving it in float32" in caplog.text) == (served == "float32")
+
+
 def test_a_product_spec_multiplies_the_value_by_the_arithmetic_check(tmp_path, backbone, monkeypatch):
     from piscale import models
     from piscale.eval.identity import reward_identity

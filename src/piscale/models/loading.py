@@ -55,6 +55,18 @@ def _torch_dtype(dtype: str) -> Any:
     return getattr(torch, dtype)
 
 
+def bfloat16_is_native(device: str) -> bool:
+    """Whether ``device`` computes in bfloat16 natively. Every GPU torch
+    supports does; a CPU needs AVX512-BF16 or AMX, and without them torch
+    emulates bfloat16 matrix products: a 0.5B model read 400 tokens in 45 s
+    in bfloat16 against 5.8 s in float32 on one AVX2 core."""
+    if not device.startswith("cpu"):
+        return True
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _convert_gguf(
     resolved: ResolvedModel, torch_dtype: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
