@@ -5,15 +5,19 @@ value head's database; no test problem is read), this script puts three
 scores side by side at every step of every rollout:
 
 * the learned value V, out of fold: each of 4 folds of problems scored by a
-  head fitted on the other three, as ``piscale prm train --folds`` does, from
-  the feature cache the training run left (layer 18, the shipped head's);
+  head fitted on the other three, as ``piscale prm train --folds`` does, on
+  the shipped head's features (layer 18 of its backbone, read here in
+  ``--dtype`` and cached under $PISCALE_HOME/value-features as ``prm
+  train`` caches them);
 * the arithmetic checker;
 * self-certainty c, the policy's mean token log-probability of the partial
   answer, read once per rollout by the policy (transformers, bfloat16) and
   kept in ``--certainty`` (JSON lines, one problem per line; a killed run
   resumes there).
 
-and measures, as ``prm train`` does (pairwise accuracy of finished answers,
+on the problems whose rollouts hold both outcomes (only they hold pairs,
+and the within-problem head learns from nothing else), and measures, as
+``prm train`` does (pairwise accuracy of finished answers,
 pairwise accuracy at equal depth, step AUROC), the log-likelihoods
 
     log V + log arith + w * c      for w in --weights
@@ -41,19 +45,19 @@ from pathlib import Path
 import numpy as np
 
 from piscale.eval.store import ResultStore
+from piscale.models import piscale_home
 from piscale.rewards import ArithmeticReward
 from piscale.rewards.certainty import SelfCertaintyReward
+from piscale.rewards.value import HeadFile, load_value_reward, shipped_head_path
 from piscale.values.train import (
-    cross_validated_scores, evaluate_scores, labelled_rollouts, reward_step_scores, scores_in_table, step_table,
+    FeatureCache, cross_validated_scores, evaluate_scores, extract_features, labelled_rollouts, reward_step_scores,
+    scores_in_table, step_table,
 )
 
-from value_layers import cached_features, feature_folder
-
-SHIPPED_LAYER_INDEX = 1  # layer 18 among the cached 12, 18, 24
 DEFAULT_WEIGHTS = "0,1,2,5,10,20,50"
 
 
-async def read_certainty(rollouts, policy: str, path: Path) -> dict[int, np.ndarray]:
+async def read_certainty(rollouts, policy: str, dtype: str, path: Path) -> dict[int, np.ndarray]:
     """Self-certainty of every prefix of every rollout (rollout index ->
     [steps]), read by the policy one problem at a time and appended to
     ``path``; problems already there are not read again."""
@@ -71,7 +75,7 @@ async def read_certainty(rollouts, policy: str, path: Path) -> dict[int, np.ndar
         from piscale.lm import load
 
         certainty = SelfCertaintyReward()
-        lm = load(policy, engine="hf", dtype="bfloat16")
+        lm = load(policy, engine="hf", dtype=dtype)
         started = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -98,12 +102,22 @@ async def read_certainty(rollouts, policy: str, path: Path) -> dict[int, np.ndar
     return {i: np.asarray(done[r.problem_id][r.key]) for i, r in enumerate(rollouts)}
 
 
+def shipped_head_features(rollouts, dtype: str) -> list[np.ndarray]:
+    """[1, steps, hidden] per rollout: the shipped head's layer of its backbone."""
+    metadata = HeadFile.read(shipped_head_path()).metadata
+    reward = load_value_reward(None, dtype=dtype)
+    layers = [int(metadata["layer"])]
+    cache = FeatureCache(piscale_home() / "value-features", metadata["backbone"], layers,
+                         {**metadata["layout"], "dtype": dtype})
+    return extract_features(reward, rollouts, layers, cache,
+                            progress=lambda done, todo: print(f"features: {done}/{todo} rollouts", flush=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--problems", type=int, default=None)
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="the feature folder (default: the one under $PISCALE_HOME/value-features)")
+    parser.add_argument("--dtype", default="float32", help="the backbones' dtype (float32 | bfloat16)")
     parser.add_argument("--certainty", type=Path, required=True, help="JSON lines of certainty per problem (resumes)")
     parser.add_argument("--policy", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--folds", type=int, default=4)
@@ -111,13 +125,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    rollouts = labelled_rollouts(ResultStore(args.db, read_only=True), args.problems)
-    features = [f[[SHIPPED_LAYER_INDEX]] for f in cached_features(rollouts, args.cache or feature_folder())]
+    every = labelled_rollouts(ResultStore(args.db, read_only=True), args.problems)
+    outcomes: dict[str, set[bool]] = {}
+    for r in every:
+        outcomes.setdefault(r.problem_id, set()).add(r.correct)
+    rollouts = [r for r in every if len(outcomes[r.problem_id]) == 2]
+    print(f"{len(rollouts)} rollouts of the {sum(len(o) == 2 for o in outcomes.values())} problems "
+          f"(of {len(outcomes)}) with both outcomes", flush=True)
+    started = time.perf_counter()
+    features = shipped_head_features(rollouts, args.dtype)
+    feature_seconds = time.perf_counter() - started
     table = step_table(rollouts, features, 0)
     everything = np.arange(len(rollouts))
 
     started = time.perf_counter()
-    certainty = scores_in_table(asyncio.run(read_certainty(rollouts, args.policy, args.certainty)), table)
+    certainty = scores_in_table(asyncio.run(read_certainty(rollouts, args.policy, args.dtype, args.certainty)), table)
     certainty_seconds = time.perf_counter() - started
     value, _ = cross_validated_scores(rollouts, features, [0], args.folds, seed=0, kind="logistic", objective="within")
     arith = scores_in_table(reward_step_scores(ArithmeticReward(), rollouts, list(everything)), table)
@@ -143,7 +165,8 @@ def main() -> None:
     print(f"within-problem spread of final scores: {spread}", flush=True)
     report = {
         "db": str(args.db), "problems": args.problems, "rollouts": len(rollouts), "folds": args.folds,
-        "policy": args.policy, "certainty_seconds": round(certainty_seconds, 1),
+        "policy": args.policy, "dtype": args.dtype, "feature_seconds": round(feature_seconds, 1),
+        "certainty_seconds": round(certainty_seconds, 1),
         "within_problem_std": spread,
         "machine": f"{platform.machine()}, 2 cores shared with other jobs",
         "measures": {name: m.to_dict() for name, m in measures.items()},
