@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import platform
 import time
@@ -207,24 +208,73 @@ async def certainty_scores(policy: str, engine: str, sets: list[dict]) -> tuple[
     return found, time.perf_counter() - started
 
 
-async def spec_scores(reward: Reward, sets: list[dict]) -> tuple[list[list[float]], list[list[np.ndarray]]]:
+async def spec_scores(
+    reward: Reward, sets: list[dict], kept: ScoreFile | None = None
+) -> tuple[list[list[float]], list[list[np.ndarray]]]:
     """``reward``'s score of every answer of the sets that hold pairs (zeros
     elsewhere, where no pair and no choice of top answer depends on them),
     and of every prefix of those answers (none elsewhere). One problem per
     call, so that a problem's answers share the backbone's prompt cache; the
     prefixes are scored after their answers, so a learned value reads them
-    from its cache of the answers instead of reading them again."""
+    from its cache of the answers instead of reading them again. With
+    ``kept``, answers found there are not read again, and a problem's new
+    scores are written there as soon as they are read."""
+    kept = kept or ScoreFile(None)
     finals, prefixes = [], []
     for answer_set in sets:
         if not holds_pairs(answer_set):
             finals.append([0.0] * len(answer_set["candidates"]))
             prefixes.append([])
             continue
-        trajectories = [answer_steps(c["text"]) for c in answer_set["candidates"]]
-        questions = [answer_set["question"]] * len(trajectories)
-        finals.append(await score_trajectories(reward, questions, trajectories, "model"))
-        prefixes.append(await prefix_scores(reward, questions, trajectories))
+        question = answer_set["question"]
+        texts = [c["text"] for c in answer_set["candidates"]]
+        missing = [text for text in dict.fromkeys(texts) if kept.get(question, text) is None]
+        if missing:
+            trajectories = [answer_steps(text) for text in missing]
+            questions = [question] * len(missing)
+            new_finals = await score_trajectories(reward, questions, trajectories, "model")
+            new_prefixes = await prefix_scores(reward, questions, trajectories)
+            kept.put(answer_set["problem_id"], question, missing, new_finals, new_prefixes)
+        found = [kept.get(question, text) for text in texts]
+        finals.append([f for f, _ in found])
+        prefixes.append([np.asarray(p) for _, p in found])
     return finals, prefixes
+
+
+class ScoreFile:
+    """One reward's scores of answers (the whole answer's and every
+    prefix's), kept as JSON lines keyed by question and answer, so that a
+    killed table resumes where it stopped and a larger set of the same
+    answers reads only the new ones. ``ScoreFile(None)`` keeps them in memory."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.found: dict[str, tuple[float, list[float]]] = {}
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.found[record["key"]] = (record["final"], record["prefixes"])
+
+    @staticmethod
+    def key(question: str, text: str) -> str:
+        return hashlib.sha256(json.dumps([question, text]).encode()).hexdigest()
+
+    def get(self, question: str, text: str) -> tuple[float, list[float]] | None:
+        return self.found.get(self.key(question, text))
+
+    def put(self, problem_id: str, question: str, texts: list[str], finals: list[float],
+            prefixes: list[np.ndarray]) -> None:
+        lines = []
+        for text, final, steps in zip(texts, finals, prefixes):
+            key = self.key(question, text)
+            self.found[key] = (float(final), [float(v) for v in steps])
+            lines.append(json.dumps({"key": key, "problem_id": problem_id, "final": self.found[key][0],
+                                     "prefixes": self.found[key][1]}))
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as out:  # one problem at a time: a kill loses at most the one in flight
+                out.write("".join(line + "\n" for line in lines))
 
 
 def holds_pairs(answer_set: dict) -> bool:
@@ -292,6 +342,10 @@ def main() -> None:
         default="8",
         help="comma-separated budgets at which to measure bon and wbon under each reward",
     )
+    parser.add_argument(
+        "--keep-scores", type=Path, default=None, metavar="FOLDER",
+        help="keep each --reward term's scores there, per problem, as they are read; a rerun reads none twice",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -351,7 +405,11 @@ def main() -> None:
         if len(terms) > 1 and any(term_scales[t] != "probability" for t in terms):
             raise SystemExit(f"{spec}: only probability-scale rewards multiply into a likelihood here")
         for term, reward in rewards.items():
-            term_scores[term], term_prefixes[term] = asyncio.run(spec_scores(reward, sets))
+            kept = None
+            if args.keep_scores is not None:
+                slug = hashlib.sha256(term.encode()).hexdigest()[:12]
+                kept = ScoreFile(args.keep_scores / f"{term.partition(':')[0]}-{slug}.jsonl")
+            term_scores[term], term_prefixes[term] = asyncio.run(spec_scores(reward, sets, kept))
         scores = [
             [float(np.prod(values)) for values in zip(*(term_scores[t][k] for t in terms))]
             for k in range(len(sets))
