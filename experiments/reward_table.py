@@ -27,8 +27,9 @@ budget of ``--select-budgets``, the accuracy of best-of-N and weighted
 best-of-N under it (the mean over subsets of that many answers: all of
 them, or 2,000 seeded ones where there are more than 5,000, as ``piscale
 report`` computes it), per problem too, so that a search run under
-the same reward on the same problems can be paired with it. Results are
-written as JSON. For ``arith`` and every ``--reward`` spec also the
+the same reward on the same problems can be paired with it; and once,
+self-consistency's (the majority answer), which reads no reward. Results are
+written as JSON, with every answer's score under every reward. For ``arith`` and every ``--reward`` spec also the
 measures of partial answers, on every prefix (first t steps) of the answers
 to the problems that hold pairs: AUROC against the answer's outcome, and the
 pairwise accuracy of a correct and an incorrect answer at equal depth, as
@@ -135,13 +136,15 @@ def bootstrap_pairwise(wins_pairs: list[tuple[float, int]], draws: int = 2000, s
     return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
 
 
-def selection_accuracy(sets: list[dict], scores: list[list[float]], budgets: list[int], scale: str) -> dict:
+def selection_accuracy(
+    sets: list[dict], scores: list[list[float]], budgets: list[int], scale: str, selections=("bon", "wbon")
+) -> dict:
     """Per problem, best-of-N's and weighted best-of-N's accuracy at each
     budget when the answers carry ``scores``. Problems whose answers are all
     right or all wrong select alike under any scores."""
     found: dict[str, list[float]] = {}
     for budget in budgets:
-        for selection in ("bon", "wbon"):
+        for selection in selections:
             found[f"{selection}@{budget}"] = [
                 expected_accuracy(
                     selection,
@@ -426,6 +429,8 @@ def main() -> None:
     if not args.no_certainty:
         found, seconds = asyncio.run(certainty_scores(args.policy, args.engine, sets))
         table += [measure(name, sets, scores, budgets, "log") for name, scores in found.items()]
+    # Self-consistency (the majority answer) reads no reward at all.
+    voting = selection_accuracy(sets, [[0.0] * len(s["candidates"]) for s in sets], budgets, "probability", ("sc",))
     report = {
         "databases": [str(path) for path in args.db],
         "config": config,
@@ -438,6 +443,8 @@ def main() -> None:
         "certainty_seconds": seconds,
         "reward_seconds": spec_seconds,
         "machine": f"{platform.machine()}, 2 cores shared with other jobs",
+        "self_consistency": {key: float(np.mean(values)) for key, values in voting.items()},
+        "self_consistency_per_problem": voting,
         "rewards": table,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -452,6 +459,7 @@ def main() -> None:
             + (f"; step AUROC {row['step_auroc']:.3f}, step pairwise {row['step_pairwise_accuracy']:.3f}"
                if "step_auroc" in row else "")
         )
+    print("self-consistency: " + "; ".join(f"{key} {value:.3f}" for key, value in report["self_consistency"].items()))
 
 
 if __name__ == "__main__":

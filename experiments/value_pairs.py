@@ -124,7 +124,9 @@ def main() -> None:
         )
     if baseline_table["problems"] != table["problems"] or baseline_table["config"] != table["config"]:
         raise SystemExit(f"{baseline_path} and {args.table} measure different answer sets")
-    baselines = {name: dict(zip(table["problems"], values)) for name, values in row["selection_per_problem"].items()}
+    voting = table.get("self_consistency_per_problem", {})  # tables written before it have none
+    baselines = {name: dict(zip(table["problems"], values))
+                 for name, values in {**row["selection_per_problem"], **voting}.items()}
 
     store = ResultStore(args.db, read_only=True)
     stored = "stored (the run's reward)"
