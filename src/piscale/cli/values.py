@@ -136,7 +136,9 @@ def train(
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Feature cache (default: $PISCALE_HOME/value-features)."),
     batch: int = typer.Option(8, "--batch", help="Rollouts per backbone forward pass when reading features."),
     dtype: str = typer.Option(
-        "bfloat16", "--dtype", help="Backbone dtype for features (the reward serves in the same one): bfloat16 | float32."
+        "bfloat16", "--dtype",
+        help="Backbone dtype for features: bfloat16 | float32. The reward serves in the same one, except bfloat16 "
+        "on a CPU that only emulates it (AVX2: about 8x slower than float32), where it serves in float32.",
     ),
     baseline: list[str] = typer.Option(["arith"], "--baseline", help="Reward spec to measure on the same held-out rollouts."),
     report: Path = typer.Option(None, "--report", help="Also write the measures as JSON here."),
