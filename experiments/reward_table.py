@@ -244,6 +244,11 @@ async def spec_scores(
     return finals, prefixes
 
 
+def kept_scores(folder: Path, term: str) -> ScoreFile:
+    """The file in ``folder`` that keeps one reward term's scores."""
+    return ScoreFile(folder / f"{term.partition(':')[0]}-{hashlib.sha256(term.encode()).hexdigest()[:12]}.jsonl")
+
+
 class ScoreFile:
     """One reward's scores of answers (the whole answer's and every
     prefix's), kept as JSON lines keyed by question and answer, so that a
@@ -349,6 +354,11 @@ def main() -> None:
         "--keep-scores", type=Path, default=None, metavar="FOLDER",
         help="keep each --reward term's scores there, per problem, as they are read; a rerun reads none twice",
     )
+    parser.add_argument(
+        "--only-kept", action="store_true",
+        help="measure only the problems, in table order, up to the first whose answers some --reward term has not "
+        "kept scores for (a partial table of a run still going)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -363,6 +373,20 @@ def main() -> None:
     for answer_set in sets:
         answer_set["candidates"] = answer_set["candidates"][: args.answers]
         answer_set["correct"] = answer_set["correct"][: args.answers]
+    if args.only_kept:
+        if args.keep_scores is None:
+            raise SystemExit("--only-kept reads the scores kept with --keep-scores; pass that folder")
+        files = [kept_scores(args.keep_scores, term) for spec in args.reward for term in product_terms(spec)]
+        # Sets are scored in table order, so the scored ones are those before
+        # the first unscored set that holds pairs: keep exactly those (with
+        # the sets between them that need no score), a clean prefix.
+        unread = [k for k, s in enumerate(sets) if holds_pairs(s) and any(
+            f.get(s["question"], c["text"]) is None for f in files for c in s["candidates"])]
+        if unread:
+            dropped = [s["problem_id"] for s in sets[unread[0]:]]
+            print(f"--only-kept: the {len(dropped)} problems from {dropped[0]} on (table order) are left out", flush=True)
+            sets = sets[: unread[0]]
+            left_out = sorted(left_out + dropped)
     answers = min(len(s["candidates"]) for s in sets)
     print(f"{len(sets)} problems x {answers} answers; {sum(sum(s['correct']) for s in sets)} correct", flush=True)
 
@@ -408,10 +432,7 @@ def main() -> None:
         if len(terms) > 1 and any(term_scales[t] != "probability" for t in terms):
             raise SystemExit(f"{spec}: only probability-scale rewards multiply into a likelihood here")
         for term, reward in rewards.items():
-            kept = None
-            if args.keep_scores is not None:
-                slug = hashlib.sha256(term.encode()).hexdigest()[:12]
-                kept = ScoreFile(args.keep_scores / f"{term.partition(':')[0]}-{slug}.jsonl")
+            kept = kept_scores(args.keep_scores, term) if args.keep_scores is not None else None
             term_scores[term], term_prefixes[term] = asyncio.run(spec_scores(reward, sets, kept))
         scores = [
             [float(np.prod(values)) for values in zip(*(term_scores[t][k] for t in terms))]
