@@ -17,9 +17,10 @@ A product is a product of experts: each term multiplies the likelihood that
 the partial answer is good, so a step the arithmetic checker rejects keeps
 its zero and the value ranks the steps it accepts. A ``*`` splits a spec only
 when every part starts with a known kind, so ``verify:2*3`` is one verifier.
-An exponent weighs a term against the others: self-certainty's per-token
-means differ by about 0.1 nat between answers where a value's log-odds
-differ by about 1, so ``certainty^20`` lets it count at all. The terms whose
+An exponent weighs a term against the others (a tempered likelihood):
+self-certainty's per-token means differ by about 0.1 nat between answers,
+so in a product with a probability-scale term it moves the result only with
+a large exponent, as in ``certainty^20``. The terms whose
 argument is free text (``verify``, ``embed``) take no exponent, so
 ``verify:2^10`` is one verifier of the answer 2^10.
 
