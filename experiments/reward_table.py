@@ -376,7 +376,10 @@ def main() -> None:
     if args.only_kept:
         if args.keep_scores is None:
             raise SystemExit("--only-kept reads the scores kept with --keep-scores; pass that folder")
+        # A term with nothing kept yet (a cheap one, scored after the costly
+        # term it multiplies) is read in full below.
         files = [kept_scores(args.keep_scores, term) for spec in args.reward for term in product_terms(spec)]
+        files = [f for f in files if f.found]
         # Sets are scored in table order, so the scored ones are those before
         # the first unscored set that holds pairs: keep exactly those (with
         # the sets between them that need no score), a clean prefix.
@@ -387,6 +390,8 @@ def main() -> None:
             print(f"--only-kept: the {len(dropped)} problems from {dropped[0]} on (table order) are left out", flush=True)
             sets = sets[: unread[0]]
             left_out = sorted(left_out + dropped)
+            if not sets:
+                raise SystemExit("--only-kept: the first problem that needs scores has none kept yet")
     answers = min(len(s["candidates"]) for s in sets)
     print(f"{len(sets)} problems x {answers} answers; {sum(sum(s['correct']) for s in sets)} correct", flush=True)
 
