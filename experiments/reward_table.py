@@ -60,7 +60,7 @@ from piscale.eval.store import ResultStore
 from piscale.eval.subsample import expected_accuracy
 from piscale.grading import answers_equal
 from piscale.rewards import ArithmeticReward, Reward, from_spec, score_trajectories
-from piscale.rewards.certainty import SelfCertaintyReward
+from piscale.rewards.certainty import SelfCertaintyReward, step_logprobs
 from piscale.rewards.spec import product_terms
 from piscale.search import DEFAULT_SYSTEM_PROMPT
 from piscale.tasks import load_task
@@ -201,11 +201,10 @@ async def certainty_scores(policy: str, engine: str, sets: list[dict]) -> tuple[
                 for name in rewards:
                     found[name].append([0.0] * len(answer_set["candidates"]))
                 continue
-            prompt = lm.prompt_ids(answer_set["question"], system=DEFAULT_SYSTEM_PROMPT)
-            continuations = [lm.encode(c["text"]) for c in answer_set["candidates"]]
-            outputs = await lm.score([prompt] * len(continuations), continuations)
+            answers = [[c["text"]] for c in answer_set["candidates"]]
+            logprobs = await step_logprobs(lm, answer_set["question"], answers, system=DEFAULT_SYSTEM_PROMPT)
             for name, reward in rewards.items():
-                found[name].append([reward.prefix_scores([o.logprobs])[-1] for o in outputs])
+                found[name].append([reward.prefix_scores(split)[-1] for split in logprobs])
     finally:
         await lm.close()
     return found, time.perf_counter() - started

@@ -47,7 +47,7 @@ import numpy as np
 from piscale.eval.store import ResultStore
 from piscale.models import piscale_home
 from piscale.rewards import ArithmeticReward
-from piscale.rewards.certainty import SelfCertaintyReward
+from piscale.rewards.certainty import SelfCertaintyReward, step_logprobs
 from piscale.rewards.value import HeadFile, load_value_reward, shipped_head_path
 from piscale.values.train import (
     FeatureCache, cross_validated_scores, evaluate_scores, extract_features, labelled_rollouts, reward_step_scores,
@@ -82,16 +82,9 @@ async def read_certainty(rollouts, policy: str, dtype: str, path: Path) -> dict[
             with path.open("a") as out:
                 for n, problem in enumerate(missing, 1):
                     chosen = [rollouts[i] for i in by_problem[problem]]
-                    prompt = lm.prompt_ids(chosen[0].question, system=chosen[0].system or None)
-                    # Each step encoded alone: the boundaries at which the
-                    # policy wrote them, so that its log-probabilities split by step.
-                    encoded = [[lm.encode(step) for step in r.steps] for r in chosen]
-                    outputs = await lm.score([prompt] * len(chosen), [sum(e, []) for e in encoded])
-                    record = {}
-                    for r, steps, output in zip(chosen, encoded, outputs):
-                        ends = np.cumsum([0] + [len(s) for s in steps])
-                        split = [list(output.logprobs[a:b]) for a, b in zip(ends[:-1], ends[1:])]
-                        record[r.key] = certainty.prefix_scores(split)
+                    logprobs = await step_logprobs(lm, chosen[0].question, [r.steps for r in chosen],
+                                                   system=chosen[0].system or None)
+                    record = {r.key: certainty.prefix_scores(split) for r, split in zip(chosen, logprobs)}
                     done[problem] = record
                     out.write(json.dumps({"problem_id": problem, "certainty": record}) + "\n")
                     out.flush()

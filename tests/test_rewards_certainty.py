@@ -22,7 +22,7 @@ from piscale.lm.base import StepOutput
 from piscale.lm.toy import EOS, STEP, ToyLM
 from piscale.rewards import from_spec, score_trajectories
 from piscale.rewards.base import Reward
-from piscale.rewards.certainty import DEFAULT_WINDOW, SelfCertaintyReward
+from piscale.rewards.certainty import DEFAULT_WINDOW, SelfCertaintyReward, step_logprobs
 from piscale.search import ALGORITHMS, Settings, run, split_steps
 from piscale.search.driver import Driver
 
@@ -431,3 +431,24 @@ def test_split_steps_matches_the_two_step_layout():
     assert exact_token_logprobs(lm, "A\n\n\\boxed{1}") == pytest.approx(
         [math.log(0.7), 0.0, 0.0, math.log(0.9), 0.0, 0.0]
     )
+
+
+def test_step_logprobs_reads_stored_answers_step_by_step():
+    """Answers stored as text get back the exact log-probabilities of their
+    tokens, split at their step boundaries; an answer read as one step gets
+    the same numbers in one list, and its certainty is the same."""
+    lm = two_step_lm()
+    stored = [["A\n\n", "\\boxed{1}"], ["B\n\n", "\\boxed{2}"]]
+    by_step = asyncio.run(step_logprobs(lm, QUESTION, stored))
+    log = math.log
+    assert by_step == [
+        [pytest.approx([log(0.7), 0.0]), pytest.approx([0.0, log(0.9), 0.0])],
+        [pytest.approx([log(0.3), 0.0]), pytest.approx([0.0, log(0.5), 0.0])],
+    ]
+    for steps, split in zip(stored, by_step):
+        assert sum(split, []) == pytest.approx(exact_token_logprobs(lm, "".join(steps), finished=False))
+    whole = asyncio.run(step_logprobs(lm, QUESTION, [["".join(steps)] for steps in stored]))
+    reward = SelfCertaintyReward()
+    for split, [one] in zip(by_step, whole):
+        assert one == pytest.approx(sum(split, []))
+        assert reward.prefix_scores(split)[-1] == pytest.approx(reward.prefix_scores([one])[0])

@@ -51,10 +51,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from piscale.rewards.base import Reward
+
+if TYPE_CHECKING:
+    from piscale.lm.base import LanguageModel
 
 STATISTICS: tuple[str, ...] = ("mean", "group")
 DEFAULT_WINDOW = 32
@@ -83,7 +87,8 @@ class SelfCertaintyReward(Reward):
         raise ValueError(
             f"reward {self.name!r} scores answers by the policy's own token log-probabilities, which "
             "texts alone do not carry; use it in a search (piscale solve, eval, serve), where the "
-            "backend returns them with every step, or call score_with_logprobs"
+            "backend returns them with every step, or read them with step_logprobs and call "
+            "score_with_logprobs"
         )
 
     async def score_with_logprobs(self, prompts, trajectories, logprobs) -> list[list[float]]:
@@ -139,3 +144,21 @@ class SelfCertaintyReward(Reward):
                 # ``mean``, or a partial answer shorter than one group.
                 scores.append(float(sums[end] / end))
         return scores
+
+
+async def step_logprobs(
+    lm: LanguageModel, question: str, trajectories: Sequence[Sequence[str]], system: str | None = None
+) -> list[list[list[float]]]:
+    """The policy's log-probability of every token of every step of answers
+    it wrote earlier (``result[i][t]`` for step ``trajectories[i][t]``), read in
+    one batch of ``lm.score``, for answers stored without them. Each step is
+    encoded alone, as the policy produced it step by step, so that the tokens
+    split at the step boundaries; an answer sampled whole is one step."""
+    prompt = lm.prompt_ids(question, system=system)
+    encoded = [[lm.encode(step) for step in steps] for steps in trajectories]
+    outputs = await lm.score([prompt] * len(encoded), [sum(steps, []) for steps in encoded])
+    result = []
+    for steps, output in zip(encoded, outputs):
+        ends = np.cumsum([0] + [len(step) for step in steps])
+        result.append([list(output.logprobs[start:end]) for start, end in zip(ends[:-1], ends[1:])])
+    return result
