@@ -7,15 +7,18 @@ against the references and measures, on exactly the same answers:
 
 * the run's reward (the stored scores: the learned value);
 * ``arith`` (the arithmetic checker), re-scored here;
-* self-certainty (``certainty`` and ``certainty:group:32``) from the
-  policy's log-probabilities of the answer, read here by the policy (the
-  transformers engine in bfloat16 by default, or ``--engine llamacpp``: one
-  forward pass per answer of the problems that hold pairs; in a search the
-  backend returns them with every step, for free);
+* self-certainty (``certainty`` and ``certainty:group:32``, unless
+  ``--no-certainty``) from the policy's log-probabilities of the answer,
+  read here by the policy (the transformers engine, in bfloat16 where the
+  device has it natively and float32 elsewhere, or ``--engine llamacpp``:
+  one forward pass per answer of the problems that hold pairs; in a search
+  the backend returns them with every step, for free);
 * the answer's length in characters (shorter first), a baseline that needs no
   model at all;
 * any reward spec given with ``--reward`` (``value``, ``value:HEAD``,
-  ``value*arith``, ``judge:MODEL`` ...), scored here on every answer of the
+  ``value*arith``, ``value*arith*certainty^20``, ``judge:MODEL`` ...; a
+  product is the likelihood prod_k p_k^{w_k} of its terms, as the search's
+  ``WeightedSum`` takes it, each term read once), scored here on every answer of the
   problems whose answers are neither all right nor all wrong: only those
   hold pairs, and on the others every reward's top answer is right or
   wrong alike.
@@ -60,9 +63,10 @@ from piscale.eval.store import ResultStore
 from piscale.eval.subsample import expected_accuracy
 from piscale.grading import answers_equal
 from piscale.rewards import ArithmeticReward, Reward, from_spec, score_trajectories
-from piscale.rewards.certainty import SelfCertaintyReward, step_logprobs
-from piscale.rewards.spec import product_terms
+from piscale.rewards.certainty import SelfCertaintyReward
+from piscale.rewards.spec import product_terms, split_exponent
 from piscale.search import DEFAULT_SYSTEM_PROMPT
+from piscale.smc import log_reward
 from piscale.tasks import load_task
 from piscale.values.measures import auroc, pairwise_accuracy, step_pairwise_accuracy
 from piscale.values.train import prefix_scores
@@ -187,27 +191,15 @@ def measure(
     }
 
 
-async def certainty_scores(policy: str, engine: str, sets: list[dict]) -> tuple[dict[str, list[list[float]]], float]:
+def reading_policy(policy: str, engine: str):
+    """The policy, loaded to read its own log-probabilities of stored answers."""
     from piscale.lm import load
+    from piscale.models import bfloat16_is_native
 
-    lm = load(policy, engine=engine, **({"dtype": "bfloat16"} if engine == "hf" else {}))
-    rewards = {"certainty": SelfCertaintyReward(), "certainty:group:32": SelfCertaintyReward("group", 32)}
-    found: dict[str, list[list[float]]] = {name: [] for name in rewards}
-    started = time.perf_counter()
-    try:
-        for answer_set in sets:
-            if not holds_pairs(answer_set):
-                # As in spec_scores: no pair and no choice depends on these.
-                for name in rewards:
-                    found[name].append([0.0] * len(answer_set["candidates"]))
-                continue
-            answers = [[c["text"]] for c in answer_set["candidates"]]
-            logprobs = await step_logprobs(lm, answer_set["question"], answers, system=DEFAULT_SYSTEM_PROMPT)
-            for name, reward in rewards.items():
-                found[name].append([reward.prefix_scores(split)[-1] for split in logprobs])
-    finally:
-        await lm.close()
-    return found, time.perf_counter() - started
+    if engine != "hf":
+        return load(policy, engine=engine)
+    # As the value is served: bfloat16 only where the device does not emulate it.
+    return load(policy, engine="hf", dtype="bfloat16" if bfloat16_is_native("cpu") else "float32")
 
 
 async def spec_scores(
@@ -234,8 +226,16 @@ async def spec_scores(
         if missing:
             trajectories = [answer_steps(text) for text in missing]
             questions = [question] * len(missing)
-            new_finals = await score_trajectories(reward, questions, trajectories, "model")
-            new_prefixes = await prefix_scores(reward, questions, trajectories)
+            if reward.needs_logprobs:
+                # Self-certainty's step t judges steps 0..t already, and its
+                # last step is the whole answer's statistic: one read per
+                # answer, where a prefix at a time would read each t times.
+                written = [written_steps(text) for text in missing]
+                new_prefixes = [np.asarray(p) for p in await reward.score(questions, written)]
+                new_finals = [float(p[-1]) for p in new_prefixes]
+            else:
+                new_finals = await score_trajectories(reward, questions, trajectories, "model")
+                new_prefixes = await prefix_scores(reward, questions, trajectories)
             kept.put(answer_set["problem_id"], question, missing, new_finals, new_prefixes)
         found = [kept.get(question, text) for text in texts]
         finals.append([f for f, _ in found])
@@ -295,6 +295,19 @@ def answer_steps(text: str) -> list[str]:
     return [p for p in text.split("\n\n") if p.strip()] or [text]
 
 
+def written_steps(text: str) -> list[str]:
+    """``answer_steps`` with the blank lines after each step kept on it, so
+    that they join into the text as the policy wrote it: what a reward that
+    reads the policy's log-probabilities must be given."""
+    starts, position = [], 0
+    for step in answer_steps(text):
+        position = text.index(step, position)
+        starts.append(position)
+        position += len(step)
+    bounds = [0, *starts[1:], len(text)]
+    return [text[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def step_measures(sets: list[dict], prefixes: list[list[np.ndarray]]) -> dict:
     """On every prefix of the answers that have prefix scores: AUROC against
     the answer's outcome (every prefix labelled as its answer ended), and the
@@ -317,6 +330,16 @@ def step_measures(sets: list[dict], prefixes: list[list[np.ndarray]]) -> dict:
         "step_pairs": steps.pairs,
         "prefixes": len(scores),
     }
+
+
+def combined(values: list, weighted: list[tuple[str, float]], scales: dict[str, str]) -> np.ndarray:
+    """A product's score from its terms' scores (``values[k]`` of term k):
+    the plain product where every term is a probability with exponent 1
+    (still a probability), else the log-likelihood sum_k w_k log p_k, with
+    log-scale terms counted as log p_k already, as ``WeightedSum`` sums them."""
+    if all(scales[t] == "probability" and w == 1.0 for t, w in weighted):
+        return np.prod(np.asarray(values, dtype=float), axis=0)
+    return sum(w * log_reward(np.asarray(v, dtype=float), scales[t]) for v, (t, w) in zip(values, weighted))
 
 
 def main() -> None:
@@ -351,7 +374,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--keep-scores", type=Path, default=None, metavar="FOLDER",
-        help="keep each --reward term's scores there, per problem, as they are read; a rerun reads none twice",
+        help="keep each --reward term's scores there, per problem, as they are read; a rerun reads none twice "
+        "(files are named by term, so another --engine or --policy needs another folder)",
     )
     parser.add_argument(
         "--only-kept", action="store_true",
@@ -360,6 +384,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if not args.no_certainty:
+        args.reward += [spec for spec in ("certainty", "certainty:group:32") if spec not in args.reward]
 
     config, stored_spec, sets, left_out = answer_sets(args.db, args.budget, args.config)
     if left_out:
@@ -377,7 +403,8 @@ def main() -> None:
             raise SystemExit("--only-kept reads the scores kept with --keep-scores; pass that folder")
         # A term with nothing kept yet (a cheap one, scored after the costly
         # term it multiplies) is read in full below.
-        files = [kept_scores(args.keep_scores, term) for spec in args.reward for term in product_terms(spec)]
+        files = [kept_scores(args.keep_scores, split_exponent(term)[0])
+                 for spec in args.reward for term in product_terms(spec)]
         files = [f for f in files if f.found]
         # Sets are scored in table order, so the scored ones are those before
         # the first unscored set that holds pairs: keep exactly those (with
@@ -422,38 +449,41 @@ def main() -> None:
     term_prefixes: dict[str, list[list[np.ndarray]]] = {"arith": asyncio.run(spec_scores(arith, sets))[1]}
     table[-1].update(step_measures(sets, term_prefixes["arith"]))
     table.append(measure("shorter answer", sets, [[-len(c["text"]) for c in s["candidates"]] for s in sets]))
-    # A product A*B is scored as the product of its terms' scores, each term
-    # read once however many specs share it (the value's backbone is the cost).
+    # A product A*B^w is scored from its terms' scores, each term read once
+    # however many specs share it (the value's backbone is the cost).
     term_scores: dict[str, list[list[float]]] = {}
     term_scales: dict[str, str] = {}
     spec_seconds = {}
-    for spec in args.reward:
-        started = time.perf_counter()
-        terms = product_terms(spec)
-        rewards = {term: from_spec(term) for term in terms if term not in term_scores}
-        term_scales.update({term: reward.scale for term, reward in rewards.items()})
-        # Checked before the costly scoring: a product multiplies likelihoods.
-        if len(terms) > 1 and any(term_scales[t] != "probability" for t in terms):
-            raise SystemExit(f"{spec}: only probability-scale rewards multiply into a likelihood here")
-        for term, reward in rewards.items():
-            kept = kept_scores(args.keep_scores, term) if args.keep_scores is not None else None
-            term_scores[term], term_prefixes[term] = asyncio.run(spec_scores(reward, sets, kept))
-        scores = [
-            [float(np.prod(values)) for values in zip(*(term_scores[t][k] for t in terms))]
-            for k in range(len(sets))
-        ]
-        prefixes = [
-            [np.prod(values, axis=0) for values in zip(*(term_prefixes[t][k] for t in terms))]
-            for k in range(len(sets))
-        ]
-        table.append(measure(spec, sets, scores, budgets, term_scales[terms[0]] if len(terms) == 1 else "probability"))
-        table[-1].update(step_measures(sets, prefixes))
-        spec_seconds[spec] = round(time.perf_counter() - started, 1)
-        print(f"{spec}: {spec_seconds[spec]} s", flush=True)
-    seconds = None
-    if not args.no_certainty:
-        found, seconds = asyncio.run(certainty_scores(args.policy, args.engine, sets))
-        table += [measure(name, sets, scores, budgets, "log") for name, scores in found.items()]
+    policy = None  # loaded for the first term that reads the policy's log-probabilities
+    try:
+        for spec in args.reward:
+            started = time.perf_counter()
+            weighted = [split_exponent(term) for term in product_terms(spec)]
+            for term, _ in weighted:
+                if term in term_scores:
+                    continue
+                reward = from_spec(term)
+                if isinstance(reward, SelfCertaintyReward):
+                    policy = policy or reading_policy(args.policy, args.engine)
+                    reward = SelfCertaintyReward(reward.statistic, reward.window, policy=policy,
+                                                 system=DEFAULT_SYSTEM_PROMPT)
+                term_scales[term] = reward.scale
+                kept = kept_scores(args.keep_scores, term) if args.keep_scores is not None else None
+                term_scores[term], term_prefixes[term] = asyncio.run(spec_scores(reward, sets, kept))
+            scores = [combined([term_scores[t][k] for t, _ in weighted], weighted, term_scales) for k in range(len(sets))]
+            prefixes = [
+                [combined(list(values), weighted, term_scales) for values in zip(*(term_prefixes[t][k] for t, _ in weighted))]
+                for k in range(len(sets))
+            ]
+            plain = all(term_scales[t] == "probability" and w == 1.0 for t, w in weighted)
+            table.append(measure(spec, sets, [list(map(float, v)) for v in scores], budgets,
+                                 "probability" if plain else "log"))
+            table[-1].update(step_measures(sets, prefixes))
+            spec_seconds[spec] = round(time.perf_counter() - started, 1)
+            print(f"{spec}: {spec_seconds[spec]} s", flush=True)
+    finally:
+        if policy is not None:
+            asyncio.run(policy.close())
     # Self-consistency (the majority answer) reads no reward at all.
     voting = selection_accuracy(sets, [[0.0] * len(s["candidates"]) for s in sets], budgets, "probability", ("sc",))
     report = {
@@ -465,7 +495,6 @@ def main() -> None:
         "answers_per_problem": answers,
         "answer_budget": args.budget,
         "sample_accuracy": float(np.mean([np.mean(s["correct"]) for s in sets])),
-        "certainty_seconds": seconds,
         "reward_seconds": spec_seconds,
         "machine": f"{platform.machine()}, 2 cores shared with other jobs",
         "self_consistency": {key: float(np.mean(values)) for key, values in voting.items()},

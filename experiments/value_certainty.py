@@ -47,7 +47,7 @@ import numpy as np
 from piscale.eval.store import ResultStore
 from piscale.models import piscale_home
 from piscale.rewards import ArithmeticReward
-from piscale.rewards.certainty import SelfCertaintyReward, step_logprobs
+from piscale.rewards.certainty import SelfCertaintyReward
 from piscale.rewards.value import HeadFile, load_value_reward, shipped_head_path
 from piscale.values.train import (
     FeatureCache, cross_validated_scores, evaluate_scores, extract_features, labelled_rollouts, reward_step_scores,
@@ -74,17 +74,20 @@ async def read_certainty(rollouts, policy: str, dtype: str, path: Path) -> dict[
     if missing:
         from piscale.lm import load
 
-        certainty = SelfCertaintyReward()
+        systems = {r.system for r in rollouts}
+        if len(systems) != 1:
+            raise SystemExit(f"the rollouts were written under {len(systems)} system prompts; read them apart")
         lm = load(policy, engine="hf", dtype=dtype)
+        certainty = SelfCertaintyReward(policy=lm, system=systems.pop() or None)
         started = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with path.open("a") as out:
                 for n, problem in enumerate(missing, 1):
                     chosen = [rollouts[i] for i in by_problem[problem]]
-                    logprobs = await step_logprobs(lm, chosen[0].question, [r.steps for r in chosen],
-                                                   system=chosen[0].system or None)
-                    record = {r.key: certainty.prefix_scores(split) for r, split in zip(chosen, logprobs)}
+                    # Read step by step, as the policy wrote them.
+                    scores = await certainty.score([r.question for r in chosen], [list(r.steps) for r in chosen])
+                    record = {r.key: s for r, s in zip(chosen, scores)}
                     done[problem] = record
                     out.write(json.dumps({"problem_id": problem, "certainty": record}) + "\n")
                     out.flush()

@@ -452,3 +452,24 @@ def test_step_logprobs_reads_stored_answers_step_by_step():
     for split, [one] in zip(by_step, whole):
         assert one == pytest.approx(sum(split, []))
         assert reward.prefix_scores(split)[-1] == pytest.approx(reward.prefix_scores([one])[0])
+
+
+def test_given_the_policy_it_scores_answers_from_text_alone():
+    """With the policy that wrote them, stored answers score as the search
+    scored them (the exact per-token means of each prefix, here without the
+    end-of-sequence token, which a stored text does not hold), questions
+    grouped however they come."""
+    lm = two_step_lm()
+    reward = SelfCertaintyReward(policy=lm)
+    stored = [["A\n\n", "\\boxed{1}"], ["B\n\n", "\\boxed{2}"], ["A\n\n"]]
+    scores = asyncio.run(reward.score([QUESTION, "Another question.", QUESTION], stored))
+    log = math.log
+    assert scores[0] == pytest.approx([log(0.7) / 2, log(0.63) / 5])
+    assert scores[2] == pytest.approx([log(0.7) / 2])
+    # The toy rule ignores the question, so the other one reads the same numbers.
+    assert scores[1] == pytest.approx([log(0.3) / 2, log(0.15) / 5])
+    # Two-token groups: the weakest pair so far is ("A", "\n\n"), at either prefix.
+    group = SelfCertaintyReward("group", 2, policy=lm)
+    assert asyncio.run(group.score([QUESTION], stored[:1])) == [pytest.approx([log(0.7) / 2, log(0.7) / 2])]
+    with pytest.raises(TypeError, match="trajectory 0 is a string"):
+        asyncio.run(reward.score([QUESTION], ["A\n\n"]))

@@ -74,7 +74,18 @@ class SelfCertaintyReward(Reward):
     scale = "log"
     needs_logprobs = True
 
-    def __init__(self, statistic: str = "mean", window: int = DEFAULT_WINDOW):
+    def __init__(
+        self,
+        statistic: str = "mean",
+        window: int = DEFAULT_WINDOW,
+        *,
+        policy: LanguageModel | None = None,
+        system: str | None = None,
+    ):
+        """``policy`` (with the ``system`` prompt it answered under) lets
+        ``score`` judge answers given as text alone, such as stored ones, by
+        reading their log-probabilities again (``step_logprobs``): a forward
+        pass per answer, where a search gets them for free."""
         if statistic not in STATISTICS:
             raise ValueError(f"unknown self-certainty statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -82,13 +93,30 @@ class SelfCertaintyReward(Reward):
         self.statistic = statistic
         self.window = window
         self.name = "certainty" if statistic == "mean" else f"certainty:group:{window}"
+        self.policy = policy
+        self.system = system
 
     async def score(self, prompts, trajectories) -> list[list[float]]:
+        if self.policy is not None:
+            if len(prompts) != len(trajectories):
+                raise ValueError(f"got {len(prompts)} prompts but {len(trajectories)} trajectories; they must pair up")
+            # One batch per question, so that its answers share the prompt.
+            by_prompt: dict[str, list[int]] = {}
+            for i, prompt in enumerate(prompts):
+                if isinstance(trajectories[i], str):
+                    raise TypeError(f"trajectory {i} is a string; pass a list of step strings")
+                by_prompt.setdefault(prompt, []).append(i)
+            logprobs: list = [None] * len(prompts)
+            for prompt, members in by_prompt.items():
+                read = await step_logprobs(self.policy, prompt, [trajectories[i] for i in members], self.system)
+                for i, found in zip(members, read):
+                    logprobs[i] = found
+            return await self.score_with_logprobs(prompts, trajectories, logprobs)
         raise ValueError(
             f"reward {self.name!r} scores answers by the policy's own token log-probabilities, which "
             "texts alone do not carry; use it in a search (piscale solve, eval, serve), where the "
-            "backend returns them with every step, or read them with step_logprobs and call "
-            "score_with_logprobs"
+            "backend returns them with every step, or give it the policy that wrote the answers "
+            "(SelfCertaintyReward(policy=lm)) to read them again"
         )
 
     async def score_with_logprobs(self, prompts, trajectories, logprobs) -> list[list[float]]:
