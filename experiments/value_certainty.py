@@ -30,7 +30,7 @@ before anything under it is run on test problems.
 
     .venv/bin/python experiments/value_certainty.py \\
         --db experiments/db/values-gsm8k_train-qwen2.5-coder-0.5b.sqlite --problems 300 \\
-        --certainty runs/train-certainty-300.jsonl --out experiments/values/value-certainty-300.json
+        --certainty experiments/values/train-certainty-300.jsonl --out experiments/values/value-certainty-300.json
 """
 
 from __future__ import annotations
