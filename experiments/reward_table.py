@@ -332,12 +332,18 @@ def step_measures(sets: list[dict], prefixes: list[list[np.ndarray]]) -> dict:
     }
 
 
+def plain_product(weighted: list[tuple[str, float]], scales: dict[str, str]) -> bool:
+    """Whether every term is a probability with exponent 1, so that their
+    product is again a probability."""
+    return all(scales[t] == "probability" and w == 1.0 for t, w in weighted)
+
+
 def combined(values: list, weighted: list[tuple[str, float]], scales: dict[str, str]) -> np.ndarray:
     """A product's score from its terms' scores (``values[k]`` of term k):
-    the plain product where every term is a probability with exponent 1
-    (still a probability), else the log-likelihood sum_k w_k log p_k, with
-    log-scale terms counted as log p_k already, as ``WeightedSum`` sums them."""
-    if all(scales[t] == "probability" and w == 1.0 for t, w in weighted):
+    the plain product where ``plain_product`` holds, else the
+    log-likelihood sum_k w_k log p_k, with log-scale terms counted as log p_k
+    already, as ``WeightedSum`` sums them."""
+    if plain_product(weighted, scales):
         return np.prod(np.asarray(values, dtype=float), axis=0)
     return sum(w * log_reward(np.asarray(v, dtype=float), scales[t]) for v, (t, w) in zip(values, weighted))
 
@@ -475,9 +481,8 @@ def main() -> None:
                 [combined(list(values), weighted, term_scales) for values in zip(*(term_prefixes[t][k] for t, _ in weighted))]
                 for k in range(len(sets))
             ]
-            plain = all(term_scales[t] == "probability" and w == 1.0 for t, w in weighted)
             table.append(measure(spec, sets, [list(map(float, v)) for v in scores], budgets,
-                                 "probability" if plain else "log"))
+                                 "probability" if plain_product(weighted, term_scales) else "log"))
             table[-1].update(step_measures(sets, prefixes))
             spec_seconds[spec] = round(time.perf_counter() - started, 1)
             print(f"{spec}: {spec_seconds[spec]} s", flush=True)
