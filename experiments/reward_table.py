@@ -194,12 +194,12 @@ def measure(
 def reading_policy(policy: str, engine: str):
     """The policy, loaded to read its own log-probabilities of stored answers."""
     from piscale.lm import load
-    from piscale.models import bfloat16_is_native
+    from piscale.models import serving_dtype
 
     if engine != "hf":
         return load(policy, engine=engine)
     # As the value is served: bfloat16 only where the device does not emulate it.
-    return load(policy, engine="hf", dtype="bfloat16" if bfloat16_is_native("cpu") else "float32")
+    return load(policy, engine="hf", dtype=serving_dtype("cpu"))
 
 
 async def spec_scores(

@@ -601,6 +601,26 @@ def test_unknown_dtype_is_rejected_before_any_work(tmp_path: Path) -> None:
     assert not tmp_path.joinpath("models").exists()
 
 
+@pytest.mark.parametrize(
+    ("device", "native", "preferred", "served"),
+    [
+        ("cpu", False, "bfloat16", "float32"),
+        ("cpu", True, "bfloat16", "bfloat16"),
+        ("cpu", False, "float16", "float16"),
+        ("cpu", False, "float32", "float32"),
+        ("cuda:0", None, "bfloat16", "bfloat16"),
+    ],
+)
+def test_bfloat16_is_served_only_where_the_device_computes_it(
+    monkeypatch: pytest.MonkeyPatch, device: str, native: bool | None, preferred: str, served: str
+) -> None:
+    import torch
+
+    if native is not None:
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert models.serving_dtype(device, preferred) == served
+
+
 # --------------------------------------------------------------------------
 # the command line
 

@@ -220,7 +220,7 @@ def test_a_bfloat16_head_is_served_in_float32_where_bfloat16_is_emulated(
     model, tokenizer = backbone
     requested = []
     monkeypatch.setattr(models, "load_transformers", lambda spec, **o: (requested.append(o["dtype"]), (model, tokenizer))[1])
-    monkeypatch.setattr(models, "bfloat16_is_native", lambda device: native)
+    monkeypatch.setattr(models.loading, "bfloat16_is_native", lambda device: native)
     path = tmp_path / "head.safetensors"
     layout = {"kind": "parts", "marker": "\n\n", "system_prompt": SYSTEM, "prompt_format": None}
     HeadFile(random_head(model.config.hidden_size), {"backbone": "b", "dtype": "bfloat16", "layer": 1,

@@ -39,7 +39,14 @@ from piscale.models.errors import (
     ModelNotFoundError,
     UnknownModelError,
 )
-from piscale.models.loading import DTYPES, bfloat16_is_native, converted_path, load_tokenizer, load_transformers
+from piscale.models.loading import (
+    DTYPES,
+    bfloat16_is_native,
+    converted_path,
+    load_tokenizer,
+    load_transformers,
+    serving_dtype,
+)
 from piscale.models.pulling import Downloader, Progress, pip_download, pull
 from piscale.models.specs import ModelKind, ResolvedModel, gguf_path, resolve
 
@@ -62,6 +69,7 @@ __all__ = [
     "ResolvedModel",
     "UnknownModelError",
     "bfloat16_is_native",
+    "serving_dtype",
     "catalog_model",
     "check_cached",
     "converted_path",

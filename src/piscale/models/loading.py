@@ -67,6 +67,15 @@ def bfloat16_is_native(device: str) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def serving_dtype(device: str, preferred: str = "bfloat16") -> str:
+    """The dtype to run a model in on ``device``: ``preferred``, except that
+    bfloat16 becomes float32 where the device only emulates it (see
+    ``bfloat16_is_native``). Scores move by about 0.01 between the two."""
+    if preferred == "bfloat16" and not bfloat16_is_native(device):
+        return "float32"
+    return preferred
+
+
 def _convert_gguf(
     resolved: ResolvedModel, torch_dtype: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -370,7 +370,7 @@ def load_value_reward(
     served in float32 on a device that only emulates bfloat16 (CPUs
     without AVX512-BF16 or AMX): 6 to 8 times faster there, with scores
     within about 0.01 of bfloat16's (a logged warning says so)."""
-    from piscale.models import bfloat16_is_native, load_transformers
+    from piscale.models import load_transformers, serving_dtype
 
     path = shipped_head_path() if path is None else Path(path)
     head_file = HeadFile.read(path)
@@ -379,11 +379,10 @@ def load_value_reward(
     if layout.get("kind") != "parts":
         raise HeadFileError(f"{path}: unknown layout {layout.get('kind')!r}; this piscale reads the 'parts' layout")
     if dtype is None:
-        dtype = meta.get("dtype", "float32")
-        if dtype == "bfloat16" and not bfloat16_is_native(device):
+        dtype = serving_dtype(device, meta.get("dtype", "float32"))
+        if dtype != meta.get("dtype", "float32"):
             log.warning("%s was read in bfloat16, which this %s only emulates; serving it in float32 (6-8x "
                         "faster, scores within about 0.01; pass dtype='bfloat16' to keep it)", path.name, device)
-            dtype = "float32"
     model, tokenizer = load_transformers(meta["backbone"], device=device, dtype=dtype)
     return StepValueReward(
         model,
