@@ -19,7 +19,8 @@ answers: pass@b and the expected number of distinct answers). A run with
 several seeds counts each problem as the mean over its seeds. With
 ``--baseline-reward`` (and ``--baseline-table``) the baselines are bon and
 wbon under another reward on the same answers, e.g. a free one the learned
-value has to beat.
+value has to beat. With ``--pf-baseline-reward`` the run is also paired with
+the pf run stored beside it under another reward, seed for seed.
 
     .venv/bin/python experiments/value_pairs.py \\
         --table experiments/values/reward-table-test-100.json --reward value \\
@@ -94,6 +95,30 @@ def independent_diversity(table: dict, budget: int) -> dict[str, tuple[float, fl
     return found
 
 
+def seed_means(store: ResultStore, found: dict[str, list[dict]], problems: list[str]) -> dict[str, list[float]]:
+    """Per problem, the mean over its seeds of: the run's answer graded, the
+    weighted vote of its final particles graded, whether those particles hold
+    a correct answer, and how many distinct answers they hold. The paired
+    interval then resamples problems, with each problem's seeds kept
+    together."""
+    names = ("pf", "pf weighted vote", "covered", "distinct")
+    means: dict[str, list[float]] = {name: [] for name in names}
+    for p in problems:
+        per_seed = []
+        for row in found[p]:
+            result = store.search(row["search_id"])
+            answers, _ = final_population(result)
+            per_seed.append((
+                float(row["expected_accuracy"]),
+                float(grade(answer_by_selection(result, "weighted-vote"), row["reference"])),
+                float(any(grade(a, row["reference"]) for a in set(answers) if a is not None)),
+                len({g for g in group_answers(answers) if g is not None}),
+            ))
+        for name, value in zip(names, np.mean(per_seed, axis=0)):
+            means[name].append(float(value))
+    return means
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", type=Path, required=True, help="reward_table.py's JSON")
@@ -103,6 +128,8 @@ def main() -> None:
                         help="the table's row whose bon and wbon the pf run is paired with (default: --reward)")
     parser.add_argument("--baseline-table", type=Path, default=None,
                         help="reward_table.py's JSON holding that row, over the same answers (default: --table)")
+    parser.add_argument("--pf-baseline-reward", default=None,
+                        help="also pair with the pf run stored in --db under this reward spec, over the same seeds")
     parser.add_argument("--budget", type=int, default=8)
     parser.add_argument("--head-sha256", default=None, help="the value head of the pf run's configuration")
     parser.add_argument("--variant", default=None, help="the pf variant (its options), when several are stored")
@@ -143,27 +170,19 @@ def main() -> None:
         p for p in table["problems"]
         if len(found.get(p, [])) == len(seeds) and int(p.rsplit("-", 1)[1]) >= args.from_problem
     ]
+    other = None
+    if args.pf_baseline_reward is not None:
+        other = pf_rows(store, args.pf_baseline_reward, args.budget, args.head_sha256, args.variant)
+        other = {p: [r for r in rows if r["seed"] in seeds] for p, rows in other.items()}
+        problems = [p for p in problems if len(other.get(p, [])) == len(seeds)]
     if not problems:
         raise SystemExit("the pf run and the table share no problem")
-    # Per problem, the mean over seeds: the paired interval then resamples
-    # problems, with each problem's seeds kept together.
-    pf, voted, covered, distinct = [], [], [], []
-    for p in problems:
-        per_seed = []
-        for row in found[p]:
-            result = store.search(row["search_id"])
-            answers, _ = final_population(result)
-            per_seed.append((
-                float(row["expected_accuracy"]),
-                float(grade(answer_by_selection(result, "weighted-vote"), row["reference"])),
-                float(any(grade(a, row["reference"]) for a in set(answers) if a is not None)),
-                len({g for g in group_answers(answers) if g is not None}),
-            ))
-        means = np.mean(per_seed, axis=0)
-        pf.append(float(means[0]))
-        voted.append(float(means[1]))
-        covered.append(float(means[2]))
-        distinct.append(float(means[3]))
+    means = seed_means(store, found, problems)
+    pf, voted, covered, distinct = means["pf"], means["pf weighted vote"], means["covered"], means["distinct"]
+    if other is not None:
+        other_means = seed_means(store, other, problems)
+        for name in ("pf", "pf weighted vote"):
+            baselines[f"{name} under {args.pf_baseline_reward}"] = dict(zip(problems, other_means[name]))
     independent = independent_diversity(table, args.budget)
 
     searches = {"pf": pf, "pf weighted vote": voted}
@@ -172,6 +191,7 @@ def main() -> None:
         "reward": args.reward,
         "baseline_reward": baseline_reward,
         "baseline_table": str(baseline_path),
+        "pf_baseline_reward": args.pf_baseline_reward,
         "database": str(args.db),
         "budget": args.budget,
         "pf_variant": found[problems[0]][0]["variant"],
