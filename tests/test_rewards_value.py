@@ -6,6 +6,7 @@ round-trip, and the shipped head matches its recorded hash."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 
 import numpy as np
@@ -130,6 +131,27 @@ def test_batched_scores_do_not_depend_on_the_batch(backbone):
     assert together[0] == pytest.approx(alone[0], abs=1e-5)
 
 
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+@pytest.mark.parametrize(("layer", "blocks_kept"), [(1, 1), (2, 2), (-3, 2), (4, 4), (-1, 4), (0, 4)])
+def test_a_backbone_cut_above_the_read_layer_gives_the_same_scores(architecture, layer, blocks_kept):
+    from piscale.rewards.value import keep_blocks_below
+
+    whole = tiny_causal_lm(architecture, seed=7, layers=4)
+    model, tokenizer = whole
+    head = random_head(model.config.hidden_size, seed=2)
+    cut = copy.deepcopy(model)
+    index = keep_blocks_below(cut, layer)
+    assert index == layer % 5 and len(cut.get_decoder().layers) == blocks_kept == cut.config.num_hidden_layers
+    reward = StepValueReward(cut, tokenizer, head, layer=index, system_prompt=SYSTEM)
+    others = [["Another try.\n\n", "It is 8."], STEPS[:1]]
+    # Scored step by step, so that the cut model's shorter caches are read back.
+    for t in range(1, len(STEPS) + 1):
+        got = asyncio.run(score_trajectories(reward, [PROMPT] * 3, [STEPS[:t], *others], "model"))
+    expected = asyncio.run(make_reward(whole, head=head, layer=layer).score([PROMPT] * 3, [STEPS, *others]))
+    assert got == pytest.approx([scores[-1] for scores in expected], abs=1e-5)
+    assert got[0] == pytest.approx(by_hand(whole, head, layer, STEPS)[-1], abs=1e-5)
+
+
 def test_head_file_round_trip(tmp_path, backbone):
     model, _ = backbone
     for kind in ("logistic", "mlp"):
@@ -193,7 +215,7 @@ def test_spec_value_path_loads_the_head_and_its_backbone(tmp_path, backbone, mon
 
     def load(spec, **options):
         requested.append((spec, options.get("dtype")))
-        return model, tokenizer
+        return copy.deepcopy(model), tokenizer  # a fresh model, as a real load gives
 
     monkeypatch.setattr(models, "load_transformers", load)
     head = random_head(model.config.hidden_size)
@@ -219,7 +241,7 @@ def test_a_bfloat16_head_is_served_in_float32_where_bfloat16_is_emulated(
 
     model, tokenizer = backbone
     requested = []
-    monkeypatch.setattr(models, "load_transformers", lambda spec, **o: (requested.append(o["dtype"]), (model, tokenizer))[1])
+    monkeypatch.setattr(models, "load_transformers", lambda spec, **o: (requested.append(o["dtype"]), (copy.deepcopy(model), tokenizer))[1])
     monkeypatch.setattr(models.loading, "bfloat16_is_native", lambda device: native)
     path = tmp_path / "head.safetensors"
     layout = {"kind": "parts", "marker": "\n\n", "system_prompt": SYSTEM, "prompt_format": None}
@@ -238,7 +260,7 @@ def test_a_product_spec_multiplies_the_value_by_the_arithmetic_check(tmp_path, b
     from piscale.rewards.spec import from_spec, product_terms
 
     model, tokenizer = backbone
-    monkeypatch.setattr(models, "load_transformers", lambda spec, **options: (model, tokenizer))
+    monkeypatch.setattr(models, "load_transformers", lambda spec, **options: (copy.deepcopy(model), tokenizer))
     head = random_head(model.config.hidden_size, seed=5)
     path = tmp_path / "head.safetensors"
     layout = {"kind": "parts", "marker": "\n\n", "system_prompt": SYSTEM, "prompt_format": None}
@@ -274,7 +296,7 @@ def test_the_server_loads_a_value_head_once_and_treats_products_by_their_terms(t
 
     model, tokenizer = backbone
     loads = []
-    monkeypatch.setattr(models, "load_transformers", lambda spec, **options: loads.append(spec) or (model, tokenizer))
+    monkeypatch.setattr(models, "load_transformers", lambda spec, **options: loads.append(spec) or (copy.deepcopy(model), tokenizer))
     path = tmp_path / "head.safetensors"
     layout = {"kind": "parts", "marker": "\n\n", "system_prompt": SYSTEM, "prompt_format": None}
     HeadFile(random_head(model.config.hidden_size), {"backbone": "b", "dtype": "float32", "layer": 1,

@@ -37,7 +37,7 @@ def char_tokenizer():
     return tokenizer
 
 
-def tiny_causal_lm(architecture: str = "llama", seed: int = 0, vocab_size: int | None = None):
+def tiny_causal_lm(architecture: str = "llama", seed: int = 0, vocab_size: int | None = None, layers: int = 2):
     """A random-weight causal LM of a real architecture, float32, eval mode."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -47,7 +47,7 @@ def tiny_causal_lm(architecture: str = "llama", seed: int = 0, vocab_size: int |
         vocab_size=size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,

@@ -212,6 +212,31 @@ def hidden_states_at(model, layers: Sequence[int], keep: torch.Tensor, **inputs)
     return torch.stack([states[layer][:, keep] for layer in layers])
 
 
+def keep_blocks_below(model, layer: int) -> int:
+    """Cut a backbone after the decoder block whose output is
+    ``hidden_states[layer]``, for a reward that reads that layer alone: the
+    blocks above it and the final norm are never needed, and dropping them
+    saves their compute, weights and cache. Returns the layer's index in the
+    cut model, where it is the last hidden state. A layer out of range, the
+    last one, the embeddings, or a decoder not laid out as ``layers`` and
+    ``norm`` leaves the model whole."""
+    blocks = model.config.num_hidden_layers
+    if not -blocks - 1 <= layer <= blocks:
+        return layer  # StepValueReward says what is wrong with it
+    index = layer % (blocks + 1)  # hidden_states: the embeddings, then one per block
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not 1 <= index < blocks or not (hasattr(decoder, "layers") and hasattr(decoder, "norm")):
+        return index
+    decoder.layers = decoder.layers[:index]
+    # The last hidden state comes out of the final norm; once block ``index``
+    # is the last, the norm would change the state the head was fitted on.
+    decoder.norm = torch.nn.Identity()
+    model.config.num_hidden_layers = index
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = model.config.layer_types[:index]
+    return index
+
+
 def split_parts(steps: Sequence[str], delimiter: str = STEP_JOINER) -> list[list[str]]:
     """Each step's stripped text cut at the delimiter into stripped parts
     (see the module doc: the same parts whether steps come joined or not)."""
@@ -384,11 +409,12 @@ def load_value_reward(
             log.warning("%s was read in bfloat16, which this %s only emulates; serving it in float32 (6-8x "
                         "faster, scores within about 0.01; pass dtype='bfloat16' to keep it)", path.name, device)
     model, tokenizer = load_transformers(meta["backbone"], device=device, dtype=dtype)
+    layer = keep_blocks_below(model, int(meta["layer"]))
     return StepValueReward(
         model,
         tokenizer,
         head_file.head,
-        layer=int(meta["layer"]),
+        layer=layer,
         system_prompt=layout.get("system_prompt"),
         prompt_format=layout.get("prompt_format"),
         name=f"value:{path.name}",
