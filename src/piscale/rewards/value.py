@@ -49,8 +49,10 @@ on it.
 A head file (safetensors) holds the head's tensors and, as JSON metadata, the
 backbone's spec and identity, the layer, the layout, the normalisation, how
 the head was trained (command, data hashes, seed) and its held-out metrics.
-``load_value_reward(path)`` rebuilds the reward from it; ``value`` alone
-names the head shipped for the catalog's default math policy.
+``load_value_reward(path)`` rebuilds the reward from it, its backbone cut
+above the layer the head reads (``keep_blocks_below``: the blocks above
+are never needed); ``value`` alone names the head shipped for the catalog's
+default math policy.
 """
 
 from __future__ import annotations
