@@ -258,7 +258,7 @@ async def ranking(args: argparse.Namespace) -> None:
 
     from piscale.grading import extract_answer, normalize_answer
     from piscale.lm import load
-    from piscale.rewards import ArithmeticReward, score_trajectories
+    from piscale.rewards import ArithmeticReward, answer_steps, score_trajectories
     from piscale.rewards.cdr import DEFAULT_CRITERIA, DensityRatioReward
     from piscale.rewards.judge import LLMJudge
 
@@ -307,7 +307,7 @@ async def ranking(args: argparse.Namespace) -> None:
     prompts, trajectories, owner = [], [], []
     for k, record in enumerate(records):
         for response in record["responses"]:
-            steps = [s for s in response.split("\n\n") if s.strip()] or [response or " "]
+            steps = answer_steps(response or " ")
             prompts.append(record["question"] + INSTRUCTION)
             trajectories.append(steps)
             owner.append(k)

@@ -30,7 +30,7 @@ from _report import header, settings
 
 from piscale.eval.store import ResultStore
 from piscale.models import load_transformers
-from piscale.rewards.aggregate import score_trajectories
+from piscale.rewards.aggregate import answer_steps, score_trajectories
 from piscale.rewards.value import HeadFile, StepValueReward, keep_blocks_below, shipped_head_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def stored_answers(database: Path, problems: int, answers: int) -> list[tuple[st
     for row in rows[:problems]:
         search = store.search(row["search_id"])
         texts = [c["text"] for c in search["candidates"][:answers]]
-        found.append((search["question"], [[p for p in t.split("\n\n") if p.strip()] or [t] for t in texts]))
+        found.append((search["question"], [answer_steps(t) for t in texts]))
     return found
 
 

@@ -62,7 +62,7 @@ from piscale.eval.identity import keyed_description
 from piscale.eval.store import ResultStore
 from piscale.eval.subsample import expected_accuracy
 from piscale.grading import answers_equal
-from piscale.rewards import ArithmeticReward, Reward, from_spec, score_trajectories
+from piscale.rewards import ArithmeticReward, Reward, answer_steps, from_spec, score_trajectories
 from piscale.rewards.certainty import SelfCertaintyReward
 from piscale.rewards.spec import product_terms, split_exponent
 from piscale.search import DEFAULT_SYSTEM_PROMPT
@@ -288,11 +288,6 @@ def holds_pairs(answer_set: dict) -> bool:
     """Whether the set has both a correct and an incorrect answer: only then
     does any pair, or any choice of top answer, depend on the scores."""
     return len(set(answer_set["correct"])) > 1
-
-
-def answer_steps(text: str) -> list[str]:
-    """A stored answer's steps: its blank-line separated parts."""
-    return [p for p in text.split("\n\n") if p.strip()] or [text]
 
 
 def written_steps(text: str) -> list[str]:

@@ -7,11 +7,14 @@ import math
 import pytest
 
 from piscale.rewards import (
+    OnceAnswered,
     PrefixReward,
     Reward,
     Transformed,
     WeightedSum,
     aggregate,
+    answer_steps,
+    join_steps,
     score_trajectories,
 )
 
@@ -53,6 +56,40 @@ def test_aggregate_rejects_bad_input():
         aggregate([], "prod")
     with pytest.raises(ValueError, match="single step, got 2 scores"):
         aggregate([0.5, 0.6], "model")
+
+
+def test_answer_steps_cut_a_written_answer_at_its_blank_lines():
+    text = "Half of 8 is 4.\n\n\n\n4 + 3 = 7.\n\nSo \\boxed{7}\n\n"
+    # Blank parts (a doubled blank line, the trailing one) are not steps.
+    assert answer_steps(text) == ["Half of 8 is 4.", "4 + 3 = 7.", "So \\boxed{7}"]
+    assert join_steps(answer_steps(text)) == text.replace("\n\n\n\n", "\n\n").strip()
+    # A single line is one step; an answer with nothing in it stays as written.
+    assert answer_steps("7") == ["7"]
+    assert answer_steps("\n\n") == ["\n\n"]
+
+
+async def test_a_final_term_reads_only_answers_and_is_neutral_before_them():
+    box = "So \\boxed{7}."
+    table = {
+        ("q", ("Half is 4.",)): 0.25,
+        ("q", ("Half is 4.", "4 + 3 = 7.")): 0.5,
+        ("q", ("Half is 4.", "4 + 3 = 7.", box)): 0.8,
+        ("q", ("Half is 4.", "\\boxed{8")): 0.1,  # an unclosed box is no answer yet
+    }
+    inner = TableReward(table)
+    final = OnceAnswered(inner)
+    assert final.scale == "log" and final.name == "final:table"
+    scores = await final.score(
+        ["q", "q", "q"],
+        [["Half is 4.", "4 + 3 = 7.", box], ["Half is 4.", "4 + 3 = 7."], ["Half is 4.", "\\boxed{8"]],
+    )
+    assert scores == [[0.0, 0.0, pytest.approx(math.log(0.8))], [0.0, 0.0], [0.0, 0.0]]
+    # The wrapped reward was asked about the answered trajectory alone.
+    assert inner.calls == [(["q"], [["Half is 4.", "4 + 3 = 7.", box]])]
+    # A zero probability on the answer stays an exact zero likelihood.
+    table[("q", ("Half is 4.", "4 + 3 = 7.", box))] = 0.0
+    [[*_, last]] = await final.score(["q"], [["Half is 4.", "4 + 3 = 7.", box]])
+    assert last == -math.inf
 
 
 async def test_score_trajectories_model_sends_the_joined_answer_as_one_step():

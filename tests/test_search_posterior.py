@@ -23,6 +23,7 @@ import pytest
 from piscale.lm.toy import EOS, STEP, ToyLM
 from piscale.rewards.aggregate import join_steps
 from piscale.rewards.base import Reward
+from piscale.rewards.compose import OnceAnswered, WeightedSum
 from piscale.search import run, split_steps
 
 # Step 1: "A" or "B"; after "A" the model may answer at once; step 2: "C" or
@@ -89,10 +90,12 @@ def total_variation(weighted: dict[str, float], exact: dict[str, float]) -> floa
     return 0.5 * sum(abs(weighted.get(k, 0.0) - exact.get(k, 0.0)) for k in keys)
 
 
-async def particle_distribution(potential: str, particles: int, seed: int, **options) -> dict[str, float]:
+async def particle_distribution(
+    potential: str, particles: int, seed: int, reward: Reward | None = None, **options
+) -> dict[str, float]:
     lm = ToyLM(tree_rule, words=("A", "B", "C", "D", "\\boxed{", "}"))
     result = await run(
-        lm, TreeReward(), QUESTION, "pf", budget=particles, seed=seed, system=None,
+        lm, reward or TreeReward(), QUESTION, "pf", budget=particles, seed=seed, system=None,
         potential=potential, temperature=1.0, **options,
     )
     log_weights = np.array([c.log_weight if c.log_weight is not None else -np.inf for c in result.candidates])
@@ -166,6 +169,41 @@ def test_low_variance_adaptive_resampling_also_converges():
     options = {"resampler": "systematic", "ess_threshold": 0.5}
     tvs = [total_variation(asyncio.run(particle_distribution("incremental", 4096, seed, **options)), exact) for seed in SEEDS]
     assert float(np.mean(tvs)) < 0.05
+
+
+ANSWER_REWARD = {"1": 0.2, "2": 0.9}
+
+
+class AnswerReward(Reward):
+    """Judges the boxed digit only; a partial answer without one is a
+    KeyError, so any call on one fails the test."""
+
+    scale = "probability"
+
+    async def score(self, prompts, trajectories):
+        return [[ANSWER_REWARD[text.split("\\boxed{")[1][0]] for text in steps] for steps in trajectories]
+
+
+def test_a_final_term_is_a_terminal_potential():
+    # TreeReward steers every step; the answer term, which prefers the other
+    # digit, weighs in only on answers. The filter must target
+    # p(x | c) · r(x) · a(x) exactly, as enumeration gives it.
+    lm = ToyLM(tree_rule, words=("A", "B", "C", "D", "\\boxed{", "}"))
+    tilted = {}
+    for answer in lm.enumerate_answers(lm.prompt_ids(QUESTION, None)):
+        steps = [s.strip() for s in split_steps(answer.text, STEP)]
+        tilted[answer.text] = answer.probability * reward_of(steps) * ANSWER_REWARD[steps[-1].split("{")[1][0]]
+    exact = {text: mass / sum(tilted.values()) for text, mass in tilted.items()}
+    reward = WeightedSum([(1.0, TreeReward()), (1.0, OnceAnswered(AnswerReward()))])
+    options = {"resampler": "systematic", "ess_threshold": 0.5}
+    tvs = [
+        total_variation(asyncio.run(particle_distribution("incremental", 4096, seed, reward, **options)), exact)
+        for seed in SEEDS
+    ]
+    assert float(np.mean(tvs)) < 0.05
+    # The term moves the target: against the posterior without it, the
+    # filter is far off.
+    assert total_variation(exact, exact_posterior(lm)) > 0.2
 
 
 def test_join_steps_matches_the_reward_parsing():

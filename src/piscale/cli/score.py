@@ -10,11 +10,6 @@ import typer
 AGGREGATION_ORDER = ("prod", "min", "last", "model")
 
 
-def split_steps(response: str) -> list[str]:
-    """The steps of a response: its blank-line separated parts."""
-    return [part.strip() for part in response.split("\n\n") if part.strip()]
-
-
 def score_command(
     prompt: Annotated[str, typer.Argument(help="The problem or request.")],
     responses: Annotated[list[str], typer.Argument(help="Responses to score; steps are separated by a blank line.")],
@@ -35,13 +30,13 @@ def score_command(
     """Score RESPONSES to PROMPT: every step, and the prod / min / last / model aggregates."""
     import asyncio
 
-    from piscale.rewards import aggregate, from_spec, score_trajectories
+    from piscale.rewards import aggregate, answer_steps, from_spec, score_trajectories
 
-    trajectories = [split_steps(r) for r in responses]
-    for i, steps in enumerate(trajectories):
-        if not steps:
+    for i, response in enumerate(responses):
+        if not response.strip():
             typer.echo(f"error: response {i + 1} is empty; there is nothing to score", err=True)
             raise typer.Exit(2)
+    trajectories = [[step.strip() for step in answer_steps(r)] for r in responses]
     try:
         reward_model = from_spec(reward, device=device, trust_remote_code=trust_remote_code)
     except (ValueError, ImportError) as error:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import importlib
 
-from piscale.rewards.aggregate import aggregate, join_steps, score_trajectories
+from piscale.rewards.aggregate import aggregate, answer_steps, join_steps, score_trajectories
 from piscale.rewards.base import AGGREGATIONS, Aggregation, Reward, Scale
-from piscale.rewards.compose import Transformed, WeightedSum
+from piscale.rewards.compose import OnceAnswered, Transformed, WeightedSum
 from piscale.rewards.prefix import PrefixReward
 from piscale.rewards.verify import ArithmeticReward, VerifierReward, find_equations
 
@@ -51,11 +51,13 @@ __all__ = [
     "PrefixReward",
     "Reward",
     "Scale",
+    "OnceAnswered",
     "Transformed",
     "VerifierReward",
     "WeightedSum",
     "aggregate",
     "find_equations",
+    "answer_steps",
     "join_steps",
     "score_trajectories",
     *_LAZY,

@@ -35,6 +35,13 @@ def join_steps(steps: Sequence[str]) -> str:
     return STEP_JOINER.join(step.strip() for step in steps)
 
 
+def answer_steps(text: str) -> list[str]:
+    """The steps of a written answer: its parts between blank lines, blank
+    parts left out, so that ``join_steps`` gives the text back up to
+    whitespace. An answer with nothing but blank parts is one step, as written."""
+    return [part for part in text.split(STEP_JOINER) if part.strip()] or [text]
+
+
 def check_aggregation(how: str) -> Aggregation:
     if how not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {how!r}; choose one of {', '.join(AGGREGATIONS)}")

@@ -1,4 +1,5 @@
-"""Rewards built from other rewards: weighted sums and transforms.
+"""Rewards built from other rewards: weighted sums, transforms, and terms that
+judge only a given answer.
 
 **Scales.** A probability-scale score p in [0, 1] is the probability that the
 partial answer is good; its log-potential is log p (``piscale.smc.log_reward``;
@@ -29,6 +30,17 @@ turn into +inf); a zero weight drops the term.
    is s / T; on the probability scale it is p^(1/T), which stays in [0, 1].
    T > 1 flattens the likelihood, T < 1 sharpens it;
 3. ``clip`` (lo, hi): the result is clipped into [lo, hi].
+
+**Once answered.** ``OnceAnswered`` passes a reward's log-potential through
+only from the step that gives the final (boxed) answer on; before it, the
+partial answer scores 0 on the log scale, a likelihood of 1. In a product
+with a step-level reward it is a terminal potential: the step reward steers
+the partial answers, as the twist functions of twisted SMC do, and this term
+weighs in once, on the answer. With the incremental potential the filter
+then targets p(x | c) times the product of every term on complete answers,
+while the steering never sees the term. That is for a reward that ranks
+finished answers well but would narrow the particles too early if it
+weighed every step.
 """
 
 from __future__ import annotations
@@ -40,6 +52,8 @@ from typing import Literal
 
 import numpy as np
 
+from piscale.grading import extract_boxed
+from piscale.rewards.aggregate import join_steps
 from piscale.rewards.base import Reward, Scale
 from piscale.smc import log_reward, logit_reward
 
@@ -179,3 +193,54 @@ class Transformed(Reward):
 
     async def close(self) -> None:
         await self.reward.close()
+
+
+class OnceAnswered(Reward):
+    """A reward's log-potential from the step that gives the final answer on;
+    0 before it (see the module doc). The wrapped reward reads only the
+    trajectories that hold an answer."""
+
+    scale: Scale = "log"
+
+    def __init__(self, reward: Reward):
+        self.reward = reward
+        self.outcome_only = reward.outcome_only
+        self.needs_logprobs = reward.needs_logprobs
+        self.name = f"final:{reward.name}"
+
+    async def score(self, prompts, trajectories) -> list[list[float]]:
+        return await self._scored(prompts, trajectories, None)
+
+    async def score_with_logprobs(self, prompts, trajectories, logprobs) -> list[list[float]]:
+        return await self._scored(prompts, trajectories, logprobs)
+
+    async def _scored(self, prompts, trajectories, logprobs) -> list[list[float]]:
+        starts = [answer_step(steps) for steps in trajectories]
+        answered = [i for i, start in enumerate(starts) if start is not None]
+        rows = [[0.0] * len(steps) for steps in trajectories]
+        if not answered:
+            return rows
+        chosen_prompts = [prompts[i] for i in answered]
+        chosen = [trajectories[i] for i in answered]
+        if logprobs is None:
+            inner = await self.reward.score(chosen_prompts, chosen)
+        else:
+            inner = await self.reward.score_with_logprobs(chosen_prompts, chosen, [logprobs[i] for i in answered])
+        for i, scores in zip(answered, inner):
+            start = starts[i]
+            assert start is not None
+            potentials = log_reward(np.asarray(scores[start:], dtype=float), self.reward.scale)
+            rows[i][start:] = [float(p) for p in potentials]
+        return rows
+
+    async def close(self) -> None:
+        await self.reward.close()
+
+
+def answer_step(steps: Sequence[str]) -> int | None:
+    """The index of the first step by which the partial answer holds a
+    complete boxed answer, or None."""
+    for t in range(len(steps)):
+        if "}" in steps[t] and extract_boxed(join_steps(steps[: t + 1])) is not None:
+            return t
+    return None

@@ -10,6 +10,7 @@
 | ``embed:POSITIVE|NEGATIVE`` | ``EmbeddingReward``; several descriptions on a side are separated by ``;`` |
 | ``certainty``, ``certainty:group[:WINDOW]`` | ``SelfCertaintyReward``: the policy's mean token log-probability, or its lowest ``WINDOW``-token group mean; search only |
 | ``value:PATH``, ``value`` | ``StepValueReward`` from a head file (``piscale prm train``), its backbone named in the file; ``value`` alone: the head shipped for the catalog's default math policy |
+| ``final:SPEC`` | ``OnceAnswered``: SPEC's log-potential only from the step that gives the boxed answer on, 0 before; in a product, a terminal potential (``value*arith*final:certainty^10`` steers by the value and the checker and weighs certainty in on the answer) |
 | ``SPEC*SPEC[*...]`` | the product of the terms' likelihoods (``WeightedSum`` in log space, every weight 1), e.g. ``value*arith`` |
 | ``SPEC^W`` | the term's likelihood to the power W > 0 (its weight in the ``WeightedSum``), e.g. ``value*arith*certainty^20`` |
 
@@ -37,7 +38,7 @@ from collections.abc import Callable
 from piscale.lm.base import LanguageModel
 from piscale.rewards.base import Reward
 
-KINDS = ("judge", "prm", "cdr", "verify", "arith", "embed", "certainty", "value")
+KINDS = ("judge", "prm", "cdr", "verify", "arith", "embed", "certainty", "value", "final")
 FREE_TEXT_KINDS = ("verify", "embed")
 """Kinds whose argument is free text, where ``*`` and ``^`` belong to it."""
 
@@ -118,6 +119,14 @@ def from_spec(
         from piscale.rewards.embed import EmbeddingReward
 
         return EmbeddingReward(positive, negative, device=device)
+    if kind == "final":
+        need_argument("the reward that judges the answer (final:SPEC)")
+        from piscale.rewards.compose import OnceAnswered
+
+        return OnceAnswered(
+            from_spec(argument, policy=policy, policy_spec=policy_spec, device=device, load_lm=load_lm,
+                      trust_remote_code=trust_remote_code)
+        )
     if kind == "value":
         from piscale.rewards.value import load_value_reward
 
@@ -140,8 +149,12 @@ def product_terms(spec: str) -> list[str]:
 
 
 def term_kind(term: str) -> str:
-    """The reward kind a spec or product term starts with (``certainty^20`` -> ``certainty``)."""
-    return term.strip().partition(":")[0].partition("^")[0].strip().lower()
+    """The reward kind a spec or product term starts with (``certainty^20`` ->
+    ``certainty``); a ``final:`` term is of the kind it wraps, so that
+    ``final:verify:2^10`` is one verifier and a server sees what it loads."""
+    kind, _, argument = term.strip().partition(":")
+    kind = kind.partition("^")[0].strip().lower()
+    return term_kind(argument) if kind == "final" and argument.strip() else kind
 
 
 def split_exponent(term: str) -> tuple[str, float]:
