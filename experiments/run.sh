@@ -126,6 +126,8 @@ gsm8k_0_5b_value() {
 # problem with no new generation, and experiments/value_pairs.py pairs them
 # with this run. SEEDS (default 0; e.g. 0,1) repeats the filter with other
 # seeds on the same problems. Problems run in order and resume after a stop.
+# REWARD='value*arith*final:certainty^10' steers by value*arith and weighs
+# the policy's certainty in on the answer only (a terminal potential).
 gsm8k_0_5b_value_pf() {
   local grid=(--dataset gsm8k --limit "${LIMIT:-100}" --model qwen2.5-coder-0.5b-instruct --reward "${REWARD:-value}"
               --option max_tokens=512 --seeds "${SEEDS:-0}" --chunk-size 4 --parallel 3 --engine llamacpp
