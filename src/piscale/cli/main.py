@@ -91,7 +91,10 @@ def solve(
     seed: int = typer.Option(0),
     model: str = typer.Option(DEFAULT_MODEL, help="Catalog name, .gguf file, folder or hub id."),
     reward: str = typer.Option(
-        "judge", help="judge[:MODEL] | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | certainty | value[:PATH] | embed:POS|NEG | none"
+        "judge",
+        help="judge[:MODEL] | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | certainty | value[:PATH] | "
+        "embed:POS|NEG | none; A*B multiplies, A^W weighs a term, final:A counts A on the answer only "
+        "(e.g. value*arith*final:certainty^10)",
     ),
     engine: str = typer.Option("auto", help="auto | hf | llamacpp | vllm | openai"),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda if present)"),

@@ -18,7 +18,8 @@ def score_command(
         typer.Option(
             "--reward",
             "-r",
-            help="judge:MODEL | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | embed:POSITIVE|NEGATIVE | value[:PATH]",
+            help="judge:MODEL | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | embed:POSITIVE|NEGATIVE | "
+            "value[:PATH]; A*B multiplies, A^W weighs a term, final:A counts A on the answer only",
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
