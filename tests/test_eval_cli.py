@@ -288,3 +288,17 @@ def test_a_log_file_gets_lines_with_problems_done_and_time_left(questions: Path,
     assert any(line.startswith("2/4 problems, 4/8 searches") for line in lines)
     assert lines[-1].startswith("4/4 problems, 8/8 searches, accuracy ")
     assert "elapsed" in lines[-1]
+
+
+def test_skip_runs_the_problems_after_the_first_ones(questions: Path, reference: Path, tmp_path: Path) -> None:
+    # Problems 8 and 9 alone; a search depends only on its problem and
+    # seed, so their results are the whole run's results for them (pf: the
+    # baselines' smaller budgets are subsampled from their largest there).
+    db = tmp_path / "held-out.sqlite"
+    run([*CLI, "eval", "--dataset", str(questions), "--model", "toy", "--reward", "verify", "--algorithms", "pf",
+         "--budgets", "2", "--seeds", "1", "--db", str(db), "--skip", "8", "--limit", "2"])
+    found = rows(db)
+    assert sorted({row[0] for row in found}) == ["counting-8", "counting-9"]
+    whole = [row for row in rows(reference) if row[0] in ("counting-8", "counting-9")
+             and row[1] == "pf" and row[3] == 2 and row[4] == 1]
+    assert [row[:8] for row in found] == [row[:8] for row in whole]

@@ -148,6 +148,16 @@ def test_limit_takes_the_first_problems(data_dir: Path) -> None:
         task.head(0)
 
 
+def test_skip_leaves_out_the_first_problems(data_dir: Path) -> None:
+    task = load_task("gsm8k", data_dir)
+    assert [p.id for p in task.head(None, skip=1)] == ["gsm8k-1"]
+    assert [p.id for p in task.head(1, skip=1)] == ["gsm8k-1"]
+    with pytest.raises(TaskError, match="leaves none of the 2 problems"):
+        task.head(None, skip=2)
+    with pytest.raises(TaskError, match="skip must be a whole number"):
+        task.head(1, skip=-1)
+
+
 def test_prompt_template_keeps_latex_braces() -> None:
     template = "Solve: {question}\nPut the answer in \\boxed{}."
     assert format_prompt(template, "1+1?") == "Solve: 1+1?\nPut the answer in \\boxed{}."

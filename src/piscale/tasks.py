@@ -82,13 +82,19 @@ class Task:
             return self.name
         return Path(self.name).stem
 
-    def head(self, limit: int | None) -> tuple[Problem, ...]:
-        """The first ``limit`` problems (all of them when ``limit`` is None)."""
-        if limit is None:
-            return self.problems
-        if limit < 1:
+    def head(self, limit: int | None, skip: int = 0) -> tuple[Problem, ...]:
+        """The first ``limit`` problems after the first ``skip`` (all the
+        rest when ``limit`` is None). ``skip`` keeps apart problems that
+        something was trained or tuned on, e.g. the training problems a
+        learned reward saw."""
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+            raise TaskError(f"skip must be a whole number >= 0, got {skip!r}")
+        if skip >= len(self.problems):
+            raise TaskError(f"skip={skip} leaves none of the {len(self.problems)} problems of {self.name}")
+        if limit is not None and limit < 1:
             raise TaskError(f"limit must be >= 1, got {limit}")
-        return self.problems[:limit]
+        rest = self.problems[skip:]
+        return rest if limit is None else rest[:limit]
 
 
 def format_prompt(template: str, question: str) -> str:

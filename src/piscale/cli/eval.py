@@ -40,7 +40,10 @@ def evaluate(
     dataset: str = typer.Option(
         ..., "--dataset", help="math500 | gsm8k | gsm8k_train | aime24 | amc23 (shipped), a JSONL file, or hf:ID."
     ),
-    limit: int = typer.Option(None, "--limit", help="Use the first N problems."),
+    limit: int = typer.Option(None, "--limit", help="Use the first N problems (after --skip)."),
+    skip: int = typer.Option(
+        0, "--skip", help="Leave out the first N problems, e.g. the training problems a learned reward was fitted on."
+    ),
     data_dir: Path = typer.Option(None, "--data-dir", help="A folder whose files replace the shipped built-in tasks."),
     model: str = typer.Option(None, "--model", help="Policy model spec (default: the catalog's default model)."),
     reward: str = typer.Option(
@@ -112,7 +115,7 @@ def evaluate(
         fail(str(error))
     with store:
         try:
-            evaluation = Evaluation(store, task, config, grid, limit=limit)
+            evaluation = Evaluation(store, task, config, grid, limit=limit, skip=skip)
         except (EvalError, TaskError) as error:
             fail(str(error))
         for (algorithm, budget), reason in evaluation.unsupported.items():
@@ -137,6 +140,7 @@ def evaluate(
                 "device": device,
                 "engine_options": engine_options,
                 "limit": limit,
+                "skip": skip,
             }
         )
         try:

@@ -113,13 +113,14 @@ class Evaluation:
         grid: Grid,
         *,
         limit: int | None = None,
+        skip: int = 0,
         identity: Mapping | None = None,
     ):
         self.store = store
         self.task = task
         self.config = config
         self.grid = grid
-        self.problems = task.head(limit)
+        self.problems = task.head(limit, skip)
         self.options = algorithm_options(grid.algorithms, config.options)
         self.variants = {a: variant_label(o) for a, o in self.options.items()}
         self.unsupported: dict[tuple[str, int], str] = {
