@@ -152,6 +152,28 @@ gsm8k_0_5b_bon_seed1() {
     --option max_tokens=512 --engine-option max_sequences=200 --engine-option context_length=1024
 }
 
+# The development set: GSM8K training problems from 300 on, past the 300 the
+# shipped value head was fitted on, for choosing a filter's reward and
+# settings without looking at the test problems. Best-of-N, weighted
+# best-of-N and self-consistency at 8 and 16 (16 answers per problem,
+# subsampled at 8) and the filter at 8 with the correct-SMC options, under
+# REWARD (default value*arith), in blocks of BLOCK (default 8) problems so
+# that a stop leaves a paired grid. LIMIT (default 100) problems; resumes.
+gsm8k_train_dev() {
+  local name=gsm8k_train-qwen2.5-coder-0.5b-dev block=${BLOCK:-8} limit
+  for (( limit = block; limit < ${LIMIT:-100} + block; limit += block )); do
+    (( limit > ${LIMIT:-100} )) && limit=${LIMIT:-100}
+    local common=(--dataset gsm8k_train --skip 300 --limit "$limit" --model qwen2.5-coder-0.5b-instruct
+                  --reward "${REWARD:-value*arith}" --option max_tokens=512 --seeds 0 --chunk-size 4 --parallel 3
+                  --engine llamacpp --engine-option max_sequences=200 --engine-option context_length=1024)
+    grid=("${common[@]}" --algorithms bon,wbon,sc --budgets 8,16)
+    step "$name"
+    grid=("${common[@]}" --algorithms pf --budgets 8 --option pf.potential=incremental
+          --option pf.resampler=systematic --option pf.ess_threshold=0.5)
+    step "$name"
+  done
+}
+
 case "${1:-all}" in
   gsm8k-0.5b) gsm8k_0_5b ;;
   math500-0.5b) math500_0_5b ;;
@@ -161,6 +183,7 @@ case "${1:-all}" in
   gsm8k-0.5b-smc) gsm8k_0_5b_smc ;;
   gsm8k-0.5b-value-pf) gsm8k_0_5b_value_pf ;;
   gsm8k-0.5b-bon-seed1) gsm8k_0_5b_bon_seed1 ;;
+  gsm8k-train-dev) gsm8k_train_dev ;;
   all) gsm8k_0_5b; math500_0_5b; gsm8k_1_5b; gsm8k_0_5b_remedies ;;
-  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | gsm8k-0.5b-value | gsm8k-0.5b-smc | gsm8k-0.5b-value-pf | gsm8k-0.5b-bon-seed1 | all)" >&2; exit 2 ;;
+  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | gsm8k-0.5b-value | gsm8k-0.5b-smc | gsm8k-0.5b-value-pf | gsm8k-0.5b-bon-seed1 | gsm8k-train-dev | all)" >&2; exit 2 ;;
 esac
