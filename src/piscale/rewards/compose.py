@@ -40,7 +40,10 @@ weighs in once, on the answer. With the incremental potential the filter
 then targets p(x | c) times the product of every term on complete answers,
 while the steering never sees the term. That is for a reward that ranks
 finished answers well but would narrow the particles too early if it
-weighed every step.
+weighed every step. A term whose typical factor is far from 1 tilts the
+resampling between particles that have answered and those still writing
+(docs/results.md measures that for ``final:certainty^10``): the step reward
+should then anticipate the term's scale.
 """
 
 from __future__ import annotations
