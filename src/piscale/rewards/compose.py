@@ -218,20 +218,17 @@ class OnceAnswered(Reward):
         return await self._scored(prompts, trajectories, logprobs)
 
     async def _scored(self, prompts, trajectories, logprobs) -> list[list[float]]:
-        starts = [answer_step(steps) for steps in trajectories]
-        answered = [i for i, start in enumerate(starts) if start is not None]
+        answered = [(i, start) for i, steps in enumerate(trajectories) if (start := answer_step(steps)) is not None]
         rows = [[0.0] * len(steps) for steps in trajectories]
         if not answered:
             return rows
-        chosen_prompts = [prompts[i] for i in answered]
-        chosen = [trajectories[i] for i in answered]
+        chosen_prompts = [prompts[i] for i, _ in answered]
+        chosen = [trajectories[i] for i, _ in answered]
         if logprobs is None:
             inner = await self.reward.score(chosen_prompts, chosen)
         else:
-            inner = await self.reward.score_with_logprobs(chosen_prompts, chosen, [logprobs[i] for i in answered])
-        for i, scores in zip(answered, inner):
-            start = starts[i]
-            assert start is not None
+            inner = await self.reward.score_with_logprobs(chosen_prompts, chosen, [logprobs[i] for i, _ in answered])
+        for (i, start), scores in zip(answered, inner):
             potentials = log_reward(np.asarray(scores[start:], dtype=float), self.reward.scale)
             rows[i][start:] = [float(p) for p in potentials]
         return rows
