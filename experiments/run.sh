@@ -127,14 +127,18 @@ gsm8k_0_5b_value() {
 # with this run. SEEDS (default 0; e.g. 0,1) repeats the filter with other
 # seeds on the same problems. Problems run in order and resume after a stop.
 # REWARD='value*arith*final:certainty^10' steers by value*arith and weighs
-# the policy's certainty in on the answer only (a terminal potential).
+# the policy's certainty in on the final particles only (a terminal
+# potential). DB names the database (default
+# gsm8k-qwen2.5-coder-0.5b-value-pf): a run whose configuration the default
+# already holds under other code (final: was once applied at each answer's
+# own end) goes to another, or it would resume as done.
 gsm8k_0_5b_value_pf() {
   local grid=(--dataset gsm8k --limit "${LIMIT:-100}" --model qwen2.5-coder-0.5b-instruct --reward "${REWARD:-value}"
               --option max_tokens=512 --seeds "${SEEDS:-0}" --chunk-size 4 --parallel 3 --engine llamacpp
               --engine-option max_sequences=200 --engine-option context_length=1024
               --algorithms pf --budgets 8 --option pf.potential=incremental
               --option pf.resampler=systematic --option pf.ess_threshold=0.5)
-  step gsm8k-qwen2.5-coder-0.5b-value-pf
+  step "${DB:-gsm8k-qwen2.5-coder-0.5b-value-pf}"
 }
 
 # A second set of 16 answers per problem for the first LIMIT (default 100)
@@ -159,6 +163,8 @@ gsm8k_0_5b_bon_seed1() {
 # subsampled at 8) and the filter at 8 with the correct-SMC options, under
 # REWARD (default value*arith), in blocks of BLOCK (default 8) problems so
 # that a stop leaves a paired grid. LIMIT (default 100) problems; resumes.
+# BASELINES=0 runs the filter alone (for another REWARD whose baselines
+# experiments/reward_table.py can give from the stored answers).
 gsm8k_train_dev() {
   local name=gsm8k_train-qwen2.5-coder-0.5b-dev block=${BLOCK:-8} limit
   for (( limit = block; limit < ${LIMIT:-100} + block; limit += block )); do
@@ -166,8 +172,10 @@ gsm8k_train_dev() {
     local common=(--dataset gsm8k_train --skip 300 --limit "$limit" --model qwen2.5-coder-0.5b-instruct
                   --reward "${REWARD:-value*arith}" --option max_tokens=512 --seeds 0 --chunk-size 4 --parallel 3
                   --engine llamacpp --engine-option max_sequences=200 --engine-option context_length=1024)
-    grid=("${common[@]}" --algorithms bon,wbon,sc --budgets 8,16)
-    step "$name"
+    if [[ ${BASELINES:-1} != 0 ]]; then
+      grid=("${common[@]}" --algorithms bon,wbon,sc --budgets 8,16)
+      step "$name"
+    fi
     grid=("${common[@]}" --algorithms pf --budgets 8 --option pf.potential=incremental
           --option pf.resampler=systematic --option pf.ess_threshold=0.5)
     step "$name"

@@ -261,22 +261,24 @@ def test_an_exponent_in_a_spec_weighs_its_term():
 
 def test_a_final_certainty_term_weighs_in_on_the_answer_only():
     """arith*final:certainty^10 in a filter: every answer scores 10 x its
-    exact mean log-probability + log(arith); a partial answer, the checker alone."""
-    from piscale.rewards import ArithmeticReward, OnceAnswered, WeightedSum
+    exact mean log-probability + log(arith), and only the certainty part is
+    the terminal one."""
+    from piscale.rewards import ArithmeticReward, Terminal, WeightedSum
     from piscale.rewards.spec import term_kind
 
     lm = ToyLM()
     reward = from_spec("arith*final:certainty^10")
     assert isinstance(reward, WeightedSum) and reward.needs_logprobs
-    assert [w for w, _ in reward.terms] == [1.0, 10.0] and isinstance(reward.terms[1][1], OnceAnswered)
+    assert [w for w, _ in reward.terms] == [1.0, 10.0] and isinstance(reward.terms[1][1], Terminal)
     result = solve(lm, reward, "pf", budget=6, seed=3, temperature=1.0, potential="incremental")
     for candidate in result.candidates:
         assert "\\boxed{" in candidate.text
         [[checked]] = asyncio.run(ArithmeticReward().score([QUESTION], [[candidate.text]]))
         assert candidate.score == pytest.approx(10 * exact_mean(lm, candidate.text) + math.log(checked), abs=1e-9)
+    # Called directly, the product judges what it is given as an answer.
     [[partial]] = asyncio.run(reward.score_with_logprobs([QUESTION], [["Add 2\n\n"]], [[[-0.7, -0.2]]]))
     [[checked]] = asyncio.run(ArithmeticReward().score([QUESTION], [["Add 2\n\n"]]))
-    assert partial == pytest.approx(math.log(checked), abs=1e-12)
+    assert partial == pytest.approx(math.log(checked) + 10 * (-0.45), abs=1e-12)
     # The wrapped kind is what a server or a product sees.
     assert term_kind("final:certainty^10") == "certainty"
     assert from_spec("final:verify:2^10").reward.reference == "2^10"

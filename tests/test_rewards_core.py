@@ -7,15 +7,16 @@ import math
 import pytest
 
 from piscale.rewards import (
-    OnceAnswered,
     PrefixReward,
     Reward,
+    Terminal,
     Transformed,
     WeightedSum,
     aggregate,
     answer_steps,
     join_steps,
     score_trajectories,
+    split_terminal,
 )
 
 
@@ -68,28 +69,43 @@ def test_answer_steps_cut_a_written_answer_at_its_blank_lines():
     assert answer_steps("\n\n") == ["\n\n"]
 
 
-async def test_a_final_term_reads_only_answers_and_is_neutral_before_them():
+async def test_a_terminal_term_scores_what_it_is_given_on_the_log_scale():
     box = "So \\boxed{7}."
     table = {
         ("q", ("Half is 4.",)): 0.25,
-        ("q", ("Half is 4.", "4 + 3 = 7.")): 0.5,
-        ("q", ("Half is 4.", "4 + 3 = 7.", box)): 0.8,
-        ("q", ("Half is 4.", "\\boxed{8")): 0.1,  # an unclosed box is no answer yet
+        ("q", ("Half is 4.", box)): 0.8,
     }
     inner = TableReward(table)
-    final = OnceAnswered(inner)
+    final = Terminal(inner)
     assert final.scale == "log" and final.name == "final:table"
-    scores = await final.score(
-        ["q", "q", "q"],
-        [["Half is 4.", "4 + 3 = 7.", box], ["Half is 4.", "4 + 3 = 7."], ["Half is 4.", "\\boxed{8"]],
-    )
-    assert scores == [[0.0, 0.0, pytest.approx(math.log(0.8))], [0.0, 0.0], [0.0, 0.0]]
-    # The wrapped reward was asked about the answered trajectory alone.
-    assert inner.calls == [(["q"], [["Half is 4.", "4 + 3 = 7.", box]])]
-    # A zero probability on the answer stays an exact zero likelihood.
-    table[("q", ("Half is 4.", "4 + 3 = 7.", box))] = 0.0
-    [[*_, last]] = await final.score(["q"], [["Half is 4.", "4 + 3 = 7.", box]])
+    scores = await final.score(["q"], [["Half is 4.", box]])
+    assert scores == [[pytest.approx(math.log(0.25)), pytest.approx(math.log(0.8))]]
+    # A zero probability stays an exact zero likelihood.
+    table[("q", ("Half is 4.", box))] = 0.0
+    [[_, last]] = await final.score(["q"], [["Half is 4.", box]])
     assert last == -math.inf
+    with pytest.raises(ValueError, match="already terminal"):
+        Terminal(final)
+
+
+def test_split_terminal_separates_the_factors_of_a_product():
+    a, b, c = TableReward({}), TableReward({}), TableReward({})
+    steering, terminal = split_terminal(WeightedSum([(1.0, a), (2.0, Terminal(b)), (0.5, c)]))
+    assert isinstance(steering, WeightedSum) and steering.terms == [(1.0, a), (0.5, c)]
+    assert isinstance(terminal, WeightedSum) and terminal.terms == [(2.0, b)]
+    assert split_terminal(Terminal(b)) == (None, b)
+    assert split_terminal(a) == (a, None)
+    assert split_terminal(None) == (None, None)
+    plain = WeightedSum([(1.0, a), (1.0, b)])
+    assert split_terminal(plain) == (plain, None)
+    # Inside a transform or a mixture a terminal factor has no meaning apart.
+    for nested in [
+        Transformed(WeightedSum([(1.0, a), (1.0, Terminal(b))]), temperature=2.0),
+        WeightedSum([(1.0, a), (1.0, WeightedSum([(1.0, Terminal(b))]))]),
+        WeightedSum([(0.5, Terminal(a)), (0.5, Terminal(b))], combine="linear"),
+    ]:
+        with pytest.raises(ValueError, match="top-level product"):
+            split_terminal(nested)
 
 
 async def test_score_trajectories_model_sends_the_joined_answer_as_one_step():

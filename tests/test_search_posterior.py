@@ -23,7 +23,7 @@ import pytest
 from piscale.lm.toy import EOS, STEP, ToyLM
 from piscale.rewards.aggregate import join_steps
 from piscale.rewards.base import Reward
-from piscale.rewards.compose import OnceAnswered, WeightedSum
+from piscale.rewards.compose import Terminal, WeightedSum
 from piscale.search import run, split_steps
 
 # Step 1: "A" or "B"; after "A" the model may answer at once; step 2: "C" or
@@ -194,7 +194,7 @@ def test_a_final_term_is_a_terminal_potential():
         steps = [s.strip() for s in split_steps(answer.text, STEP)]
         tilted[answer.text] = answer.probability * reward_of(steps) * ANSWER_REWARD[steps[-1].split("{")[1][0]]
     exact = {text: mass / sum(tilted.values()) for text, mass in tilted.items()}
-    reward = WeightedSum([(1.0, TreeReward()), (1.0, OnceAnswered(AnswerReward()))])
+    reward = WeightedSum([(1.0, TreeReward()), (1.0, Terminal(AnswerReward()))])
     options = {"resampler": "systematic", "ess_threshold": 0.5}
     tvs = [
         total_variation(asyncio.run(particle_distribution("incremental", 4096, seed, reward, **options)), exact)
@@ -204,6 +204,29 @@ def test_a_final_term_is_a_terminal_potential():
     # The term moves the target: against the posterior without it, the
     # filter is far off.
     assert total_variation(exact, exact_posterior(lm)) > 0.2
+
+
+def test_a_terminal_factor_never_decides_what_is_resampled():
+    # With the same seed, the filter under TreeReward and under
+    # TreeReward * final:AnswerReward must draw the same particles: the
+    # terminal factor only multiplies the final weights, by a(x) each.
+    lm_options = {"resampler": "systematic", "ess_threshold": 0.9, "potential": "incremental", "temperature": 1.0}
+
+    async def final_particles(reward: Reward):
+        lm = ToyLM(tree_rule, words=("A", "B", "C", "D", "\\boxed{", "}"))
+        return await run(lm, reward, QUESTION, "pf", budget=32, seed=5, system=None, **lm_options)
+
+    plain = asyncio.run(final_particles(TreeReward()))
+    tilted = asyncio.run(final_particles(WeightedSum([(1.0, TreeReward()), (1.0, Terminal(AnswerReward()))])))
+    assert [c.text for c in tilted.candidates] == [c.text for c in plain.candidates]
+    factors = [math.log(ANSWER_REWARD[c.text.split("\\boxed{")[1][0]]) for c in plain.candidates]
+    assert len(set(factors)) > 1
+    for p, t, factor in zip(plain.candidates, tilted.candidates, factors):
+        assert t.log_weight == pytest.approx(p.log_weight + factor, abs=1e-9)
+    # The evidence estimate gains the factor's mean under the final weights.
+    weights = np.exp(np.array([c.log_weight for c in plain.candidates]))
+    shift = math.log(float(np.dot(weights / weights.sum(), np.exp(factors))))
+    assert tilted.log_evidence == pytest.approx(plain.log_evidence + shift, abs=1e-9)
 
 
 def test_join_steps_matches_the_reward_parsing():

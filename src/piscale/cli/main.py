@@ -93,7 +93,7 @@ def solve(
     reward: str = typer.Option(
         "judge",
         help="judge[:MODEL] | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | certainty | value[:PATH] | "
-        "embed:POS|NEG | none; A*B multiplies, A^W weighs a term, final:A counts A on the answer only "
+        "embed:POS|NEG | none; A*B multiplies, A^W weighs a term, final:A weighs A in on finished answers only "
         "(e.g. value*arith*final:certainty^10)",
     ),
     engine: str = typer.Option("auto", help="auto | hf | llamacpp | vllm | openai"),

@@ -19,7 +19,7 @@ def score_command(
             "--reward",
             "-r",
             help="judge:MODEL | prm:MODEL | cdr:STRONG,WEAK | verify:ANSWER | arith | embed:POSITIVE|NEGATIVE | "
-            "value[:PATH]; A*B multiplies, A^W weighs a term, final:A counts A on the answer only",
+            "value[:PATH]; A*B multiplies, A^W weighs a term, final:A weighs A in on finished answers only",
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,

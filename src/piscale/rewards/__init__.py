@@ -25,7 +25,7 @@ import importlib
 
 from piscale.rewards.aggregate import aggregate, answer_steps, join_steps, score_trajectories
 from piscale.rewards.base import AGGREGATIONS, Aggregation, Reward, Scale
-from piscale.rewards.compose import OnceAnswered, Transformed, WeightedSum
+from piscale.rewards.compose import Terminal, Transformed, WeightedSum, split_terminal
 from piscale.rewards.prefix import PrefixReward
 from piscale.rewards.verify import ArithmeticReward, VerifierReward, find_equations
 
@@ -51,7 +51,7 @@ __all__ = [
     "PrefixReward",
     "Reward",
     "Scale",
-    "OnceAnswered",
+    "Terminal",
     "Transformed",
     "VerifierReward",
     "WeightedSum",
@@ -60,6 +60,7 @@ __all__ = [
     "answer_steps",
     "join_steps",
     "score_trajectories",
+    "split_terminal",
     *_LAZY,
 ]
 

@@ -31,19 +31,22 @@ turn into +inf); a zero weight drops the term.
    T > 1 flattens the likelihood, T < 1 sharpens it;
 3. ``clip`` (lo, hi): the result is clipped into [lo, hi].
 
-**Once answered.** ``OnceAnswered`` passes a reward's log-potential through
-only from the step that gives the final (boxed) answer on; before it, the
-partial answer scores 0 on the log scale, a likelihood of 1. In a product
-with a step-level reward it is a terminal potential: the step reward steers
-the partial answers, as the twist functions of twisted SMC do, and this term
-weighs in once, on the answer. With the incremental potential the filter
-then targets p(x | c) times the product of every term on complete answers,
-while the steering never sees the term. That is for a reward that ranks
-finished answers well but would narrow the particles too early if it
-weighed every step. A term whose typical factor is far from 1 tilts the
-resampling between particles that have answered and those still writing
-(docs/results.md measures that for ``final:certainty^10``): the step reward
-should then anticipate the term's scale.
+**Terminal.** ``Terminal`` marks a factor of a product as a terminal
+potential: it judges finished answers only, and a search weighs it in once
+per answer. In a particle filter the other factors steer the partial
+answers, as the twist functions of twisted SMC do, and the terminal factor
+multiplies each final particle's weight after the last resampling, so it
+never decides which particles are copied (``piscale.search.kernel``). With
+the incremental potential the filter targets p(x | c) times every factor on
+complete answers, the same target as the plain product, by another route.
+That is for a reward that ranks finished answers well but whose factor is
+far from 1 on every answer: applied at each particle's own end, it tilts
+every later resampling against the particles that have answered
+(docs/results.md measures that for ``certainty^10``). Whole-answer searches
+(best-of-N and its relatives) see no difference between ``A*final:B`` and
+``A*B``. Called directly, as on a list of finished answers, ``Terminal``
+scores as its reward does, on the log scale; ``split_terminal`` is how a
+search tells the two parts of a product apart.
 """
 
 from __future__ import annotations
@@ -55,8 +58,6 @@ from typing import Literal
 
 import numpy as np
 
-from piscale.grading import extract_boxed
-from piscale.rewards.aggregate import join_steps
 from piscale.rewards.base import Reward, Scale
 from piscale.smc import log_reward, logit_reward
 
@@ -198,49 +199,63 @@ class Transformed(Reward):
         await self.reward.close()
 
 
-class OnceAnswered(Reward):
-    """A reward's log-potential from the step that gives the final answer on;
-    0 before it (see the module doc). The wrapped reward reads only the
-    trajectories that hold an answer."""
+class Terminal(Reward):
+    """A factor that judges finished answers only (see the module doc):
+    its reward's log-potential."""
 
     scale: Scale = "log"
 
     def __init__(self, reward: Reward):
+        if isinstance(reward, Terminal):
+            raise ValueError(f"{reward.name!r} is already terminal; final:final:... means nothing more")
         self.reward = reward
         self.outcome_only = reward.outcome_only
         self.needs_logprobs = reward.needs_logprobs
         self.name = f"final:{reward.name}"
 
     async def score(self, prompts, trajectories) -> list[list[float]]:
-        return await self._scored(prompts, trajectories, None)
+        return self._logged(await self.reward.score(prompts, trajectories))
 
     async def score_with_logprobs(self, prompts, trajectories, logprobs) -> list[list[float]]:
-        return await self._scored(prompts, trajectories, logprobs)
+        return self._logged(await self.reward.score_with_logprobs(prompts, trajectories, logprobs))
 
-    async def _scored(self, prompts, trajectories, logprobs) -> list[list[float]]:
-        answered = [(i, start) for i, steps in enumerate(trajectories) if (start := answer_step(steps)) is not None]
-        rows = [[0.0] * len(steps) for steps in trajectories]
-        if not answered:
-            return rows
-        chosen_prompts = [prompts[i] for i, _ in answered]
-        chosen = [trajectories[i] for i, _ in answered]
-        if logprobs is None:
-            inner = await self.reward.score(chosen_prompts, chosen)
-        else:
-            inner = await self.reward.score_with_logprobs(chosen_prompts, chosen, [logprobs[i] for i, _ in answered])
-        for (i, start), scores in zip(answered, inner):
-            potentials = log_reward(np.asarray(scores[start:], dtype=float), self.reward.scale)
-            rows[i][start:] = [float(p) for p in potentials]
-        return rows
+    def _logged(self, rows: list[list[float]]) -> list[list[float]]:
+        return [[float(p) for p in log_reward(np.asarray(row, dtype=float), self.reward.scale)] for row in rows]
 
     async def close(self) -> None:
         await self.reward.close()
 
 
-def answer_step(steps: Sequence[str]) -> int | None:
-    """The index of the first step by which the partial answer holds a
-    complete boxed answer, or None."""
-    for t in range(len(steps)):
-        if "}" in steps[t] and extract_boxed(join_steps(steps[: t + 1])) is not None:
-            return t
-    return None
+def split_terminal(reward: Reward | None) -> tuple[Reward | None, Reward | None]:
+    """(steering, terminal): a reward's ``Terminal`` factors apart from the
+    others, each part a product on the log scale (None where it has no
+    factor). A reward without terminal factors is all steering. A terminal
+    factor must be a factor of the top-level product: inside a transform or
+    a linear mixture it has no meaning apart from the rest."""
+    if isinstance(reward, Terminal):
+        return None, reward.reward
+    if isinstance(reward, WeightedSum) and reward.combine == "log":
+        steering = [(w, r) for w, r in reward.terms if not isinstance(r, Terminal)]
+        terminal = [(w, r.reward) for w, r in reward.terms if isinstance(r, Terminal)]
+        for _, r in steering:
+            _check_no_terminal(r)
+        if terminal:
+            return (WeightedSum(steering) if steering else None), WeightedSum(terminal)
+        return reward, None
+    _check_no_terminal(reward)
+    return reward, None
+
+
+def _check_no_terminal(reward: Reward | None) -> None:
+    inner: list[Reward] = []
+    if isinstance(reward, WeightedSum):
+        inner = [r for _, r in reward.terms]
+    elif isinstance(reward, Transformed):
+        inner = [reward.reward]
+    for r in inner:
+        if isinstance(r, Terminal):
+            raise ValueError(
+                f"{r.name!r} sits inside {reward.name!r}; a final: term must be a factor of the "  # type: ignore[union-attr]
+                "reward's top-level product (e.g. value*arith*final:certainty^10)"
+            )
+        _check_no_terminal(r)

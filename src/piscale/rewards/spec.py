@@ -10,7 +10,7 @@
 | ``embed:POSITIVE|NEGATIVE`` | ``EmbeddingReward``; several descriptions on a side are separated by ``;`` |
 | ``certainty``, ``certainty:group[:WINDOW]`` | ``SelfCertaintyReward``: the policy's mean token log-probability, or its lowest ``WINDOW``-token group mean; search only |
 | ``value:PATH``, ``value`` | ``StepValueReward`` from a head file (``piscale prm train``), its backbone named in the file; ``value`` alone: the head shipped for the catalog's default math policy |
-| ``final:SPEC`` | ``OnceAnswered``: SPEC's log-potential only from the step that gives the boxed answer on, 0 before; in a product, a terminal potential (``value*arith*final:certainty^10`` steers by the value and the checker and weighs certainty in on the answer) |
+| ``final:SPEC`` | ``Terminal``: in a product, a terminal potential that judges finished answers only; a particle filter weighs it in after the last resampling (``value*arith*final:certainty^10`` steers by the value and the checker and weighs certainty in on the answers) |
 | ``SPEC*SPEC[*...]`` | the product of the terms' likelihoods (``WeightedSum`` in log space, every weight 1), e.g. ``value*arith`` |
 | ``SPEC^W`` | the term's likelihood to the power W > 0 (its weight in the ``WeightedSum``), e.g. ``value*arith*certainty^20`` |
 
@@ -121,9 +121,9 @@ def from_spec(
         return EmbeddingReward(positive, negative, device=device)
     if kind == "final":
         need_argument("the reward that judges the answer (final:SPEC)")
-        from piscale.rewards.compose import OnceAnswered
+        from piscale.rewards.compose import Terminal
 
-        return OnceAnswered(
+        return Terminal(
             from_spec(argument, policy=policy, policy_spec=policy_spec, device=device, load_lm=load_lm,
                       trust_remote_code=trust_remote_code)
         )

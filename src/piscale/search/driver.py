@@ -14,6 +14,9 @@ The ``Driver`` does the talking the same way for every algorithm:
   its relatives);
 * ``potentials`` turns the particles' scores into log-potentials Φ (see
   ``piscale.smc``), divided by the softmax temperature τ of the weights;
+* a reward's terminal factors (``final:``, ``piscale.rewards.Terminal``)
+  are scored on finished particles only, and ``potentials`` can leave them
+  out, so that the SMC kernel resamples by the other factors alone;
 * it counts the work: tokens generated and prefilled, reward calls and the
   step strings they read, backend calls;
 * a step the backend could not produce (``finish_reason == "error"``: a
@@ -41,6 +44,7 @@ from piscale.grading import extract_boxed
 from piscale.lm.base import Handle, LanguageModel, StepOutput, StepParams
 from piscale.rewards.aggregate import score_trajectories
 from piscale.rewards.base import Reward
+from piscale.rewards.compose import split_terminal
 from piscale.search.node import Node, split_steps
 from piscale.search.settings import Settings
 from piscale.search.trace import TraceRecorder
@@ -75,13 +79,17 @@ class Driver:
 
     def __post_init__(self) -> None:
         self.root = Node(parent=None, text="", token_ids=(), depth=0, total_tokens=0)
+        self.steering, self.terminal = split_terminal(self.reward)
 
     # -- weights ------------------------------------------------------------
-    def potentials(self, nodes: Sequence[Node], kind: str | None = None) -> np.ndarray:
+    def potentials(self, nodes: Sequence[Node], kind: str | None = None, terminal: bool = True) -> np.ndarray:
         """Φ of each node's score (``settings.potential`` unless ``kind``),
         over the softmax temperature; an unscored node is neutral (Φ = 0)
-        and a failed one impossible (Φ = -inf)."""
+        and a failed one impossible (Φ = -inf). ``terminal=False`` leaves
+        the terminal factors out of finished nodes' scores."""
         scores = np.array([np.nan if n.score is None else n.score for n in nodes], dtype=float)
+        if not terminal:
+            scores -= [n.terminal or 0.0 for n in nodes]
         scored = ~np.isnan(scores)
         values = np.zeros(len(nodes))
         if scored.any():
@@ -245,25 +253,37 @@ class Driver:
 
     # -- reward -------------------------------------------------------------
     async def score(self, nodes: Sequence[Node]) -> None:
-        """Set ``score`` on the nodes in one reward call. An outcome-only
-        reward (a verifier) scores finished nodes only; failed nodes have
-        nothing to score. A reward that reads the policy's confidence also
-        gets each step's token log-probabilities."""
+        """Set ``score`` on the nodes: one reward call for the steering
+        factors, and one for the terminal factors of the nodes that just
+        finished (their sum, on the log scale, is the score). An
+        outcome-only reward (a verifier) scores finished nodes only; failed
+        nodes have nothing to score. A reward that reads the policy's
+        confidence also gets each step's token log-probabilities."""
         if self.reward is None:
             return
-        todo = [n for n in nodes if not n.failed and (n.done or not self.reward.outcome_only)]
-        if not todo:
+        live = [n for n in nodes if not n.failed]
+        steered = [n for n in live if self.steering is not None and (n.done or not self.steering.outcome_only)]
+        for node, value in zip(steered, await self._scores(self.steering, steered)):
+            node.score = value
+        if self.terminal is None:
             return
-        trajectories = [node.steps() for node in todo]
-        logprobs = [self._logprobs(node) for node in todo] if self.reward.needs_logprobs else None
+        finished = [n for n in live if n.done and n.terminal is None]
+        for node, value in zip(finished, await self._scores(self.terminal, finished)):
+            node.terminal = value
+            node.score = (node.score or 0.0) + value
+
+    async def _scores(self, reward: Reward | None, nodes: Sequence[Node]) -> list[float]:
+        if reward is None or not nodes:
+            return []
+        trajectories = [node.steps() for node in nodes]
+        logprobs = [self._logprobs(node) for node in nodes] if reward.needs_logprobs else None
         scores = await score_trajectories(
-            self.reward, [self.question] * len(todo), trajectories, self.settings.aggregation,  # type: ignore[arg-type]
+            reward, [self.question] * len(nodes), trajectories, self.settings.aggregation,  # type: ignore[arg-type]
             logprobs=logprobs,
         )
         self.usage.reward_calls += 1
-        self.usage.reward_steps += len(todo) if self.settings.aggregation == "model" else sum(map(len, trajectories))
-        for node, value in zip(todo, scores):
-            node.score = float(value)
+        self.usage.reward_steps += len(nodes) if self.settings.aggregation == "model" else sum(map(len, trajectories))
+        return [float(value) for value in scores]
 
     def _logprobs(self, node: Node) -> list[list[float]]:
         """``node.step_logprobs()``, checked: a backend that returned fewer

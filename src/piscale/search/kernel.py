@@ -13,6 +13,8 @@ chains of them with tempered potentials. All three call ``sweep``:
         estimate   log Ẑ_t = log Ẑ_s + log mean_i w_i         (s: last resampling)
         observe    hook.step(...)                              (the trace)
         stop when every particle is finished
+                   (then, and only then, Φ includes the reward's
+                   terminal factors, final:; see below)
         if resampling is due (every step, or ESS < threshold x N):
             ancestors ~ scheme(W)  (conditional multinomial with a reference)
             x^i <- x^{a^i};  W = equal;  bank log Ẑ
@@ -27,6 +29,13 @@ record; the nodes and their backend sequences in a
 ``piscale.search.population.Population``; what is recorded is up to the hook
 (``piscale.search.trace.TraceRecorder`` satisfies ``StepHook``), so the loop
 below holds only the mathematics.
+
+A reward's terminal factors (``piscale.rewards.Terminal``) are left out of
+Φ until the last step: the particles are resampled by the other factors,
+the twists, and the final weights carry the terminal factor of each
+answer. The target is unchanged (every intermediate target is one of the
+steering factors alone), but an answer that finished early is not judged
+against partial answers that have not yet met the terminal factor.
 
 A conditional sweep's estimate is not an unbiased one (the reference was
 not drawn by this sweep), so particle Gibbs and parallel tempering report
@@ -120,9 +129,12 @@ async def sweep(
     scheme = resampler(s.resampler)
     with population.released_on_error():
         for step in range(1, s.max_steps + 1):
-            previous = driver.potentials(population.nodes)
+            previous = driver.potentials(population.nodes, terminal=False)
             await population.grow(step, rng)
-            current = driver.potentials(population.nodes)
+            finished = population.finished
+            # Terminal factors weigh in once every particle has finished,
+            # after the last resampling: they never choose what is copied.
+            current = driver.potentials(population.nodes, terminal=finished)
             if s.potential == "paper":
                 weights = weights.replaced(paper_log_weights(current, tempering))
             else:
@@ -135,7 +147,6 @@ async def sweep(
                 weights = weights.restarted(np.where([node.failed for node in population.nodes], -np.inf, 0.0))
             normalized = weights.normalized
             ess = effective_sample_size(normalized)
-            finished = population.finished
             due = not finished and (s.ess_threshold is None or ess < s.ess_threshold * particles)
             ancestors: np.ndarray | None = None
             if due:

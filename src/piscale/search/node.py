@@ -30,7 +30,11 @@ class Node:
     """why it is done: eos, answer, max_steps, max_tokens, context, or error
     (the backend failed to write this step)."""
     score: float | None = None
-    """aggregated reward of the partial answer up to here; None = unscored."""
+    """aggregated reward of the partial answer up to here; None = unscored.
+    On a finished node it includes the terminal part."""
+    terminal: float | None = None
+    """the log-potential of the reward's terminal factors (``final:``), set
+    once the node is finished; None before, or without such factors."""
     logprobs: tuple[float, ...] = ()
     """log p(token | prefix) at temperature 1 of each of ``token_ids``, as
     the backend returned them; rewards that read the policy's confidence
