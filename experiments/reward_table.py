@@ -63,7 +63,7 @@ from piscale.eval.subsample import expected_accuracy
 from piscale.grading import answers_equal
 from piscale.rewards import ArithmeticReward, Reward, answer_steps, from_spec, score_trajectories
 from piscale.rewards.certainty import SelfCertaintyReward
-from piscale.rewards.spec import product_terms, split_exponent
+from piscale.rewards.spec import product_terms, spec_scale, split_exponent
 from piscale.search import DEFAULT_SYSTEM_PROMPT
 from piscale.smc import log_reward
 from piscale.tasks import load_task
@@ -383,8 +383,8 @@ def main() -> None:
     print(f"{len(sets)} problems x {answers} answers; {sum(sum(s['correct']) for s in sets)} correct", flush=True)
 
     budgets = [int(b) for b in args.select_budgets.split(",") if b]
-    # The log-scale kinds (piscale.rewards: certainty, cdr, embed) vote with exp(score - max).
-    stored_scale = "log" if stored_spec.split(":")[0] in {"certainty", "cdr", "embed"} else "probability"
+    # Log-scale rewards (products, certainty, cdr, embed) vote with exp(score - max).
+    stored_scale = spec_scale(stored_spec)
     table = [
         measure(
             "stored (the run's reward)",

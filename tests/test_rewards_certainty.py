@@ -259,6 +259,17 @@ def test_an_exponent_in_a_spec_weighs_its_term():
             from_spec(bad)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    ["arith", "certainty", "certainty:group:16", "arith*certainty", "arith^2", "certainty^1", "final:arith",
+     "final:certainty^10", "arith*final:certainty^10", "verify:2*3", "verify:2^10"],
+)
+def test_spec_scale_is_the_built_rewards_scale(spec):
+    from piscale.rewards.spec import spec_scale
+
+    assert spec_scale(spec) == from_spec(spec).scale
+
+
 def test_a_final_certainty_term_weighs_in_on_the_answer_only():
     """arith*final:certainty^10 in a filter: every answer scores 10 x its
     exact mean log-probability + log(arith), and only the certainty part is

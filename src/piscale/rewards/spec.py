@@ -138,6 +138,22 @@ def from_spec(
     return load_prm(_prm_source(argument), device=device, trust_remote_code=trust_remote_code)
 
 
+LOG_SCALE_KINDS = ("certainty", "cdr", "embed")
+"""Kinds whose scores are log-potentials; the others are probabilities."""
+
+
+def spec_scale(spec: str) -> str:
+    """The scale of the reward a spec names, without building it: a product
+    or a weighted term is on the log scale (``WeightedSum``), as are a
+    ``final:`` term and the kinds in ``LOG_SCALE_KINDS``."""
+    terms = [split_exponent(term) for term in product_terms(spec)]
+    if len(terms) > 1 or terms[0][1] != 1.0:
+        return "log"
+    term = terms[0][0]
+    final = term.strip().partition(":")[0].strip().lower() == "final"
+    return "log" if final or term_kind(term) in LOG_SCALE_KINDS else "probability"
+
+
 def product_terms(spec: str) -> list[str]:
     """The terms of a product spec (``value*arith`` -> ``["value", "arith"]``),
     or ``[spec]`` when it is one reward: a ``*`` splits only where every part
