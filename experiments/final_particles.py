@@ -27,29 +27,26 @@ from piscale.eval.grade import final_population
 from piscale.eval.store import ResultStore
 from piscale.grading import extract_boxed
 from piscale.smc import effective_sample_size
-from value_pairs import pf_rows, seed_means  # experiments/, the directory of this script
+from value_pairs import pf_rows, problem_means, seed_means  # experiments/, the directory of this script
 
 
 def particle_means(store: ResultStore, found: dict[str, list[dict]], problems: list[str]) -> dict[str, list[float]]:
     """Per problem, the mean over its seeds of the distinct texts, the final
     ESS, the particles without a boxed answer and the generated tokens."""
+
+    def measure(result: dict, row: dict) -> tuple[float, ...]:
+        _, log_weights = final_population(result)
+        weights = np.exp(np.asarray(log_weights) - np.max(log_weights))
+        texts = [c["text"] for c in result["candidates"]]
+        return (
+            len(set(texts)),
+            effective_sample_size(weights / weights.sum()),
+            sum(extract_boxed(text) is None for text in texts),
+            float(row["generated_tokens"]),
+        )
+
     names = ("distinct texts", "final ESS", "without a boxed answer", "generated tokens")
-    means: dict[str, list[float]] = {name: [] for name in names}
-    for p in problems:
-        per_seed = []
-        for row in found[p]:
-            result = store.search(row["search_id"])
-            _, log_weights = final_population(result)
-            weights = np.exp(np.asarray(log_weights) - np.max(log_weights))
-            per_seed.append((
-                len({c["text"] for c in result["candidates"]}),
-                effective_sample_size(weights / weights.sum()),
-                sum(extract_boxed(c["text"]) is None for c in result["candidates"]),
-                float(row["generated_tokens"]),
-            ))
-        for name, value in zip(names, np.mean(per_seed, axis=0)):
-            means[name].append(float(value))
-    return means
+    return problem_means(store, found, problems, names, measure)
 
 
 def main() -> None:

@@ -95,28 +95,35 @@ def independent_diversity(table: dict, budget: int) -> dict[str, tuple[float, fl
     return found
 
 
-def seed_means(store: ResultStore, found: dict[str, list[dict]], problems: list[str]) -> dict[str, list[float]]:
-    """Per problem, the mean over its seeds of: the run's answer graded, the
-    weighted vote of its final particles graded, whether those particles hold
-    a correct answer, and how many distinct answers they hold. The paired
-    interval then resamples problems, with each problem's seeds kept
-    together."""
-    names = ("pf", "pf weighted vote", "covered", "distinct")
+def problem_means(
+    store: ResultStore, found: dict[str, list[dict]], problems: list[str], names: tuple[str, ...], measure
+) -> dict[str, list[float]]:
+    """Per problem, the mean over its seeds of ``measure(result, row)``, a
+    tuple of numbers named ``names``. The paired interval then resamples
+    problems, with each problem's seeds kept together."""
     means: dict[str, list[float]] = {name: [] for name in names}
     for p in problems:
-        per_seed = []
-        for row in found[p]:
-            result = store.search(row["search_id"])
-            answers, _ = final_population(result)
-            per_seed.append((
-                float(row["expected_accuracy"]),
-                float(grade(answer_by_selection(result, "weighted-vote"), row["reference"])),
-                float(any(grade(a, row["reference"]) for a in set(answers) if a is not None)),
-                len({g for g in group_answers(answers) if g is not None}),
-            ))
+        per_seed = [measure(store.search(row["search_id"]), row) for row in found[p]]
         for name, value in zip(names, np.mean(per_seed, axis=0)):
             means[name].append(float(value))
     return means
+
+
+def seed_means(store: ResultStore, found: dict[str, list[dict]], problems: list[str]) -> dict[str, list[float]]:
+    """Per problem, the mean over its seeds of: the run's answer graded, the
+    weighted vote of its final particles graded, whether those particles hold
+    a correct answer, and how many distinct answers they hold."""
+
+    def measure(result: dict, row: dict) -> tuple[float, ...]:
+        answers, _ = final_population(result)
+        return (
+            float(row["expected_accuracy"]),
+            float(grade(answer_by_selection(result, "weighted-vote"), row["reference"])),
+            float(any(grade(a, row["reference"]) for a in set(answers) if a is not None)),
+            len({g for g in group_answers(answers) if g is not None}),
+        )
+
+    return problem_means(store, found, problems, ("pf", "pf weighted vote", "covered", "distinct"), measure)
 
 
 def main() -> None:
