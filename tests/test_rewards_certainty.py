@@ -262,7 +262,7 @@ def test_an_exponent_in_a_spec_weighs_its_term():
 @pytest.mark.parametrize(
     "spec",
     ["arith", "certainty", "certainty:group:16", "arith*certainty", "arith^2", "certainty^1", "final:arith",
-     "final:certainty^10", "arith*final:certainty^10", "verify:2*3", "verify:2^10"],
+     "final:certainty^10", "arith*final:certainty^10", "verify:2*3", "verify:2^10", " Final: Certainty", "ARITH"],
 )
 def test_spec_scale_is_the_built_rewards_scale(spec):
     from piscale.rewards.spec import spec_scale

@@ -63,9 +63,7 @@ def from_spec(
                        trust_remote_code=trust_remote_code)
         return WeightedSum([(weight, from_spec(term, **options)) for term, weight in terms])
     spec = terms[0][0]
-    kind, _, argument = spec.strip().partition(":")
-    kind = kind.strip().lower()
-    argument = argument.strip()
+    kind, argument = kind_and_argument(spec)
     if kind not in KINDS:
         raise ValueError(f"unknown reward kind {kind!r} in {spec!r}; expected one of {', '.join(KINDS)}")
 
@@ -150,7 +148,7 @@ def spec_scale(spec: str) -> str:
     if len(terms) > 1 or terms[0][1] != 1.0:
         return "log"
     term = terms[0][0]
-    final = term.strip().partition(":")[0].strip().lower() == "final"
+    final = kind_and_argument(term)[0] == "final"
     return "log" if final or term_kind(term) in LOG_SCALE_KINDS else "probability"
 
 
@@ -168,9 +166,16 @@ def term_kind(term: str) -> str:
     """The reward kind a spec or product term starts with (``certainty^20`` ->
     ``certainty``); a ``final:`` term is of the kind it wraps, so that
     ``final:verify:2^10`` is one verifier and a server sees what it loads."""
+    kind, argument = kind_and_argument(term)
+    return term_kind(argument) if kind == "final" and argument else kind
+
+
+def kind_and_argument(term: str) -> tuple[str, str]:
+    """A term's own kind and its argument, both stripped, the kind in lower
+    case and without an exponent: ``Final: certainty^10`` -> (``final``,
+    ``certainty^10``), ``arith^2`` -> (``arith``, ``""``)."""
     kind, _, argument = term.strip().partition(":")
-    kind = kind.partition("^")[0].strip().lower()
-    return term_kind(argument) if kind == "final" and argument.strip() else kind
+    return kind.partition("^")[0].strip().lower(), argument.strip()
 
 
 def split_exponent(term: str) -> tuple[str, float]:
