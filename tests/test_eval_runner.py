@@ -429,6 +429,8 @@ def test_a_value_reward_is_identified_by_its_head_file_and_backbone(tmp_path: Pa
         file.write(b" ")  # a different file, though it may still load
     assert reward_identity(f"value:{copy}", "toy")["models"][0]["identity"] != head["identity"]
     assert "identity_unavailable" in reward_identity("value:./no/such/head.safetensors", "toy")["models"][0]
+    # Kinds are read as the reward is built: case and spacing aside, with any exponent.
+    assert reward_identity(" Value^2", "toy")["models"] == reward_identity("value", "toy")["models"]
 
 
 def test_a_configuration_is_keyed_by_what_its_files_hold_not_where_they_lie(tmp_path: Path, task, monkeypatch) -> None:

@@ -38,14 +38,14 @@ def reward_identity(spec: str, policy_spec: str) -> dict:
     a PRM, the two models of a density ratio), so a changed reward model
     file changes the configuration. ``judge`` alone judges with the policy.
     A product (``value*arith``) holds the models of all its terms."""
-    from piscale.rewards.spec import product_terms, split_exponent
+    from piscale.rewards.spec import kind_and_argument, product_terms, split_exponent
 
     terms = product_terms(spec)
     if len(terms) > 1:
         return {"spec": spec, "models": [m for term in terms for m in reward_identity(term, policy_spec).get("models", [])]}
-    kind, _, argument = split_exponent(spec)[0].partition(":")
+    kind, argument = kind_and_argument(split_exponent(spec)[0])
     if kind == "value":
-        return {"spec": spec, "models": value_head_identity(argument.strip() or None)}
+        return {"spec": spec, "models": value_head_identity(argument or None)}
     if kind not in REWARD_KINDS_WITH_MODELS:
         return {"spec": spec}
     names = [policy_spec] if kind == "judge" and not argument else [m.strip() for m in argument.split(",") if m.strip()]
