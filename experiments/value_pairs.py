@@ -215,9 +215,13 @@ def main() -> None:
             f"distinct_answers_of_{args.budget}_samples": float(np.mean([independent[p][1] for p in problems])),
         },
     }
-    for name, scores in {**searches, **{k: [baselines[k][p] for p in problems] for k in baselines}}.items():
+    per_problem = {**searches, **{k: [baselines[k][p] for p in problems] for k in baselines}}
+    for name, scores in per_problem.items():
         mean = float(np.mean(scores))
         report["accuracy"][name] = {"mean": mean, "wilson_95": list(wilson_interval(mean, len(problems)))}
+    # Each problem's accuracies, so that runs over disjoint problems can be
+    # pooled and paired again (experiments/pool_pairs.py).
+    report["per_problem"] = {name: dict(zip(problems, map(float, scores))) for name, scores in per_problem.items()}
     for name, scores in searches.items():
         for baseline in baselines:
             mean, low, high = paired_difference(scores, [baselines[baseline][p] for p in problems])
