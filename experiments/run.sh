@@ -157,18 +157,20 @@ gsm8k_0_5b_bon_seed1() {
 }
 
 # The same filter and its baselines on the next held-out test problems,
-# 100-199, under value*arith, the reward the 100-problem run above was
-# fixed on (chosen on training problems only): bon, wbon and sc from one
-# set of 8 answers per problem, and the filter at 8 with the correct-SMC
-# options, in blocks of BLOCK (default 8) problems so that a stop leaves a
-# paired grid. LIMIT (default 100) problems past the first 100; resumes.
-# experiments/value_pairs.py pairs the filter's weighted vote with wbon@8
-# over these problems, and over all 200 with the run above.
-gsm8k_0_5b_value_100_199() {
-  local name=gsm8k-qwen2.5-coder-0.5b-value-100-199 block=${BLOCK:-8} limit
+# FIRST to FIRST+99 (100-199, then 200-299), under value*arith, the reward
+# the 100-problem run above was fixed on (chosen on training problems
+# only): bon, wbon and sc from one set of 8 answers per problem, and the
+# filter at 8 with the correct-SMC options, in blocks of BLOCK (default 8)
+# problems so that a stop leaves a paired grid. LIMIT (default 100)
+# problems past FIRST; resumes. experiments/value_pairs.py pairs the
+# filter's weighted vote with wbon@8 over one database's problems, and
+# experiments/pool_pairs.py over all of them with the run above.
+gsm8k_0_5b_value_from() {
+  local first=$1 block=${BLOCK:-8} limit
+  local name=gsm8k-qwen2.5-coder-0.5b-value-$first-$((first + 99))
   for (( limit = block; limit < ${LIMIT:-100} + block; limit += block )); do
     (( limit > ${LIMIT:-100} )) && limit=${LIMIT:-100}
-    local common=(--dataset gsm8k --skip 100 --limit "$limit" --model qwen2.5-coder-0.5b-instruct
+    local common=(--dataset gsm8k --skip "$first" --limit "$limit" --model qwen2.5-coder-0.5b-instruct
                   --reward 'value*arith' --option max_tokens=512 --seeds 0 --chunk-size 4 --parallel 3
                   --engine llamacpp --engine-option max_sequences=200 --engine-option context_length=1024)
     grid=("${common[@]}" --algorithms bon,wbon,sc --budgets 8)
@@ -215,7 +217,8 @@ case "${1:-all}" in
   gsm8k-0.5b-value-pf) gsm8k_0_5b_value_pf ;;
   gsm8k-0.5b-bon-seed1) gsm8k_0_5b_bon_seed1 ;;
   gsm8k-train-dev) gsm8k_train_dev ;;
-  gsm8k-0.5b-value-100-199) gsm8k_0_5b_value_100_199 ;;
+  gsm8k-0.5b-value-100-199) gsm8k_0_5b_value_from 100 ;;
+  gsm8k-0.5b-value-200-299) gsm8k_0_5b_value_from 200 ;;
   all) gsm8k_0_5b; math500_0_5b; gsm8k_1_5b; gsm8k_0_5b_remedies ;;
-  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | gsm8k-0.5b-value | gsm8k-0.5b-smc | gsm8k-0.5b-value-pf | gsm8k-0.5b-bon-seed1 | gsm8k-train-dev | gsm8k-0.5b-value-100-199 | all)" >&2; exit 2 ;;
+  *) echo "unknown step: $1 (gsm8k-0.5b | math500-0.5b | gsm8k-1.5b | gsm8k-0.5b-remedies | gsm8k-0.5b-value | gsm8k-0.5b-smc | gsm8k-0.5b-value-pf | gsm8k-0.5b-bon-seed1 | gsm8k-train-dev | gsm8k-0.5b-value-100-199 | gsm8k-0.5b-value-200-299 | all)" >&2; exit 2 ;;
 esac
