@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from piscale.eval.stats import paired_difference, wilson_interval
+from value_pairs import print_comparisons  # experiments/, the directory of this script
 
 
 def pool(reports: list[dict]) -> dict:
@@ -62,11 +63,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(pooled, indent=2) + "\n")
     print(f"{pooled['problems']} problems from {len(reports)} runs")
-    for name, cell in pooled["accuracy"].items():
-        print(f"  {name:28s} {100 * cell['mean']:5.1f}")
-    for name, cell in pooled["paired"].items():
-        low, high = cell["interval_95"]
-        print(f"  {name:40s} {100 * cell['mean']:+6.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+    print_comparisons(pooled)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,15 @@ def seed_means(store: ResultStore, found: dict[str, list[dict]], problems: list[
     return problem_means(store, found, problems, ("pf", "pf weighted vote", "covered", "distinct"), measure)
 
 
+def print_comparisons(report: dict) -> None:
+    """A report's accuracies and paired differences, in points."""
+    for name, cell in report["accuracy"].items():
+        print(f"  {name:28s} {100 * cell['mean']:5.1f}")
+    for name, cell in report["paired"].items():
+        low, high = cell["interval_95"]
+        print(f"  {name:40s} {100 * cell['mean']:+6.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", type=Path, required=True, help="reward_table.py's JSON")
@@ -229,11 +238,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{len(problems)} problems; pf variant {report['pf_variant']}, seeds {seeds}")
-    for name, cell in report["accuracy"].items():
-        print(f"  {name:20s} {100 * cell['mean']:5.1f}")
-    for name, cell in report["paired"].items():
-        low, high = cell["interval_95"]
-        print(f"  {name:28s} {100 * cell['mean']:+6.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+    print_comparisons(report)
     for name, value in report["final_answers"].items():
         print(f"  {name:36s} {value:.2f}")
 
