@@ -18,8 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from piscale.eval.stats import paired_difference, wilson_interval
-from value_pairs import print_comparisons  # experiments/, the directory of this script
+from value_pairs import comparisons, print_comparisons  # experiments/, the directory of this script
 
 
 def pool(reports: list[dict]) -> dict:
@@ -36,16 +35,9 @@ def pool(reports: list[dict]) -> dict:
             raise SystemExit(f"problems {sorted(shared)[:5]} appear in more than one input")
         problems += report["problems"]
     scores = {n: [v for r in reports for v in (r["per_problem"][n][p] for p in r["problems"])] for n in names}
-    pairs = [key.split(" - ", 1) for key in reports[0]["paired"] if all(key in r["paired"] for r in reports)]
-    pooled: dict = {"problems": len(problems), "accuracy": {}, "paired": {}}
-    for name in names:
-        mean = sum(scores[name]) / len(problems)
-        pooled["accuracy"][name] = {"mean": mean, "wilson_95": list(wilson_interval(mean, len(problems)))}
-    for search, baseline in pairs:
-        if search in scores and baseline in scores:
-            mean, low, high = paired_difference(scores[search], scores[baseline])
-            pooled["paired"][f"{search} - {baseline}"] = {"mean": mean, "interval_95": [low, high]}
-    return pooled
+    pairs = [tuple(key.split(" - ", 1)) for key in reports[0]["paired"] if all(key in r["paired"] for r in reports)]
+    pairs = [(search, baseline) for search, baseline in pairs if search in scores and baseline in scores]
+    return {"problems": len(problems), **comparisons(scores, pairs)}
 
 
 def main() -> None:

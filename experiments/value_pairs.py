@@ -126,6 +126,20 @@ def seed_means(store: ResultStore, found: dict[str, list[dict]], problems: list[
     return problem_means(store, found, problems, ("pf", "pf weighted vote", "covered", "distinct"), measure)
 
 
+def comparisons(scores: dict[str, list[float]], pairs: list[tuple[str, str]]) -> dict:
+    """Each accuracy (per-problem scores over the same problems) with its 95%
+    Wilson interval, and each pair's paired difference (search - baseline)
+    with its 95% interval over problems."""
+    accuracy, paired = {}, {}
+    for name, values in scores.items():
+        mean = float(np.mean(values))
+        accuracy[name] = {"mean": mean, "wilson_95": list(wilson_interval(mean, len(values)))}
+    for search, baseline in pairs:
+        mean, low, high = paired_difference(scores[search], scores[baseline])
+        paired[f"{search} - {baseline}"] = {"mean": mean, "interval_95": [low, high]}
+    return {"accuracy": accuracy, "paired": paired}
+
+
 def print_comparisons(report: dict) -> None:
     """A report's accuracies and paired differences, in points."""
     for name, cell in report["accuracy"].items():
@@ -225,16 +239,10 @@ def main() -> None:
         },
     }
     per_problem = {**searches, **{k: [baselines[k][p] for p in problems] for k in baselines}}
-    for name, scores in per_problem.items():
-        mean = float(np.mean(scores))
-        report["accuracy"][name] = {"mean": mean, "wilson_95": list(wilson_interval(mean, len(problems)))}
+    report.update(comparisons(per_problem, [(name, baseline) for name in searches for baseline in baselines]))
     # Each problem's accuracies, so that runs over disjoint problems can be
     # pooled and paired again (experiments/pool_pairs.py).
     report["per_problem"] = {name: dict(zip(problems, map(float, scores))) for name, scores in per_problem.items()}
-    for name, scores in searches.items():
-        for baseline in baselines:
-            mean, low, high = paired_difference(scores, [baselines[baseline][p] for p in problems])
-            report["paired"][f"{name} - {baseline}"] = {"mean": mean, "interval_95": [low, high]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{len(problems)} problems; pf variant {report['pf_variant']}, seeds {seeds}")
